@@ -1,0 +1,31 @@
+"""Models by name: `get_model(name, **overrides)` returns a Linen module.
+
+Every model maps images (B, H, W, C) to logits (B, num_classes); a model with
+num_classes=1 is a binary classifier (one sigmoid logit).
+"""
+import functools
+
+from convjax.errors import UserError
+from convjax.models.mlp import MLP
+from convjax.models.small_convnet import SmallConvNet
+
+MODELS = {
+    "small_convnet": SmallConvNet,
+    "mnist_convnet": functools.partial(
+        SmallConvNet, filters=(32, 64, 64), pool_after=(True, True, False),
+        hidden=(64,), num_classes=10),
+    "cats_dogs_convnet": functools.partial(
+        SmallConvNet, filters=(32, 64, 128, 128), pool_after=(True,) * 4,
+        hidden=(512,), num_classes=1),
+    "mlp": MLP,
+    "mnist_dense": functools.partial(MLP, hidden=(512,), num_classes=10),
+}
+
+
+def get_model(name: str, **overrides):
+  if name not in MODELS:
+    raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+  try:
+    return MODELS[name](**overrides)
+  except TypeError as e:
+    raise UserError(f"model {name!r}: bad model_kwargs {sorted(overrides)}: {e}") from None
