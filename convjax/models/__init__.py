@@ -1,7 +1,9 @@
 """Models by name: `get_model(name, **overrides)` returns a Linen module.
 
 Every model maps images (B, H, W, C) to logits (B, num_classes); a model with
-num_classes=1 is a binary classifier (one sigmoid logit).
+num_classes=1 is a binary classifier (one sigmoid logit). Each model is
+`head(features(x))` with its params under 'features/...' and 'head/...';
+`apply_features` and `apply_head` run either half alone.
 """
 import functools
 
@@ -20,6 +22,16 @@ MODELS = {
     "mlp": MLP,
     "mnist_dense": functools.partial(MLP, hidden=(512,), num_classes=10),
 }
+
+
+def apply_features(model, variables, x):
+  """The model's feature extractor (the conv base): `model.features(x)`."""
+  return model.apply(variables, x, method=lambda m, x: m.features(x))
+
+
+def apply_head(model, variables, features, train: bool = False, rngs=None):
+  """The model's classifier on features: logits."""
+  return model.apply(variables, features, rngs=rngs, method=lambda m, f: m.head(f, train=train))
 
 
 def get_model(name: str, **overrides):

@@ -14,7 +14,7 @@ class MLP(nn.Module):
   def setup(self):
     self.head = DenseHead(self.hidden, self.num_classes, self.dropout_rate)
 
-  def features(self, x):
+  def features(self, x):  # no feature extractor: the head sees the pixels
     return x
 
   def __call__(self, x, train: bool = False):

@@ -6,8 +6,8 @@
                       -> Dense512 -> 1 sigmoid logit (3,453,121 params)
 
 The module is `head(features(x))`: `features` is the conv stack (its output is
-the last feature map), `head` flattens, optionally drops out, and classifies.
-Call either alone with `model.apply(variables, x, method='features')`.
+the last feature map), `head` flattens, optionally drops out, and classifies;
+`convjax.models.apply_features` / `apply_head` run either alone.
 """
 from typing import Sequence
 

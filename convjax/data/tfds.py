@@ -1,0 +1,107 @@
+"""TFDS splits as numpy arrays, read by absolute row range.
+
+`tfds.load` honours TFDS_DATA_DIR; offline, point it at a directory holding the
+prepared dataset (here: TFDS_DATA_DIR=../shared/datasets/tfds). Online, a
+missing dataset is downloaded and prepared by TFDS itself.
+"""
+import difflib
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from convjax.errors import UserError
+
+
+class RowRange(NamedTuple):
+  """Rows [start, stop) of the TFDS split `split`."""
+  split: str
+  start: int
+  stop: int
+
+  @property
+  def size(self) -> int:
+    return self.stop - self.start
+
+  def sub(self, start: int, stop: int) -> "RowRange":
+    """Rows [start, stop) of this range, clipped to it."""
+    a, b = min(self.start + start, self.stop), min(self.start + stop, self.stop)
+    return RowRange(self.split, a, b)
+
+  def spec(self) -> str:
+    return f"{self.split}[{self.start}:{self.stop}]"
+
+
+def data_dir_in_use(data_dir: Optional[str]) -> Optional[str]:
+  """`data_dir`, else TFDS_DATA_DIR as it is now (TFDS itself reads it once, at import)."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True):
+  """The prepared TFDS builder for `name`, or one clear UserError."""
+  data_dir = data_dir_in_use(data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(name, tfds.list_builders(), n=5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UserError(f"unknown dataset {name!r}{hint}; valid names are TFDS datasets, "
+                    "see tfds.list_builders()") from None
+  if builder.is_prepared():
+    return builder
+  where = data_dir or "TFDS' default data dir"
+  if not download:
+    raise UserError(f"dataset {name!r} is not prepared in {where} and download=False; "
+                    "set TFDS_DATA_DIR to a directory holding it (offline here: "
+                    "TFDS_DATA_DIR=../shared/datasets/tfds)")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # network, permissions, checksum: all end the same way for the user
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"dataset {name!r} is not in {where} and could not be downloaded "
+                    f"({first_line[:200]}); set TFDS_DATA_DIR to a directory holding it "
+                    "(offline here: TFDS_DATA_DIR=../shared/datasets/tfds)") from None
+  return builder
+
+
+def row_range(builder, spec: str) -> RowRange:
+  """The absolute rows of a TFDS split spec such as 'train', 'train[:50000]', 'test[-10%:]'."""
+  try:
+    (instr,) = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"bad split {spec!r} for dataset {builder.name!r} (splits: "
+                    f"{', '.join(builder.info.splits)}): {e}") from None
+  n = builder.info.splits[instr.splitname].num_examples
+  return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
+
+
+def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str = "label"):
+  """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} for `rows`, in split order."""
+  # An empty range (a process whose rows are all padding) reads one row for the shapes.
+  spec = rows.spec() if rows.size else f"{rows.split}[0:1]"
+  arrays = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1, shuffle_files=False))
+  n = rows.size
+  return {"image": np.asarray(arrays[image_key])[:n], "label": np.asarray(arrays[label_key], np.int32)[:n]}
+
+
+def resolve_splits(builder, train_split: str, validation_split: Optional[str],
+                   validation_size: int, test_split: Optional[str]) -> dict:
+  """{'train': RowRange, 'validation': RowRange, ['test': RowRange]}.
+
+  Without a validation_split, the last `validation_size` rows of train_split
+  become the validation set (Keras' validation_split, but deterministic).
+  """
+  splits = {"train": row_range(builder, train_split)}
+  if validation_split:
+    splits["validation"] = row_range(builder, validation_split)
+  else:
+    train = splits["train"]
+    if not 0 < validation_size < train.size:
+      raise UserError(f"validation_size={validation_size} must be in (0, {train.size}) for "
+                      f"train split {train_split!r}, or set validation_split")
+    splits["train"] = train.sub(0, train.size - validation_size)
+    splits["validation"] = train.sub(train.size - validation_size, train.size)
+  if test_split:
+    splits["test"] = row_range(builder, test_split)
+  return splits

@@ -1,0 +1,42 @@
+"""Checkpoints: orbax, one per epoch; the latest (for resume) and the best by val_accuracy.
+
+A checkpoint holds the train state and the history up to its epoch, so a run
+resumed from it rewrites history.json consistently whatever was killed when.
+"""
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+def make_manager(directory: str) -> ocp.CheckpointManager:
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=1),
+      pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state, history: list) -> None:
+  """Saves after `epoch` (1-based); metrics for the best-checkpoint policy come from history."""
+  manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              history=ocp.args.JsonSave(history)),
+               metrics={"val_accuracy": history[-1]["val_accuracy"]})
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, epoch=None):
+  """(epoch, state, history) from `epoch` (default: the latest), or None when there is none.
+
+  abstract_state: ShapeDtypeStructs with shardings; the restored arrays get
+  them, whatever device count wrote the checkpoint.
+  """
+  epoch = manager.latest_step() if epoch is None else epoch
+  if epoch is None:
+    return None
+  restored = manager.restore(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()))
+  return epoch, restored["state"], list(restored["history"])
+
+
+def abstract(state, sharding):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

@@ -1,0 +1,88 @@
+"""The config every experiment starts from, and its checks.
+
+Experiment files in configs/ call `default_config()` and change what differs.
+Strings use '' for "unset" and counts use 0 for "derive it", so that every
+field can be overridden from the command line (--config.FIELD=VALUE).
+"""
+import json
+
+from ml_collections import ConfigDict
+
+from convjax.errors import UserError
+from convjax.models import MODELS
+from convjax.train.optim import OPTIMIZERS, SCHEDULES
+
+# Fields that change how a run executes, not what it computes: a workdir may be
+# resumed with other values (e.g. a checkpoint written on 8 devices, resumed on 1).
+RUNTIME_FIELDS = ("overwrite", "num_devices", "data_dir", "download")
+
+
+def default_config() -> ConfigDict:
+  c = ConfigDict()
+  c.model = "mnist_convnet"        # a name in convjax.models.MODELS
+  c.model_kwargs = ConfigDict()    # overrides of the model's fields, e.g. dropout_rate
+  # Data (TFDS). The validation set is validation_split, or else the last
+  # validation_size rows of train_split.
+  c.dataset = "mnist"
+  c.data_dir = ""                  # '' -> TFDS_DATA_DIR or TFDS' default
+  c.download = True                # let TFDS download and prepare a missing dataset
+  c.train_split = "train"
+  c.validation_split = ""
+  c.validation_size = 10_000
+  c.test_split = "test"            # '' when the dataset has none
+  c.rescale = 1 / 255
+  # Training.
+  c.batch_size = 64                # global, over all devices
+  c.eval_batch_size = 0            # 0 -> batch_size
+  c.steps_per_epoch = 0            # 0 -> one pass: train size // batch_size
+  c.num_epochs = 5
+  c.optimizer = "rmsprop"
+  c.learning_rate = 1e-3
+  c.momentum = 0.9                 # sgd only
+  c.schedule = "constant"
+  c.warmup_epochs = 0.0            # cosine only
+  c.trainable = ""                 # regex over param paths; '' -> all train
+  c.seed = 0
+  # Execution.
+  c.num_devices = 0                # 0 -> all devices of all processes
+  c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
+  c.overwrite = False              # replace a workdir that holds a run of another config
+  return c
+
+
+def validate(config: ConfigDict) -> None:
+  """Raises UserError naming the first bad field; cheap, runs before any data or compilation."""
+  positive = ("batch_size", "num_epochs", "learning_rate")
+  for key in positive:
+    if not config[key] > 0:
+      raise UserError(f"config.{key} must be positive, got {config[key]!r}")
+  for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "validation_size",
+              "warmup_epochs", "plot_smoothing"):
+    if config[key] < 0:
+      raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
+  if not config.plot_smoothing < 1:
+    raise UserError(f"config.plot_smoothing must be in [0, 1), got {config.plot_smoothing!r}")
+  if config.model not in MODELS:
+    raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}")
+  if config.optimizer not in OPTIMIZERS:
+    raise UserError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+  if config.schedule not in SCHEDULES:
+    raise UserError(f"unknown schedule {config.schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def to_dict(config: ConfigDict) -> dict:
+  """The resolved config as plain JSON values (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def differences(stored: dict, current: dict) -> list:
+  """Dotted keys whose values differ, ignoring RUNTIME_FIELDS."""
+  keys = set(stored) | set(current)
+  out = []
+  for k in sorted(keys - set(RUNTIME_FIELDS)):
+    a, b = stored.get(k, "<missing>"), current.get(k, "<missing>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f"{k}.{sub}" for sub in differences(a, b)]
+    elif a != b:
+      out.append(k)
+  return out

@@ -1,0 +1,220 @@
+"""`train_and_evaluate(config, workdir)`: data -> model -> jitted steps -> checkpoints, history, plots.
+
+Every split lives on the devices as uint8 rows sharded over the mesh. An epoch
+is a table of global row indices drawn on the host from (seed, epoch), so the
+data order depends on nothing else: not on device or process count, and not
+on whether the run was interrupted. Each step is three asynchronous dispatches
+(gather, step, metric sum); the host waits once per epoch.
+"""
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from ml_collections import ConfigDict
+
+from convjax.data import tfds as tfds_data
+from convjax.errors import UserError
+from convjax.models import get_model
+from convjax.models.summary import summary
+from convjax.train import checkpoint, parallel
+from convjax.train import config as config_lib
+from convjax.train.optim import make_optimizer
+from convjax.train.state import create_train_state
+from convjax.train.steps import make_eval_step, make_train_step
+from convjax.viz.plots import learning_curves
+
+# What a run owns in its workdir; `overwrite` removes exactly these.
+RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard")
+
+
+def train_index_table(seed: int, epoch: int, steps: int, batch: int, n: int) -> np.ndarray:
+  """(steps, batch) row indices for training epoch `epoch` (1-based).
+
+  The examples form an endless stream of permutations, one per pass over the
+  data drawn from (seed, pass); epoch e takes the next steps*batch of them, so
+  steps_per_epoch may be more or less than one pass.
+  """
+  start = (epoch - 1) * steps * batch
+  positions = np.arange(start, start + steps * batch, dtype=np.int64)
+  passes = positions // n
+  out = np.empty_like(positions)
+  for p in np.unique(passes):
+    perm = np.random.default_rng([seed, int(p)]).permutation(n)
+    sel = passes == p
+    out[sel] = perm[positions[sel] % n]
+  return out.reshape(steps, batch).astype(np.int32)
+
+
+def eval_index_table(n: int, batch: int) -> np.ndarray:
+  """Every row once, in order; the last batch is padded with -1 (masked out)."""
+  num_batches = -(-n // batch)
+  idx = np.arange(num_batches * batch, dtype=np.int32)
+  return np.where(idx < n, idx, -1).reshape(num_batches, batch)
+
+
+def load_split(builder, rows: tfds_data.RowRange, mesh) -> dict:
+  """This process's rows of a split, padded, as global arrays sharded over the mesh."""
+  total = parallel.padded_rows(rows.size, mesh)
+  start, stop = parallel.local_row_range(mesh, total)
+  local = tfds_data.read_rows(builder, rows.sub(start, stop))
+  pad = (stop - start) - local["image"].shape[0]
+  if pad:
+    local = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in local.items()}
+  return {k: parallel.put_rows(mesh, v, total) for k, v in local.items()}
+
+
+def _write_json(path: str, value) -> None:
+  """Atomic: a reader (or a kill) never sees half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(config: ConfigDict, workdir: str) -> None:
+  """Refuses a workdir holding another config's run unless config.overwrite; writes config.json."""
+  current = config_lib.to_dict(config)
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      try:
+        stored = json.load(f)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON ({e}); fix it or set --config.overwrite=True")
+    diff = config_lib.differences(stored, current)
+  elif os.path.exists(os.path.join(workdir, "checkpoints")):
+    diff = ["<no config.json beside checkpoints/>"]
+  else:
+    diff = []
+  if diff and not config.overwrite:
+    raise UserError(f"{workdir} holds a run of a different config (differs in: {', '.join(diff)}); "
+                    "use another --workdir, or --config.overwrite=True to replace that run")
+  if jax.process_index() == 0:
+    if diff:  # overwrite=True: remove the old run, nothing else in the workdir
+      for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    _write_json(config_path, current)
+
+
+def _metric_record(prefix: str, sums: dict) -> dict:
+  sums = jax.device_get(sums)
+  count = float(sums["count"])
+  return {f"{prefix}_loss": float(sums["loss_sum"]) / count,
+          f"{prefix}_accuracy": float(sums["correct"]) / count}
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
+  """Trains (or resumes) the configured run in `workdir` and returns its history."""
+  config_lib.validate(config)
+  mesh = parallel.make_mesh(config.num_devices or None)
+  eval_batch = config.eval_batch_size or config.batch_size
+  for key, value in (("batch_size", config.batch_size), ("eval_batch_size", eval_batch)):
+    if value % mesh.size:
+      raise UserError(f"config.{key}={value} is not divisible by the {mesh.size} devices in use; "
+                      "change it or set --config.num_devices")
+  model = get_model(config.model, **config.model_kwargs)
+  builder = tfds_data.get_builder(config.dataset, config.data_dir or None, config.download)
+  ranges = tfds_data.resolve_splits(builder, config.train_split, config.validation_split,
+                                    config.validation_size, config.test_split)
+  n_train = ranges["train"].size
+  steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise UserError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
+                    "examples; lower it or set steps_per_epoch")
+  prepare_workdir(config, workdir)
+  is_main = jax.process_index() == 0
+
+  logging.info("mesh: %d x %s over %d process(es); splits: %s", mesh.size,
+               mesh.devices.flat[0].device_kind, jax.process_count(),
+               {k: r.spec() for k, r in ranges.items()})
+  splits = {name: load_split(builder, rows, mesh) for name, rows in ranges.items()}
+  input_shape = splits["train"]["image"].shape[1:]
+
+  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
+  params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  tx = make_optimizer(config, steps_per_epoch, params_shape["params"])
+
+  def init(seed):
+    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    return create_train_state(model, tx, input_shape, init_rng), dropout_rng
+
+  state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
+  if is_main:
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+      f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
+
+  manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  restored = checkpoint.restore(manager, checkpoint.abstract(state, repl))
+  history, start_epoch = [], 0
+  if restored:
+    start_epoch, state, history = restored
+    logging.info("resumed from the checkpoint of epoch %d", start_epoch)
+    if is_main:  # history.json may be ahead of the checkpoint if a kill came in between
+      _write_json(os.path.join(workdir, "history.json"), history)
+
+  get_batch = parallel.make_get_batch(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config.rescale), in_shardings=(repl, shard, repl),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, config.rescale), in_shardings=(repl, shard),
+                      out_shardings=repl)
+  add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+
+  def evaluate(split):
+    table = parallel.put_replicated(mesh, eval_index_table(ranges[split].size, eval_batch))
+    sums = None
+    for i in range(table.shape[0]):
+      metrics = eval_step(state, get_batch(splits[split], table, i))
+      sums = metrics if sums is None else add(sums, metrics)
+    return sums
+
+  writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main
+            else metric_writers.MultiWriter([]))
+  try:
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      t0 = time.perf_counter()
+      table = parallel.put_replicated(mesh, train_index_table(
+          config.seed, epoch, steps_per_epoch, config.batch_size, n_train))
+      sums = None
+      for i in range(steps_per_epoch):
+        state, metrics = train_step(state, get_batch(splits["train"], table, i), dropout_rng)
+        sums = metrics if sums is None else add(sums, metrics)
+      record = {"epoch": epoch, **_metric_record("train", sums)}
+      train_seconds = time.perf_counter() - t0
+      record.update(_metric_record("val", evaluate("validation")))
+      record["seconds"] = time.perf_counter() - t0
+      history.append(record)
+      checkpoint.save(manager, epoch, state, history)
+      if is_main:
+        _write_json(os.path.join(workdir, "history.json"), history)
+        learning_curves(history, os.path.join(workdir, "plots", "learning_curves.png"),
+                        config.plot_smoothing, title=config.model)
+      writer.write_scalars(epoch, {k: v for k, v in record.items() if k != "epoch"})
+      left = (config.num_epochs - epoch) * record["seconds"]
+      logging.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
+                   "%.1f steps/s | %.1fs | ~%.0fs left", epoch, config.num_epochs,
+                   record["train_loss"], record["train_accuracy"], record["val_loss"],
+                   record["val_accuracy"], steps_per_epoch / train_seconds, record["seconds"], left)
+  finally:
+    manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
+    writer.flush()
+
+  if "test" in splits:
+    test = _metric_record("test", evaluate("test"))
+    history.append(test)
+    writer.write_scalars(config.num_epochs, test)
+    logging.info("test loss %.4f acc %.4f", test["test_loss"], test["test_accuracy"])
+    if is_main:
+      _write_json(os.path.join(workdir, "history.json"), history)
+  writer.close()
+  return history

@@ -1,0 +1,66 @@
+"""Pure train and eval steps. `loop.py` jits them once with explicit shardings.
+
+A batch is {'image': uint8 or float (B, H, W, C), 'label': int (B,),
+'mask': float (B,)}: mask 0 marks padding rows, which add nothing to the loss,
+the gradient or the metrics. Metrics are sums (loss_sum, correct, count) so
+they add up exactly across batches.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from convjax.train.state import TrainState
+
+
+def loss_and_correct(logits, labels):
+  """Per-example loss and correctness; one logit means a sigmoid binary head."""
+  if logits.shape[-1] == 1:
+    logits = logits[..., 0]
+    loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
+    correct = (logits > 0) == (labels > 0)
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
+  return loss, correct.astype(jnp.float32)
+
+
+def _metrics(loss, correct, mask):
+  return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale: float):
+  """`train_step(state, batch, rng) -> (state, metrics)`; dropout keys fold in state.step."""
+
+  def train_step(state: TrainState, batch, rng):
+    x = batch["image"].astype(jnp.float32) * rescale
+    mask = batch["mask"]
+    mutable = list(state.model_state)
+
+    def loss_fn(params):
+      variables = {"params": params, **state.model_state}
+      rngs = {"dropout": jax.random.fold_in(rng, state.step)}
+      logits, new_model_state = model.apply(variables, x, train=True, rngs=rngs, mutable=mutable)
+      loss, correct = loss_and_correct(logits, batch["label"])
+      return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0), (loss, correct, new_model_state)
+
+    grads, (loss, correct, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              model_state=dict(new_model_state), opt_state=opt_state)
+    return new_state, _metrics(loss, correct, mask)
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, rescale: float):
+  """`eval_step(state, batch) -> metrics` in inference mode (no dropout, BN running stats)."""
+
+  def eval_step(state: TrainState, batch):
+    x = batch["image"].astype(jnp.float32) * rescale
+    logits = model.apply({"params": state.params, **state.model_state}, x, train=False)
+    loss, correct = loss_and_correct(logits, batch["label"])
+    return _metrics(loss, correct, batch["mask"])
+
+  return eval_step

@@ -1,0 +1,36 @@
+"""Learning curves as in the notes: accuracy and loss, train vs validation, by epoch."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def smooth(points, factor: float):
+  """Exponential moving average, as Chollet smooths noisy curves (factor 0.8)."""
+  out = []
+  for p in points:
+    out.append(out[-1] * factor + p * (1 - factor) if out else p)
+  return out
+
+
+def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str = "") -> None:
+  """Writes a PNG with accuracy and loss panels; `smoothing` > 0 adds EMA lines."""
+  epochs = [r["epoch"] for r in history if "epoch" in r]
+  rows = [r for r in history if "epoch" in r]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, metric in zip(axes, ("accuracy", "loss")):
+    for split, style in (("train", "o"), ("val", "-")):
+      values = [r[f"{split}_{metric}"] for r in rows]
+      label = "training" if split == "train" else "validation"
+      ax.plot(epochs, values, style, label=label, alpha=0.35 if smoothing else 1.0)
+      if smoothing:
+        ax.plot(epochs, smooth(values, smoothing), style[0] + "-" if split == "train" else "-",
+                label=f"{label} (EMA {smoothing})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{title} {metric}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,34 @@
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# The offline MNIST copy, unless the caller points TFDS elsewhere.
+if "TFDS_DATA_DIR" not in os.environ and (SHARED / "datasets" / "tfds").is_dir():
+  os.environ["TFDS_DATA_DIR"] = str(SHARED / "datasets" / "tfds")
+
+
+def run_binary(module: str, *args, env=None, timeout=900):
+  """Runs `python -m module args` from the repo root; returns CompletedProcess (text)."""
+  full_env = {**os.environ, **(env or {})}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def mnist_small():
+  """A config on a 4,096-example slice of the real MNIST: seconds per epoch on 2 cores."""
+  from configs.mnist import get_config
+  config = get_config()
+  config.train_split = "train[:4096]"
+  config.validation_size = 1024
+  config.test_split = "test[:1000]"
+  config.batch_size = 64
+  config.eval_batch_size = 200
+  config.num_epochs = 2
+  return config

@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convjax.errors import UserError
+from convjax.models import apply_features, apply_head, get_model
+from convjax.models.summary import layer_table, summary
+
+# Keras' model.summary() for Chollet's MNIST convnet, from the reference notes.
+MNIST_TABLE = [
+    ("conv2d", "Conv2D", (None, 26, 26, 32), 320),
+    ("max_pooling2d", "MaxPooling2D", (None, 13, 13, 32), 0),
+    ("conv2d_1", "Conv2D", (None, 11, 11, 64), 18496),
+    ("max_pooling2d_1", "MaxPooling2D", (None, 5, 5, 64), 0),
+    ("conv2d_2", "Conv2D", (None, 3, 3, 64), 36928),
+    ("flatten", "Flatten", (None, 576), 0),
+    ("dense", "Dense", (None, 64), 36928),
+    ("dense_1", "Dense", (None, 10), 650),
+]
+
+# Chollet's cats-vs-dogs convnet (Deep Learning with Python, 5.2).
+CATS_DOGS_TABLE = [
+    ("conv2d", "Conv2D", (None, 148, 148, 32), 896),
+    ("max_pooling2d", "MaxPooling2D", (None, 74, 74, 32), 0),
+    ("conv2d_1", "Conv2D", (None, 72, 72, 64), 18496),
+    ("max_pooling2d_1", "MaxPooling2D", (None, 36, 36, 64), 0),
+    ("conv2d_2", "Conv2D", (None, 34, 34, 128), 73856),
+    ("max_pooling2d_2", "MaxPooling2D", (None, 17, 17, 128), 0),
+    ("conv2d_3", "Conv2D", (None, 15, 15, 128), 147584),
+    ("max_pooling2d_3", "MaxPooling2D", (None, 7, 7, 128), 0),
+    ("flatten", "Flatten", (None, 6272), 0),
+    ("dense", "Dense", (None, 512), 3211776),
+    ("dense_1", "Dense", (None, 1), 513),
+]
+
+
+def _rows(model, shape):
+  return [(r.path[-1], r.type_name, r.output_shape, r.trainable + r.non_trainable)
+          for r in layer_table(model, shape)]
+
+
+def test_mnist_convnet_matches_keras_summary():
+  assert _rows(get_model("mnist_convnet"), (28, 28, 1)) == MNIST_TABLE
+  text = summary(get_model("mnist_convnet"), (28, 28, 1), name="mnist_convnet")
+  assert "Total params: 93,322" in text
+  assert "Trainable params: 93,322" in text
+  assert " conv2d (Conv2D)                (None, 26, 26, 32)         320" in text
+
+
+def test_cats_dogs_convnet_matches_keras_summary():
+  assert _rows(get_model("cats_dogs_convnet"), (150, 150, 3)) == CATS_DOGS_TABLE
+  text = summary(get_model("cats_dogs_convnet"), (150, 150, 3))
+  assert "Total params: 3,453,121" in text
+
+
+def test_dropout_shows_as_a_layer_and_adds_no_params():
+  rows = _rows(get_model("cats_dogs_convnet", dropout_rate=0.5), (150, 150, 3))
+  assert ("dropout", "Dropout", (None, 6272), 0) in rows
+  assert sum(r[3] for r in rows) == 3_453_121
+
+
+def test_dense_baseline():
+  assert _rows(get_model("mnist_dense"), (28, 28, 1)) == [
+      ("flatten", "Flatten", (None, 784), 0),
+      ("dense", "Dense", (None, 512), 401_920),
+      ("dense_1", "Dense", (None, 10), 5_130),
+  ]
+
+
+def test_summary_counts_frozen_params_as_non_trainable():
+  text = summary(get_model("mnist_convnet"), (28, 28, 1), trainable=r"head/.*")
+  assert "Trainable params: 37,578" in text  # dense + dense_1
+  assert "Non-trainable params: 55,744" in text  # the conv base, as in the notes' table
+
+
+def test_features_and_head_compose_to_the_model():
+  model = get_model("mnist_convnet")
+  x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  features = apply_features(model, variables, x)
+  assert features.shape == (2, 3, 3, 64)
+  assert float(features.min()) >= 0  # post-ReLU, as Keras' Conv2D(activation='relu')
+  logits = model.apply(variables, x)
+  via_head = apply_head(model, variables, features)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(via_head))
+
+
+def test_conv_layer_is_keras_valid_convolution():
+  """A Conv2D with a known kernel gives the hand-computed valid correlation."""
+  model = get_model("mnist_convnet")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  params = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
+  kernel = jnp.zeros((3, 3, 1, 32)).at[:, :, 0, 0].set(jnp.arange(9.0).reshape(3, 3))
+  params["features"]["conv2d"]["kernel"] = kernel
+  x = jnp.arange(28 * 28, dtype=jnp.float32).reshape(1, 28, 28, 1) / 1000
+  _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+  out = state["intermediates"]["features"]["conv2d"]["__call__"][0]
+  patch = np.asarray(x[0, :3, :3, 0])
+  assert out.shape == (1, 26, 26, 32)
+  np.testing.assert_allclose(float(out[0, 0, 0, 0]), float((patch * np.arange(9).reshape(3, 3)).sum()),
+                             rtol=1e-6)
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(UserError, match=r"unknown model 'resnet9000'; valid models: .*mnist_convnet"):
+    get_model("resnet9000")

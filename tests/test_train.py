@@ -1,0 +1,188 @@
+"""The training contract: real MNIST, the workdir layout, resume, overrides, errors."""
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from convjax.errors import UserError
+from convjax.train.loop import train_and_evaluate
+from tests.conftest import REPO, run_binary
+
+SMALL = ["--config.train_split=train[:6144]", "--config.validation_size=1024",
+         "--config.test_split=test[:1000]", "--config.eval_batch_size=256",
+         "--config.model_kwargs.dropout_rate=0.25"]
+
+
+def _history_without_seconds(workdir):
+  history = json.loads((pathlib.Path(workdir) / "history.json").read_text())
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def _checkpoint_arrays(workdir, epoch):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return jax.tree_util.tree_leaves_with_path(restored["state"])
+
+
+def test_binary_trains_real_mnist_with_overrides(tmp_path):
+  """The main job on the real data, shortened to 400 steps: test accuracy >= 0.95."""
+  workdir = tmp_path / "run"
+  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
+                      "--config.num_epochs=1", "--config.batch_size=64",
+                      "--config.learning_rate=1e-3", "--config.seed=1",
+                      "--config.steps_per_epoch=400")
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert (config["num_epochs"], config["batch_size"], config["seed"]) == (1, 64, 1)
+  assert config["learning_rate"] == 1e-3 and config["steps_per_epoch"] == 400
+  history = json.loads((workdir / "history.json").read_text())
+  assert [sorted(r) for r in history] == [
+      ["epoch", "seconds", "train_accuracy", "train_loss", "val_accuracy", "val_loss"],
+      ["test_accuracy", "test_loss"]]
+  assert history[-1]["test_accuracy"] >= 0.95, history
+  assert history[0]["val_accuracy"] >= 0.95, history
+  assert "epoch 1/1" in result.stderr and "steps/s" in result.stderr and "left" in result.stderr
+  assert "Total params: 93,322" in (workdir / "summary.txt").read_text()
+  assert (workdir / "plots" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+  """kill -9 in the middle of a run, run the same command again: same params and history."""
+  args = ["--config=configs/mnist.py", "--config.num_epochs=3", *SMALL]
+  straight = tmp_path / "straight"
+  result = run_binary("experiments.train", *args, f"--workdir={straight}")
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={killed}"],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = killed / "checkpoints" / "1" / "commit_success.txt"
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
+  assert max(done) < 3, "the run finished before it was killed; the test proves nothing"
+
+  result = run_binary("experiments.train", *args, f"--workdir={killed}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from the checkpoint of epoch" in result.stderr
+  config = json.loads((killed / "config.json").read_text())
+  assert config["model_kwargs"] == {"dropout_rate": 0.25} and config["train_split"] == "train[:6144]"
+  assert _history_without_seconds(killed) == _history_without_seconds(straight)
+  a, b = _checkpoint_arrays(straight, 3), _checkpoint_arrays(killed, 3)
+  assert [p for p, _ in a] == [p for p, _ in b]
+  for (path, x), (_, y) in zip(a, b):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), path
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path, mnist_small):
+  mnist_small.num_epochs = 3
+  mnist_small.learning_rate = 0.05  # large enough that validation accuracy does not rise monotonically
+  mnist_small.optimizer = "sgd"
+  history = train_and_evaluate(mnist_small, str(tmp_path))
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  best = 1 + int(np.argmax([r["val_accuracy"] for r in history[:3]]))
+  assert kept == sorted({3, best})
+
+
+def test_unknown_config_key_is_refused_by_name(tmp_path):
+  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
+                      "--config.num_epoch=1")
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: bad config override: 'num_epoch'") and "num_epochs" in last
+  assert "Traceback" not in result.stderr
+  assert not any(tmp_path.iterdir())
+
+
+def test_compiles_once_whatever_the_number_of_epochs(tmp_path, mnist_small):
+  """No recompilation per step or epoch; the ragged last eval batch (1024 = 4x256... and
+  1000 = 3x256 + 232 for test) is padded and masked, not compiled again."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(1) if event == "/jax/core/compile/backend_compile_duration" else None)
+  mnist_small.num_epochs = 1
+  mnist_small.eval_batch_size = 300  # 1024 and 1000 rows: both ragged
+  train_and_evaluate(mnist_small, str(tmp_path / "one"))
+  one = len(compiles)
+  mnist_small.num_epochs = 3
+  train_and_evaluate(mnist_small, str(tmp_path / "three"))
+  assert len(compiles) - one == one
+
+
+def _tree_digest(workdir):
+  digest = hashlib.sha256()
+  for path in sorted(pathlib.Path(workdir).rglob("*")):
+    if path.is_file():
+      digest.update(str(path.relative_to(workdir)).encode() + path.read_bytes())
+  return digest.hexdigest()
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+  """Fails any test whose error comes only after something was jitted."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("jax.jit was reached before the error")
+  monkeypatch.setattr(jax, "jit", refuse)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "config.batch_size must be positive, got 0"),
+    ("learning_rate", -1e-3, "config.learning_rate must be positive"),
+    ("num_epochs", 0, "config.num_epochs must be positive"),
+    ("model", "mnist_convent", "unknown model 'mnist_convent'; valid models: .*mnist_convnet"),
+    ("optimizer", "adamw", "unknown optimizer 'adamw'; valid: rmsprop, adam, sgd"),
+    ("dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
+    ("batch_size", 10_000, "batch_size=10000 exceeds the 3072 training examples"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, field, value, message):
+  mnist_small[field] = value
+  with pytest.raises(UserError, match=message):
+    train_and_evaluate(mnist_small, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dataset_missing_offline_says_to_set_tfds_data_dir(tmp_path, mnist_small, no_compilation,
+                                                          monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+  mnist_small.download = False
+  with pytest.raises(UserError, match=r"'mnist' is not prepared in .*empty.*set TFDS_DATA_DIR"):
+    train_and_evaluate(mnist_small, str(tmp_path / "run"))
+
+
+def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, mnist_small):
+  mnist_small.num_epochs = 1
+  train_and_evaluate(mnist_small, str(tmp_path))
+  before = _tree_digest(tmp_path)
+  other = mnist_small.copy_and_resolve_references()
+  other.seed = 1
+  other.learning_rate = 1e-4
+  with pytest.raises(UserError, match=r"different config \(differs in: learning_rate, seed\)"):
+    train_and_evaluate(other, str(tmp_path))
+  assert _tree_digest(tmp_path) == before
+  other.overwrite = True
+  history = train_and_evaluate(other, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+  assert len(history) == 2 and _history_without_seconds(tmp_path) == [
+      {k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_binary_prints_one_error_line(tmp_path):
+  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
+                      "--config.model=lenet9")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'lenet9'; valid models:")
+  assert "Traceback" not in result.stderr
