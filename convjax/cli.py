@@ -9,6 +9,15 @@ from absl import app, flags, logging
 
 from convjax.errors import UserError
 
+# Multi-host: one process per host, all started with the same flags but their own process_id.
+# Without --coordinator_address, jax.distributed is not started (one process, all local devices);
+# on clusters JAX detects itself (SLURM, TPU pods, ...), pass --distributed alone there.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_bool("distributed", False, "Start jax.distributed with cluster auto-detection.")
+flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CPU runs (gloo, mpi).")
+
 QUIET_LIBRARIES = ("/orbax/", "/etils/", "/tensorflow_datasets/", "/clu/", "/jax/_src/xla_bridge.py")
 
 
@@ -35,11 +44,24 @@ def _parse_flags(argv):
     _one_line_error(f"bad config override: {e.args[0] if e.args else e}")
 
 
+def initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when the flags ask for it (before any JAX use)."""
+  f = flags.FLAGS
+  if not (f.coordinator_address or f.distributed):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", f.cpu_collectives)
+  jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def run(main) -> None:
   """`app.run(main)`; a UserError from main ends the binary with one `error: ...` line, exit 1."""
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    initialize_distributed()
     try:
       main(argv)
     except UserError as e:

@@ -6,6 +6,7 @@ data order depends on nothing else: not on device or process count, and not
 on whether the run was interrupted. Each step is three asynchronous dispatches
 (gather, step, metric sum); the host waits once per epoch.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,27 @@ def load_split(builder, rows: tfds_data.RowRange, mesh) -> dict:
   if pad:
     local = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in local.items()}
   return {k: parallel.put_rows(mesh, v, total) for k, v in local.items()}
+
+
+def jit_steps(model, tx, rescale: float, mesh):
+  """The train and eval steps, each one SPMD program over the whole mesh.
+
+  State and metrics are replicated, batches sharded over 'data'; XLA inserts
+  the gradient all-reduce. The state is donated: the step updates it in place.
+  """
+  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
+  train_step = jax.jit(make_train_step(model, tx, rescale), in_shardings=(repl, shard, repl),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, rescale), in_shardings=(repl, shard), out_shardings=repl)
+  return train_step, eval_step
+
+
+def params_checksum(params) -> str:
+  """SHA-256 of this process's copy of the params: equal on every process of a healthy run."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _write_json(path: str, value) -> None:
@@ -141,7 +163,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   splits = {name: load_split(builder, rows, mesh) for name, rows in ranges.items()}
   input_shape = splits["train"]["image"].shape[1:]
 
-  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
+  repl = parallel.replicated(mesh)
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
   tx = make_optimizer(config, steps_per_epoch, params_shape["params"])
 
@@ -164,10 +186,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       _write_json(os.path.join(workdir, "history.json"), history)
 
   get_batch = parallel.make_get_batch(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.rescale), in_shardings=(repl, shard, repl),
-                       out_shardings=(repl, repl), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, config.rescale), in_shardings=(repl, shard),
-                      out_shardings=repl)
+  train_step, eval_step = jit_steps(model, tx, config.rescale, mesh)
   add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
 
   def evaluate(split):
@@ -205,6 +224,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
                    "%.1f steps/s | %.1fs | ~%.0fs left", epoch, config.num_epochs,
                    record["train_loss"], record["train_accuracy"], record["val_loss"],
                    record["val_accuracy"], steps_per_epoch / train_seconds, record["seconds"], left)
+    if jax.process_count() > 1:
+      logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
   finally:
     manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
     writer.flush()

@@ -1,0 +1,155 @@
+"""Data parallelism on CPU: 8 fake devices, two processes over gloo, checkpoints across device counts.
+
+Each run is a subprocess, since the device count is fixed when JAX starts
+(XLA_FLAGS=--xla_force_host_platform_device_count=N).
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, restore_state, run_binary
+
+EPOCHS = 3
+ARGS = ["--config=configs/mnist.py", f"--config.num_epochs={EPOCHS}", "--config.steps_per_epoch=10",
+        "--config.train_split=train[:2048]", "--config.validation_size=512",
+        "--config.test_split=test[:500]", "--config.eval_batch_size=128",
+        "--config.model_kwargs.dropout_rate=0.25", "--config.optimizer=sgd",
+        "--config.learning_rate=0.01"]
+# Runs on different device counts differ only by float reduction order. RMSprop's
+# 1/sqrt(v) early in training amplifies that noise (to ~4e-4 over 30 steps with
+# dropout), so these runs use SGD, where the 1e-5 tolerance holds with margin;
+# dropout stays on to check that masks do not depend on the device count.
+TOL = 1e-5
+
+
+def devices_env(n):
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+
+
+def train(workdir, devices_visible, *extra):
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}", *extra,
+                      env=devices_env(devices_visible))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def history(workdir):
+  records = json.loads((workdir / "history.json").read_text())
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_same_run(a, b):
+  ha, hb = history(a), history(b)
+  assert [sorted(r) for r in ha] == [sorted(r) for r in hb]
+  for ra, rb in zip(ha, hb):
+    for key in ra:
+      assert abs(ra[key] - rb[key]) <= TOL, (key, ra, rb)
+  pa, pb = restore_state(a, EPOCHS), restore_state(b, EPOCHS)
+  assert pa.keys() == pb.keys()
+  worst = max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa)
+  assert worst <= TOL, worst
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_device")
+  train(workdir, 1)
+  return workdir
+
+
+def test_eight_devices_match_one(tmp_path, one_device_run):
+  result = train(tmp_path, 8)
+  assert "mesh: 8 x cpu" in result.stderr
+  assert_same_run(one_device_run, tmp_path)
+
+
+def test_num_devices_limits_the_mesh_and_batch_must_divide(tmp_path):
+  result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60",
+                      env=devices_env(8))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.batch_size=60 is not divisible by the 8 devices in use; "
+      "change it or set --config.num_devices")
+  result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60",
+                      "--config.num_devices=4", "--config.eval_batch_size=100", env=devices_env(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh: 4 x cpu" in result.stderr
+
+
+SINGLE_PROGRAM = """
+import jax, jax.numpy as jnp, optax
+from convjax.models import get_model
+from convjax.train import parallel
+from convjax.train.loop import jit_steps
+from convjax.train.state import create_train_state
+mesh = parallel.make_mesh()
+model, tx = get_model("mnist_convnet"), optax.rmsprop(1e-3)
+state = jax.jit(lambda: create_train_state(model, tx, (28, 28, 1), jax.random.key(0)),
+                out_shardings=parallel.replicated(mesh))()
+train_step, _ = jit_steps(model, tx, 1 / 255, mesh)
+batch = {"image": jax.ShapeDtypeStruct((64, 28, 28, 1), jnp.uint8, sharding=parallel.sharded(mesh)),
+         "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=parallel.sharded(mesh)),
+         "mask": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=parallel.sharded(mesh))}
+compiled = train_step.lower(state, batch, jax.random.key(1)).compile()
+text = compiled.as_text()
+header = next(l for l in text.splitlines() if l.startswith("HloModule "))
+print("modules", text.count("HloModule "), "partitions", header.split("num_partitions=")[1].split(",")[0],
+      "all-reduce", "all-reduce" in text,
+      "param_sharding", compiled.input_shardings[0][0].params["features"]["conv2d"]["kernel"].spec)
+"""
+
+
+def test_compiled_step_is_one_spmd_program():
+  result = subprocess.run([sys.executable, "-c", SINGLE_PROGRAM], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **devices_env(8)}, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = result.stdout.strip().splitlines()[-1]
+  # One module for all 8 devices, gradients all-reduced inside it, params replicated.
+  assert line == "modules 1 partitions 8 all-reduce True param_sharding P()", line
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, one_device_run):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", *ARGS, f"--workdir={tmp_path}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env={**os.environ, **devices_env(2)}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, err in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "mesh: 4 x cpu over 2 process(es)" in outputs[0]
+  checksums = [re.search(r"process (\d) params checksum (\w+)", err).groups() for err in outputs]
+  assert [c[0] for c in checksums] == ["0", "1"] and checksums[0][1] == checksums[1][1]
+  assert_same_run(one_device_run, tmp_path)
+
+
+def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *ARGS, f"--workdir={tmp_path}"],
+                          cwd=REPO, env={**os.environ, **devices_env(8)},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = tmp_path / "checkpoints" / "1" / "commit_success.txt"
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert 1 <= max(done) < EPOCHS, "no mid-run checkpoint to resume from"
+  result = train(tmp_path, 1)
+  assert "resumed from the checkpoint of epoch" in result.stderr and "mesh: 1 x cpu" in result.stderr
+  assert_same_run(one_device_run, tmp_path)
