@@ -48,3 +48,23 @@ def restore_state(workdir, epoch):
     state = checkpointer.restore(path, target)
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def kill_after_first_checkpoint(workdir, *args, env=None):
+  """Starts `python -m experiments.train args`, kill -9s it once checkpoint 1 is committed.
+
+  Returns the epochs checkpointed before the kill.
+  """
+  import signal
+  import time
+
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
+                          cwd=REPO, env={**os.environ, **(env or {})},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = pathlib.Path(workdir) / "checkpoints" / "1" / "commit_success.txt"
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())

@@ -6,16 +6,14 @@ Each run is a subprocess, since the device count is fixed when JAX starts
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, restore_state, run_binary
+from tests.conftest import REPO, kill_after_first_checkpoint, restore_state, run_binary
 
 EPOCHS = 3
 ARGS = ["--config=configs/mnist.py", f"--config.num_epochs={EPOCHS}", "--config.steps_per_epoch=10",
@@ -139,16 +137,7 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
 
 
 def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *ARGS, f"--workdir={tmp_path}"],
-                          cwd=REPO, env={**os.environ, **devices_env(8)},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = tmp_path / "checkpoints" / "1" / "commit_success.txt"
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  done = kill_after_first_checkpoint(tmp_path, *ARGS, env=devices_env(8))
   assert 1 <= max(done) < EPOCHS, "no mid-run checkpoint to resume from"
   result = train(tmp_path, 1)
   assert "resumed from the checkpoint of epoch" in result.stderr and "mesh: 1 x cpu" in result.stderr

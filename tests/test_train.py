@@ -1,12 +1,7 @@
 """The training contract: real MNIST, the workdir layout, resume, overrides, errors."""
 import hashlib
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -14,7 +9,7 @@ import pytest
 
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import REPO, restore_state, run_binary
+from tests.conftest import kill_after_first_checkpoint, restore_state, run_binary
 
 SMALL = ["--config.train_split=train[:6144]", "--config.validation_size=1024",
          "--config.test_split=test[:1000]", "--config.eval_batch_size=256",
@@ -58,15 +53,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={killed}"],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = killed / "checkpoints" / "1" / "commit_success.txt"
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
+  done = kill_after_first_checkpoint(killed, *args)
   assert max(done) < 3, "the run finished before it was killed; the test proves nothing"
 
   result = run_binary("experiments.train", *args, f"--workdir={killed}")

@@ -3,6 +3,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def smooth(points, factor: float):
@@ -15,8 +16,8 @@ def smooth(points, factor: float):
 
 def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str = "") -> None:
   """Writes a PNG with accuracy and loss panels; `smoothing` > 0 adds EMA lines."""
-  epochs = [r["epoch"] for r in history if "epoch" in r]
-  rows = [r for r in history if "epoch" in r]
+  rows = [r for r in history if "epoch" in r]  # the test record has no epoch
+  epochs = [r["epoch"] for r in rows]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, metric in zip(axes, ("accuracy", "loss")):
     for split, style in (("train", "o"), ("val", "-")):
@@ -27,6 +28,7 @@ def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str
         ax.plot(epochs, smooth(values, smoothing), style[0] + "-" if split == "train" else "-",
                 label=f"{label} (EMA {smoothing})")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.set_title(f"{title} {metric}".strip())
     ax.grid(alpha=0.3)
