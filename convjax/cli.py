@@ -1,10 +1,8 @@
 """What every convjax binary shares: one-line errors and quiet library logs."""
 import logging as py_logging
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TFDS imports TensorFlow: keep its banner out
-
+import jax
 from absl import app, flags, logging
 
 from convjax.errors import UserError
@@ -49,7 +47,6 @@ def initialize_distributed() -> None:
   f = flags.FLAGS
   if not (f.coordinator_address or f.distributed):
     return
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", f.cpu_collectives)
   jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),

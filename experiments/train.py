@@ -5,11 +5,10 @@ r"""Trains a model from a config file and writes the run to --workdir.
 
 Running the same command again resumes from the workdir's latest checkpoint.
 """
-from convjax import cli  # first: it quiets TensorFlow's import banner
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from convjax import cli
 from convjax.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",

@@ -1,8 +1,9 @@
 """TFDS splits as numpy arrays, read by absolute row range.
 
-`tfds.load` honours TFDS_DATA_DIR; offline, point it at a directory holding the
-prepared dataset (here: TFDS_DATA_DIR=../shared/datasets/tfds). Online, a
-missing dataset is downloaded and prepared by TFDS itself.
+The data directory is the caller's, else TFDS_DATA_DIR (read on each call),
+else TFDS' default. Offline, point it at a directory holding the prepared
+dataset (here: TFDS_DATA_DIR=../shared/datasets/tfds). Online, a missing
+dataset is downloaded and prepared by TFDS itself.
 """
 import difflib
 import os

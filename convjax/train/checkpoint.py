@@ -24,13 +24,13 @@ def save(manager: ocp.CheckpointManager, epoch: int, state, history: list) -> No
                metrics={"val_accuracy": history[-1]["val_accuracy"]})
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, epoch=None):
-  """(epoch, state, history) from `epoch` (default: the latest), or None when there is none.
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+  """(epoch, state, history) from the latest checkpoint, or None when there is none.
 
   abstract_state: ShapeDtypeStructs with shardings; the restored arrays get
   them, whatever device count wrote the checkpoint.
   """
-  epoch = manager.latest_step() if epoch is None else epoch
+  epoch = manager.latest_step()
   if epoch is None:
     return None
   restored = manager.restore(epoch, args=ocp.args.Composite(

@@ -9,7 +9,6 @@ import json
 from ml_collections import ConfigDict
 
 from convjax.errors import UserError
-from convjax.models import MODELS
 from convjax.train.optim import OPTIMIZERS, SCHEDULES
 
 # Fields that change how a run executes, not what it computes: a workdir may be
@@ -51,7 +50,10 @@ def default_config() -> ConfigDict:
 
 
 def validate(config: ConfigDict) -> None:
-  """Raises UserError naming the first bad field; cheap, runs before any data or compilation."""
+  """Raises UserError naming the first bad field; cheap, runs before any data or compilation.
+
+  (An unknown model name is refused by `get_model`, called just after.)
+  """
   positive = ("batch_size", "num_epochs", "learning_rate")
   for key in positive:
     if not config[key] > 0:
@@ -62,8 +64,6 @@ def validate(config: ConfigDict) -> None:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
   if not config.plot_smoothing < 1:
     raise UserError(f"config.plot_smoothing must be in [0, 1), got {config.plot_smoothing!r}")
-  if config.model not in MODELS:
-    raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}")
   if config.optimizer not in OPTIMIZERS:
     raise UserError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
   if config.schedule not in SCHEDULES:

@@ -177,7 +177,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
 
   manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  restored = checkpoint.restore(manager, checkpoint.abstract(state, repl))
+  restored = checkpoint.restore_latest(manager, checkpoint.abstract(state, repl))
   history, start_epoch = [], 0
   if restored:
     start_epoch, state, history = restored
@@ -189,8 +189,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   train_step, eval_step = jit_steps(model, tx, config.rescale, mesh)
   add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
 
+  eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(rows.size, eval_batch))
+                 for name, rows in ranges.items() if name != "train"}
+
   def evaluate(split):
-    table = parallel.put_replicated(mesh, eval_index_table(ranges[split].size, eval_batch))
+    table = eval_tables[split]
     sums = None
     for i in range(table.shape[0]):
       metrics = eval_step(state, get_batch(splits[split], table, i))
