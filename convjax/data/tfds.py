@@ -77,13 +77,66 @@ def row_range(builder, spec: str) -> RowRange:
   return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
 
 
-def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str = "label"):
-  """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} for `rows`, in split order."""
+def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str = "label",
+              image_size: tuple = ()) -> dict:
+  """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} for `rows`, in split order.
+
+  With `image_size` (height, width), images are resized bilinearly (tf.image.resize)
+  and rounded back to uint8, so datasets of mixed image sizes can be batched.
+  """
   # An empty range (a process whose rows are all padding) reads one row for the shapes.
   spec = rows.spec() if rows.size else f"{rows.split}[0:1]"
-  arrays = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1, shuffle_files=False))
   n = rows.size
-  return {"image": np.asarray(arrays[image_key])[:n], "label": np.asarray(arrays[label_key], np.int32)[:n]}
+  if not image_size:
+    arrays = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1, shuffle_files=False))
+    return {"image": np.asarray(arrays[image_key])[:n],
+            "label": np.asarray(arrays[label_key], np.int32)[:n]}
+  import tensorflow as tf  # TFDS' own dependency; only this path needs it directly
+
+  def resize(example):
+    image = tf.image.resize(example[image_key], image_size, method="bilinear")
+    return {"image": tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8),
+            "label": tf.cast(example[label_key], tf.int32)}
+
+  ds = builder.as_dataset(split=spec, shuffle_files=False).map(resize).batch(1024)
+  parts = list(tfds.as_numpy(ds))
+  return {k: np.concatenate([p[k] for p in parts])[:n] for k in ("image", "label")}
+
+
+def balanced_positions(builder, spec: str, per_class: tuple, label_key: str = "label") -> list:
+  """Row positions in `spec`'s split for class-balanced subsets taken in order.
+
+  Walking the rows of `spec` in order, each class's first per_class[0] rows go
+  to the first subset, its next per_class[1] to the second, and so on (the way
+  Chollet's cats_and_dogs_small takes cats and dogs 1-1000, 1001-1500, ...).
+  Returns one sorted int64 array of absolute rows per subset.
+  """
+  rows = row_range(builder, spec)
+  ds = builder.as_dataset(split=rows.spec(), shuffle_files=False,
+                          decoders={k: tfds.decode.SkipDecoding() for k in builder.info.features
+                                    if k != label_key})
+  labels = np.fromiter((ex[label_key] for ex in tfds.as_numpy(ds)), np.int64, count=rows.size)
+  bounds = np.cumsum((0,) + tuple(per_class))
+  subsets = [[] for _ in per_class]
+  for c in np.unique(labels):
+    where = np.flatnonzero(labels == c)
+    if len(where) < bounds[-1]:
+      raise UserError(f"{spec!r} of dataset {builder.name!r} has {len(where)} rows of class {c}, "
+                      f"fewer than the {bounds[-1]} that per_class={tuple(per_class)} takes")
+    for i, subset in enumerate(subsets):
+      subset.append(where[bounds[i]:bounds[i + 1]])
+  return [np.sort(np.concatenate(s)) + rows.start for s in subsets]
+
+
+def read_positions(builder, spec: str, positions: np.ndarray, image_size: tuple = ()) -> dict:
+  """read_rows for arbitrary sorted rows of `spec`'s split (reads the range that covers them)."""
+  split = row_range(builder, spec).split
+  if len(positions) == 0:
+    first = read_rows(builder, RowRange(split, 0, 1), image_size=image_size)
+    return {k: v[:0] for k, v in first.items()}
+  start = int(positions[0])
+  arrays = read_rows(builder, RowRange(split, start, int(positions[-1]) + 1), image_size=image_size)
+  return {k: v[positions - start] for k, v in arrays.items()}
 
 
 def resolve_splits(builder, train_split: str, validation_split: Optional[str],

@@ -5,9 +5,11 @@ Strings use '' for "unset" and counts use 0 for "derive it", so that every
 field can be overridden from the command line (--config.FIELD=VALUE).
 """
 import json
+from typing import Optional
 
 from ml_collections import ConfigDict
 
+from convjax.data import augment as augment_lib
 from convjax.errors import UserError
 from convjax.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -29,7 +31,26 @@ def default_config() -> ConfigDict:
   c.validation_split = ""
   c.validation_size = 10_000
   c.test_split = "test"            # '' when the dataset has none
+  c.data = ConfigDict()
+  c.data.folder = ""               # root of an image folder (root/<split>/<class>/*.jpg); replaces
+                                   # `dataset`, and the *_split fields name sub-folders
+  c.data.image_size = ()           # (height, width): bilinear resize on loading; () -> as stored
+  c.data.channels = 3              # folders: 1 (grayscale) or 3 (RGB); every file is converted
+  c.data.skip_bad_files = False    # folders: skip (and log) unreadable files instead of failing
+  c.data.per_class = ()            # TFDS: class-balanced (train, validation[, test]) subsets, taken
+                                   # in order from train_split, e.g. (1000, 500, 500)
   c.rescale = 1 / 255
+  # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
+  # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
+  c.augment = ConfigDict()
+  c.augment.rotation_range = 0.0
+  c.augment.width_shift_range = 0.0
+  c.augment.height_shift_range = 0.0
+  c.augment.shear_range = 0.0
+  c.augment.zoom_range = 0.0
+  c.augment.horizontal_flip = False
+  c.augment.fill_mode = "nearest"  # nearest, constant, reflect, wrap
+  c.augment.cval = 0.0
   # Training.
   c.batch_size = 64                # global, over all devices
   c.eval_batch_size = 0            # 0 -> batch_size
@@ -64,10 +85,30 @@ def validate(config: ConfigDict) -> None:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
   if not config.plot_smoothing < 1:
     raise UserError(f"config.plot_smoothing must be in [0, 1), got {config.plot_smoothing!r}")
+  for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
+              "zoom_range"):
+    if config.augment[key] < 0:
+      raise UserError(f"config.augment.{key} must be >= 0, got {config.augment[key]!r}")
+  if config.augment.fill_mode not in augment_lib.FILL_MODES:
+    raise UserError(f"unknown config.augment.fill_mode {config.augment.fill_mode!r}; valid: "
+                    f"{', '.join(augment_lib.FILL_MODES)}")
+  if config.data.channels not in (1, 3):
+    raise UserError(f"config.data.channels must be 1 or 3, got {config.data.channels!r}")
   if config.optimizer not in OPTIMIZERS:
     raise UserError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
   if config.schedule not in SCHEDULES:
     raise UserError(f"unknown schedule {config.schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def make_augment(config: ConfigDict):
+  """The configured `augment(rng, images)`, or None when every range is 0 and flips are off."""
+  a = config.augment
+  kwargs = {k: a[k] for k in ("rotation_range", "width_shift_range", "height_shift_range",
+                              "shear_range", "zoom_range")}
+  if not any(kwargs.values()) and not a.horizontal_flip:
+    return None
+  return augment_lib.make_augment(**kwargs, horizontal_flip=a.horizontal_flip,
+                                  fill_mode=a.fill_mode, cval=a.cval)
 
 
 def to_dict(config: ConfigDict) -> dict:
@@ -75,14 +116,22 @@ def to_dict(config: ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def differences(stored: dict, current: dict) -> list:
-  """Dotted keys whose values differ, ignoring RUNTIME_FIELDS."""
+def differences(stored: dict, current: dict, defaults: Optional[dict] = None) -> list:
+  """Dotted keys whose values differ, ignoring RUNTIME_FIELDS.
+
+  A key missing from `stored` whose current value is its default (a field added
+  to convjax after the run began) is no difference, so such runs still resume.
+  """
+  defaults = to_dict(default_config()) if defaults is None else defaults
   keys = set(stored) | set(current)
   out = []
   for k in sorted(keys - set(RUNTIME_FIELDS)):
     a, b = stored.get(k, "<missing>"), current.get(k, "<missing>")
+    if a == "<missing>" and k in defaults and b == defaults[k]:
+      continue
     if isinstance(a, dict) and isinstance(b, dict):
-      out += [f"{k}.{sub}" for sub in differences(a, b)]
+      sub_defaults = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
+      out += [f"{k}.{sub}" for sub in differences(a, b, sub_defaults)]
     elif a != b:
       out.append(k)
   return out

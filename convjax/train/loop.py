@@ -19,7 +19,7 @@ from absl import logging
 from clu import metric_writers
 from ml_collections import ConfigDict
 
-from convjax.data import tfds as tfds_data
+from convjax.data.splits import Split, open_splits
 from convjax.errors import UserError
 from convjax.models import get_model
 from convjax.models.summary import summary
@@ -59,25 +59,25 @@ def eval_index_table(n: int, batch: int) -> np.ndarray:
   return np.where(idx < n, idx, -1).reshape(num_batches, batch)
 
 
-def load_split(builder, rows: tfds_data.RowRange, mesh) -> dict:
+def load_split(split: Split, mesh) -> dict:
   """This process's rows of a split, padded, as global arrays sharded over the mesh."""
-  total = parallel.padded_rows(rows.size, mesh)
+  total = parallel.padded_rows(split.size, mesh)
   start, stop = parallel.local_row_range(mesh, total)
-  local = tfds_data.read_rows(builder, rows.sub(start, stop))
+  local = split.read(min(start, split.size), min(stop, split.size))
   pad = (stop - start) - local["image"].shape[0]
   if pad:
     local = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in local.items()}
   return {k: parallel.put_rows(mesh, v, total) for k, v in local.items()}
 
 
-def jit_steps(model, tx, rescale: float, mesh):
+def jit_steps(model, tx, rescale: float, mesh, augment=None):
   """The train and eval steps, each one SPMD program over the whole mesh.
 
   State and metrics are replicated, batches sharded over 'data'; XLA inserts
   the gradient all-reduce. The state is donated: the step updates it in place.
   """
   repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, rescale), in_shardings=(repl, shard, repl),
+  train_step = jax.jit(make_train_step(model, tx, rescale, augment), in_shardings=(repl, shard, repl),
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, rescale), in_shardings=(repl, shard), out_shardings=repl)
   return train_step, eval_step
@@ -146,10 +146,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       raise UserError(f"config.{key}={value} is not divisible by the {mesh.size} devices in use; "
                       "change it or set --config.num_devices")
   model = get_model(config.model, **config.model_kwargs)
-  builder = tfds_data.get_builder(config.dataset, config.data_dir or None, config.download)
-  ranges = tfds_data.resolve_splits(builder, config.train_split, config.validation_split,
-                                    config.validation_size, config.test_split)
-  n_train = ranges["train"].size
+  augment = config_lib.make_augment(config)
+  sources = open_splits(config)
+  n_train = sources["train"].size
   steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
   if steps_per_epoch == 0:
     raise UserError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
@@ -159,8 +158,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
 
   logging.info("mesh: %d x %s over %d process(es); splits: %s", mesh.size,
                mesh.devices.flat[0].device_kind, jax.process_count(),
-               {k: r.spec() for k, r in ranges.items()})
-  splits = {name: load_split(builder, rows, mesh) for name, rows in ranges.items()}
+               {k: r.spec for k, r in sources.items()})
+  splits = {name: load_split(source, mesh) for name, source in sources.items()}
   input_shape = splits["train"]["image"].shape[1:]
 
   repl = parallel.replicated(mesh)
@@ -186,11 +185,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       _write_json(os.path.join(workdir, "history.json"), history)
 
   get_batch = parallel.make_get_batch(mesh)
-  train_step, eval_step = jit_steps(model, tx, config.rescale, mesh)
+  train_step, eval_step = jit_steps(model, tx, config.rescale, mesh, augment)
   add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
 
-  eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(rows.size, eval_batch))
-                 for name, rows in ranges.items() if name != "train"}
+  eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(source.size, eval_batch))
+                 for name, source in sources.items() if name != "train"}
 
   def evaluate(split):
     table = eval_tables[split]

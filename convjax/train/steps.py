@@ -5,6 +5,8 @@ A batch is {'image': uint8 or float (B, H, W, C), 'label': int (B,),
 the gradient or the metrics. Metrics are sums (loss_sum, correct, count) so
 they add up exactly across batches.
 """
+from typing import Callable, Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,17 +32,27 @@ def _metrics(loss, correct, mask):
           "count": jnp.sum(mask)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale: float):
-  """`train_step(state, batch, rng) -> (state, metrics)`; dropout keys fold in state.step."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale: float,
+                    augment: Optional[Callable] = None):
+  """`train_step(state, batch, rng) -> (state, metrics)`.
+
+  The step's key is `rng` folded with state.step: dropout uses it, and
+  `augment(key, images)` (convjax.data.augment, on pixel values before
+  rescaling) uses it folded with 1.
+  """
 
   def train_step(state: TrainState, batch, rng):
-    x = batch["image"].astype(jnp.float32) * rescale
+    step_rng = jax.random.fold_in(rng, state.step)
+    x = batch["image"].astype(jnp.float32)
+    if augment is not None:
+      x = augment(jax.random.fold_in(step_rng, 1), x)
+    x = x * rescale
     mask = batch["mask"]
     mutable = list(state.model_state)
 
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
-      rngs = {"dropout": jax.random.fold_in(rng, state.step)}
+      rngs = {"dropout": step_rng}
       logits, new_model_state = model.apply(variables, x, train=True, rngs=rngs, mutable=mutable)
       loss, correct = loss_and_correct(logits, batch["label"])
       return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0), (loss, correct, new_model_state)

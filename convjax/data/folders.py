@@ -1,0 +1,129 @@
+"""Image folders, Keras' `flow_from_directory` layout: root/<split>/<class>/*.jpg.
+
+Classes are the sub-folders of the first split read, sorted by name (label i
+is the i-th class); every other split must have the same class folders. Files
+are decoded with Pillow, converted to the requested channel count (grayscale,
+RGBA and palette images alike), resized bilinearly to `image_size` and kept
+as uint8. A split is decoded once per process and cached in memory; during
+training it lives on the devices, so no epoch decodes anything.
+"""
+import concurrent.futures
+import os
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from convjax.data.preprocess import resize_bilinear, to_uint8
+from convjax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+PIL_MODES = {1: "L", 3: "RGB"}
+LABEL_MODES = ("int", "binary", "categorical")
+
+
+class FolderSplit(NamedTuple):
+  """One split's files in label order, before decoding."""
+  directory: str
+  classes: tuple
+  files: tuple       # paths, class by class, each class's files sorted by name
+  labels: np.ndarray  # int32, one per file
+
+
+def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -> FolderSplit:
+  """The files of root/split/<class>/; errors name the folder that is missing or empty."""
+  directory = os.path.join(root, split)
+  if not os.path.isdir(root):
+    raise UserError(f"image folder root {root!r} does not exist")
+  if not os.path.isdir(directory):
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    raise UserError(f"split folder {directory!r} does not exist (splits in {root!r}: "
+                    f"{', '.join(found) or 'none'})")
+  found = tuple(sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d))))
+  if not found:
+    raise UserError(f"split folder {directory!r} has no class sub-folders (expected "
+                    f"{directory}/<class>/*.jpg)")
+  if classes is not None and tuple(classes) != found:
+    raise UserError(f"split folder {directory!r} has classes {list(found)} but the training "
+                    f"split has {list(classes)}")
+  files, labels = [], []
+  for label, name in enumerate(found):
+    class_dir = os.path.join(directory, name)
+    names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+      raise UserError(f"class folder {class_dir!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    files += [os.path.join(class_dir, f) for f in names]
+    labels += [label] * len(names)
+  return FolderSplit(directory, found, tuple(files), np.asarray(labels, np.int32))
+
+
+def decode_image(path: str, channels: int, image_size: Optional[Sequence[int]]) -> np.ndarray:
+  """uint8 (H, W, channels); raises UserError naming the file if it is not a readable image."""
+  try:
+    with Image.open(path) as img:
+      img = img.convert(PIL_MODES[channels])
+      array = np.asarray(img)
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    raise UserError(f"cannot read image {path!r}: {e}") from None
+  array = array.reshape(*array.shape[:2], channels)
+  if image_size and tuple(image_size) != array.shape[:2]:
+    array = to_uint8(resize_bilinear(array, tuple(image_size)))
+  return array
+
+
+def decode_split(split: FolderSplit, channels: int = 3, image_size: Optional[Sequence[int]] = None,
+                 skip_bad_files: bool = False, num_threads: int = 8) -> dict:
+  """{'image': uint8 (n, H, W, channels), 'label': int32 (n,)} for every readable file.
+
+  Without `image_size` all images must share one size. Unreadable files are an
+  error, or with `skip_bad_files` dropped and counted in the log.
+  """
+  if channels not in PIL_MODES:
+    raise UserError(f"channels must be 1 or 3, got {channels}")
+
+  def decode(path):
+    try:
+      return decode_image(path, channels, image_size)
+    except UserError:
+      if not skip_bad_files:
+        raise
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # Pillow decodes without the GIL
+    images = list(pool.map(decode, split.files))
+  keep = [i for i, x in enumerate(images) if x is not None]
+  if len(keep) < len(images):
+    bad = [split.files[i] for i, x in enumerate(images) if x is None]
+    logging.warning("skipped %d unreadable file(s) in %s: %s%s", len(bad), split.directory,
+                    ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
+  if not keep:
+    raise UserError(f"split folder {split.directory!r} has no readable images")
+  first = images[keep[0]].shape
+  for i in keep:
+    if images[i].shape != first:
+      raise UserError(f"image {split.files[i]!r} is {images[i].shape[1]}x{images[i].shape[0]} but "
+                      f"{split.files[keep[0]]!r} is {first[1]}x{first[0]}; set an image size "
+                      "(--config.data.image_size='(150, 150)') to resize them all")
+  return {"image": np.stack([images[i] for i in keep]), "label": split.labels[keep]}
+
+
+def encode_labels(labels: np.ndarray, num_classes: int, label_mode: str = "int") -> np.ndarray:
+  """Keras' class_mode: 'int' (sparse), 'binary' (float 0/1), 'categorical' (one-hot float)."""
+  if label_mode == "int":
+    return labels
+  if label_mode == "binary":
+    if num_classes != 2:
+      raise UserError(f"label_mode='binary' needs 2 classes, the folder has {num_classes}")
+    return labels.astype(np.float32)
+  if label_mode == "categorical":
+    return np.eye(num_classes, dtype=np.float32)[labels]
+  raise UserError(f"unknown label_mode {label_mode!r}; valid: {', '.join(LABEL_MODES)}")
+
+
+def load_folder(root: str, split: str, image_size: Optional[Sequence[int]] = None, channels: int = 3,
+                label_mode: str = "int", skip_bad_files: bool = False) -> tuple:
+  """One call for notebooks: (images uint8, labels, class names) of root/split."""
+  listing = list_split(root, split)
+  arrays = decode_split(listing, channels, image_size, skip_bad_files)
+  return arrays["image"], encode_labels(arrays["label"], len(listing.classes), label_mode), listing.classes

@@ -1,0 +1,85 @@
+"""The train/validation/test splits of a config, from TFDS or an image folder.
+
+`open_splits(config)` returns {'train', 'validation'[, 'test']} -> Split. A
+Split knows its size before anything is decoded (TFDS) or after a one-time
+decode (folders), and reads any row range as uint8 images and int32 labels,
+so the training loop can load each process's rows without knowing the source.
+"""
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from convjax.data import folders
+from convjax.data import tfds as tfds_data
+from convjax.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+
+
+class Split(NamedTuple):
+  size: int
+  spec: str                                  # for logs: where the rows come from
+  read: Callable[[int, int], dict]           # rows [start, stop) -> {'image', 'label'}
+  classes: tuple = ()                        # class names, where the source has them
+
+
+def _image_size(config) -> tuple:
+  size = tuple(config.data.image_size)
+  if size and (len(size) != 2 or min(size) <= 0):
+    raise UserError(f"config.data.image_size must be (height, width) > 0 or (), got {size}")
+  return size
+
+
+def folder_splits(config) -> dict:
+  """Folders config.data.folder/<split name>; each decoded once, here."""
+  if not config.validation_split:
+    raise UserError("an image-folder dataset needs config.validation_split (a folder name, "
+                    "e.g. 'validation'); carving validation rows off class-ordered files would "
+                    "leave classes out")
+  names = {"train": config.train_split, "validation": config.validation_split,
+           "test": config.test_split}
+  out, classes = {}, None
+  for key in SPLITS:
+    if not names[key]:
+      continue
+    listing = folders.list_split(config.data.folder, names[key], classes)
+    classes = listing.classes
+    arrays = folders.decode_split(listing, config.data.channels, _image_size(config),
+                                  config.data.skip_bad_files)
+    n = len(arrays["label"])
+    out[key] = Split(n, f"{listing.directory} ({n} images, {len(classes)} classes)",
+                     lambda a, b, arrays=arrays: {k: v[a:b] for k, v in arrays.items()},
+                     classes)
+  return out
+
+
+def tfds_splits(config) -> dict:
+  builder = tfds_data.get_builder(config.dataset, config.data_dir or None, config.download)
+  size = _image_size(config)
+  per_class = tuple(config.data.per_class)
+  if per_class:
+    if len(per_class) != (3 if config.test_split else 2) or min(per_class) <= 0:
+      raise UserError(f"config.data.per_class must give (train, validation[, test]) counts > 0 "
+                      f"matching the splits in use, got {per_class}")
+    positions = tfds_data.balanced_positions(builder, config.train_split, per_class)
+    out = {}
+    for key, pos in zip(SPLITS, positions):
+      out[key] = Split(len(pos), f"{config.train_split} balanced rows {pos[0]}..{pos[-1]}",
+                       lambda a, b, pos=pos: tfds_data.read_positions(builder, config.train_split,
+                                                                      pos[a:b], size))
+    return out
+  ranges = tfds_data.resolve_splits(builder, config.train_split, config.validation_split,
+                                    config.validation_size, config.test_split)
+  return {key: Split(rows.size, rows.spec(),
+                     lambda a, b, rows=rows: tfds_data.read_rows(builder, rows.sub(a, b), image_size=size))
+          for key, rows in ranges.items()}
+
+
+def open_splits(config) -> dict:
+  return folder_splits(config) if config.data.folder else tfds_splits(config)
+
+
+def label_balance(labels: np.ndarray) -> dict:
+  """{label: count}, for logs and tests."""
+  values, counts = np.unique(labels, return_counts=True)
+  return {int(v): int(c) for v, c in zip(values, counts)}
