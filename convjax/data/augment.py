@@ -6,7 +6,7 @@ horizontal flip, drawn as Keras draws them, then one bilinear resampling with
 the chosen fill mode. For fixed parameters `affine_matrix` + `warp` equal
 Keras' `apply_affine_transform` (scipy.ndimage, order 1); tests check it.
 """
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,8 @@ import jax.numpy as jnp
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-  """One image's transform, in Keras' units (degrees, pixels, factors)."""
+class AugmentParams(NamedTuple):
+  """One image's transform, in Keras' units (degrees, pixels, factors); a pytree."""
   theta: jax.Array   # rotation, degrees
   tx: jax.Array      # shift along rows (height), pixels
   ty: jax.Array      # shift along columns (width), pixels

@@ -77,9 +77,3 @@ def tfds_splits(config) -> dict:
 
 def open_splits(config) -> dict:
   return folder_splits(config) if config.data.folder else tfds_splits(config)
-
-
-def label_balance(labels: np.ndarray) -> dict:
-  """{label: count}, for logs and tests."""
-  values, counts = np.unique(labels, return_counts=True)
-  return {int(v): int(c) for v, c in zip(values, counts)}

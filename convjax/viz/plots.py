@@ -1,5 +1,6 @@
-"""Learning curves as in the notes: accuracy and loss, train vs validation, by epoch."""
+"""Figures: learning curves (accuracy and loss, train vs validation), image grids."""
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,6 +34,26 @@ def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str
     ax.set_title(f"{title} {metric}".strip())
     ax.grid(alpha=0.3)
     ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def image_grid(images, path: str, cols: int = 4, titles=None, size: float = 2.5) -> None:
+  """Writes a PNG of images (N, H, W, C) in [0, 255] or [0, 1], `cols` to a row."""
+  images = np.asarray(images, np.float32)
+  if images.max() > 1.0:
+    images = images / 255.0
+  rows = -(-len(images) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i < len(images):
+      image = np.clip(images[i], 0, 1)
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                cmap="gray" if image.shape[-1] == 1 else None)
+      if titles:
+        ax.set_title(titles[i], fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

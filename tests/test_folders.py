@@ -1,0 +1,130 @@
+"""Image folders on the real cats_and_dogs_small, resizing, and every bad-input case."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convjax.data import folders, splits
+from convjax.data.preprocess import resize_bilinear
+from convjax.errors import UserError
+from convjax.train.config import default_config
+from tests.conftest import SHARED
+
+CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
+
+
+def test_listing_counts_and_labels_of_the_real_folders():
+  counts = {}
+  for split in ("train", "validation", "test"):
+    listing = folders.list_split(str(CATS_DOGS), split)
+    assert listing.classes == ("cats", "dogs")
+    counts[split] = np.bincount(listing.labels).tolist()
+    # Label i is the i-th class folder, whatever the file is called.
+    for path, label in zip(listing.files, listing.labels):
+      assert os.path.basename(os.path.dirname(path)) == listing.classes[label]
+  assert counts == {"train": [1000, 1000], "validation": [500, 500], "test": [500, 500]}
+
+
+def test_decoded_split_shapes_and_values():
+  listing = folders.list_split(str(CATS_DOGS), "validation")
+  small = listing._replace(files=listing.files[:3] + listing.files[-3:],
+                           labels=np.concatenate([listing.labels[:3], listing.labels[-3:]]))
+  arrays = folders.decode_split(small, channels=3, image_size=(150, 150))
+  assert arrays["image"].shape == (6, 150, 150, 3) and arrays["image"].dtype == np.uint8
+  assert arrays["label"].tolist() == [0, 0, 0, 1, 1, 1]
+  with Image.open(small.files[0]) as img:
+    expected = resize_bilinear(np.asarray(img.convert("RGB")), (150, 150))
+  assert np.abs(arrays["image"][0] - expected).max() <= 0.5 + 1e-4
+  gray = folders.decode_split(small, channels=1, image_size=(64, 48))
+  assert gray["image"].shape == (6, 64, 48, 1)
+
+
+def test_load_folder_label_modes():
+  images, labels, classes = folders.load_folder(str(CATS_DOGS), "test", (32, 32),
+                                                label_mode="categorical")
+  assert images.shape == (1000, 32, 32, 3) and classes == ("cats", "dogs")
+  assert labels.shape == (1000, 2) and labels.sum(0).tolist() == [500.0, 500.0]
+  binary = folders.encode_labels(np.array([0, 1, 1]), 2, "binary")
+  assert binary.dtype == np.float32 and binary.tolist() == [0.0, 1.0, 1.0]
+  with pytest.raises(UserError, match="label_mode='binary' needs 2 classes"):
+    folders.encode_labels(np.array([0, 1, 2]), 3, "binary")
+
+
+def test_resize_matches_tf_image_resize_on_a_real_photo():
+  tf = pytest.importorskip("tensorflow")
+  with Image.open(CATS_DOGS / "train" / "dogs" / "dog.1.jpg") as img:
+    photo = np.asarray(img.convert("RGB"))
+  for size in ((150, 150), (64, 100), (300, 41)):
+    ours = resize_bilinear(photo, size)
+    theirs = tf.image.resize(photo, size, method="bilinear").numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-3, err_msg=str(size))
+
+
+def _tiny_folder(root, per_class=4, size=(20, 30)):
+  rng = np.random.default_rng(0)
+  for split in ("train", "validation"):
+    for name in ("cats", "dogs"):
+      os.makedirs(root / split / name)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(root / split / name / f"{i}.png")
+  return root
+
+
+def test_mixed_modes_are_converted_and_bad_files_named_or_skipped(tmp_path, caplog):
+  root = _tiny_folder(tmp_path / "data")
+  cats = root / "train" / "cats"
+  Image.fromarray(np.full((20, 30), 7, np.uint8), "L").save(cats / "gray.png")
+  Image.fromarray(np.full((20, 30, 4), 9, np.uint8), "RGBA").save(cats / "rgba.png")
+  listing = folders.list_split(str(root), "train")
+  arrays = folders.decode_split(listing, channels=3)
+  assert arrays["image"].shape == (10, 20, 30, 3)
+  assert (arrays["image"][listing.files.index(str(cats / "gray.png"))] == 7).all()
+  assert (arrays["image"][listing.files.index(str(cats / "rgba.png"))] == 9).all()
+
+  (cats / "broken.jpg").write_bytes(b"this is not a jpeg")
+  listing = folders.list_split(str(root), "train")
+  with pytest.raises(UserError, match=r"cannot read image .*broken\.jpg"):
+    folders.decode_split(listing)
+  arrays = folders.decode_split(listing, skip_bad_files=True)
+  assert arrays["image"].shape[0] == 10
+  assert "skipped 1 unreadable file(s)" in caplog.text and "broken.jpg" in caplog.text
+
+
+def test_structural_errors_name_the_folder(tmp_path):
+  root = _tiny_folder(tmp_path / "data")
+  with pytest.raises(UserError, match="image folder root .*nowhere.* does not exist"):
+    folders.list_split(str(tmp_path / "nowhere"), "train")
+  with pytest.raises(UserError, match=r"split folder .*test.* does not exist \(splits in .*: train, validation\)"):
+    folders.list_split(str(root), "test")
+  for f in (root / "validation" / "dogs").iterdir():
+    f.unlink()
+  with pytest.raises(UserError, match=r"class folder .*validation/dogs.* has no images"):
+    folders.list_split(str(root), "validation")
+  shutil.rmtree(root / "validation" / "dogs")
+  with pytest.raises(UserError, match=r"has classes \['cats'\] but the training split has \['cats', 'dogs'\]"):
+    folders.list_split(str(root), "validation", classes=("cats", "dogs"))
+  os.makedirs(root / "empty")
+  with pytest.raises(UserError, match="has no class sub-folders"):
+    folders.list_split(str(root), "empty")
+  Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "train" / "dogs" / "small.png")
+  with pytest.raises(UserError, match=r"small\.png.* is 10x10 but .* is 30x20; set an image size"):
+    folders.decode_split(folders.list_split(str(root), "train"))
+
+
+def test_config_splits_from_a_folder(tmp_path):
+  root = _tiny_folder(tmp_path / "data", per_class=3)
+  config = default_config()
+  config.data.folder = str(root)
+  config.data.image_size = (8, 12)
+  config.validation_split = "validation"
+  config.test_split = ""
+  opened = splits.open_splits(config)
+  assert {k: s.size for k, s in opened.items()} == {"train": 6, "validation": 6}
+  rows = opened["train"].read(2, 5)
+  assert rows["image"].shape == (3, 8, 12, 3) and rows["label"].tolist() == [0, 1, 1]
+  assert opened["train"].read(6, 6)["image"].shape == (0, 8, 12, 3)
+  config.validation_split = ""
+  with pytest.raises(UserError, match="image-folder dataset needs config.validation_split"):
+    splits.open_splits(config)
