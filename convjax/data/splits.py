@@ -56,6 +56,8 @@ def folder_splits(config) -> dict:
 def tfds_splits(config) -> dict:
   builder = tfds_data.get_builder(config.dataset, config.data_dir or None, config.download)
   size = _image_size(config)
+  label = builder.info.features["label"]
+  classes = tuple(getattr(label, "names", None) or ())
   per_class = tuple(config.data.per_class)
   if per_class:
     if len(per_class) != (3 if config.test_split else 2) or min(per_class) <= 0:
@@ -66,12 +68,14 @@ def tfds_splits(config) -> dict:
     for key, pos in zip(SPLITS, positions):
       out[key] = Split(len(pos), f"{config.train_split} balanced rows {pos[0]}..{pos[-1]}",
                        lambda a, b, pos=pos: tfds_data.read_positions(builder, config.train_split,
-                                                                      pos[a:b], size))
+                                                                      pos[a:b], size),
+                       classes)
     return out
   ranges = tfds_data.resolve_splits(builder, config.train_split, config.validation_split,
                                     config.validation_size, config.test_split)
   return {key: Split(rows.size, rows.spec(),
-                     lambda a, b, rows=rows: tfds_data.read_rows(builder, rows.sub(a, b), image_size=size))
+                     lambda a, b, rows=rows: tfds_data.read_rows(builder, rows.sub(a, b), image_size=size),
+                     classes)
           for key, rows in ranges.items()}
 
 

@@ -8,8 +8,14 @@ num_classes=1 is a binary classifier (one sigmoid logit). Each model is
 import functools
 
 from convjax.errors import UserError
+from convjax.models.alexnet import AlexNet
+from convjax.models.googlenet import GoogLeNet
+from convjax.models.lenet import LeNet5
 from convjax.models.mlp import MLP
+from convjax.models.mobilenet import MobileNet, XceptionSmall
+from convjax.models.resnet import ResNet
 from convjax.models.small_convnet import SmallConvNet
+from convjax.models.vgg import VGG
 
 MODELS = {
     "small_convnet": SmallConvNet,
@@ -21,6 +27,19 @@ MODELS = {
         hidden=(512,), num_classes=1),
     "mlp": MLP,
     "mnist_dense": functools.partial(MLP, hidden=(512,), num_classes=10),
+    # The classic architectures; each takes num_classes (and its input size from the data).
+    "lenet5": LeNet5,
+    "alexnet": AlexNet,
+    "vgg11": functools.partial(VGG, depth=11),
+    "vgg13": functools.partial(VGG, depth=13),
+    "vgg16": functools.partial(VGG, depth=16),
+    "vgg19": functools.partial(VGG, depth=19),
+    "googlenet": GoogLeNet,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic"),
+    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="basic"),
+    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    "mobilenet": MobileNet,
+    "xception_small": XceptionSmall,
 }
 
 

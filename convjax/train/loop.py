@@ -70,6 +70,41 @@ def load_split(split: Split, mesh) -> dict:
   return {k: parallel.put_rows(mesh, v, total) for k, v in local.items()}
 
 
+def fit_num_classes(model, num_classes: int, config):
+  """The model with the dataset's class count, unless model_kwargs sets num_classes.
+
+  A model with one output (a sigmoid binary classifier) fits two classes.
+  """
+  current = getattr(model, "num_classes", None)
+  if current is None or not num_classes or current == num_classes or (current == 1 and num_classes == 2):
+    return model
+  if "num_classes" in config.model_kwargs:
+    if current < num_classes:
+      raise UserError(f"config.model_kwargs.num_classes={current} but the dataset has "
+                      f"{num_classes} classes")
+    return model
+  logging.info("model %s: num_classes %d -> %d, the dataset's", config.model, current, num_classes)
+  return model.clone(num_classes=num_classes)
+
+
+def abstract_params(model, input_shape: tuple, name: str):
+  """The model's param shapes for `input_shape`; an input it cannot take is one UserError."""
+  x = jnp.zeros((1, *input_shape))
+  try:
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+  except Exception as e:  # flax/jax raise several types for shape mismatches; name the cause
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    try:  # the usual cause: the conv base shrinks the image to nothing
+      features = jax.eval_shape(lambda: model.init_with_output(
+          jax.random.key(0), x, method=lambda m, x: m.features(x))[0])
+      if 0 in features.shape:
+        detail = f"its feature map comes out {tuple(features.shape[1:])}: the image is too small"
+    except Exception:
+      pass
+    raise UserError(f"model {name!r} cannot take input of shape {tuple(input_shape)} ({detail}); "
+                    "change config.data.image_size or the model") from None
+
+
 def jit_steps(model, tx, rescale: float, mesh, augment=None):
   """The train and eval steps, each one SPMD program over the whole mesh.
 
@@ -148,11 +183,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   model = get_model(config.model, **config.model_kwargs)
   augment = config_lib.make_augment(config)
   sources = open_splits(config)
+  model = fit_num_classes(model, len(sources["train"].classes), config)
   n_train = sources["train"].size
   steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
   if steps_per_epoch == 0:
     raise UserError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
                     "examples; lower it or set steps_per_epoch")
+  input_shape = sources["train"].read(0, 1)["image"].shape[1:]
+  params_shape = abstract_params(model, input_shape, config.model)
   prepare_workdir(config, workdir)
   is_main = jax.process_index() == 0
 
@@ -160,11 +198,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
                mesh.devices.flat[0].device_kind, jax.process_count(),
                {k: r.spec for k, r in sources.items()})
   splits = {name: load_split(source, mesh) for name, source in sources.items()}
-  input_shape = splits["train"]["image"].shape[1:]
 
   repl = parallel.replicated(mesh)
-  params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
-  tx = make_optimizer(config, steps_per_epoch, params_shape["params"])
+  tx = make_optimizer(config, steps_per_epoch, params_shape)
 
   def init(seed):
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))

@@ -1,0 +1,122 @@
+"""The classic architectures: parameter counts against their references, shapes, training."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convjax.models import get_model
+from convjax.models.lenet import C3_TABLE, PartialConv
+from convjax.models.summary import summary
+from tests.conftest import run_binary
+
+# name, native input, params (trainable) at 1000 classes, other variables (BatchNorm
+# statistics), and where the figure comes from.
+REFERENCE = [
+    ("lenet5", (32, 32, 1), 61_706, 0, "LeCun 1998 layout, full C3, 10 classes"),
+    ("alexnet", (227, 227, 3), 62_378_344, 0, "Krizhevsky 2012, one tower"),
+    ("vgg11", (224, 224, 3), 132_863_336, 0, "torchvision vgg11"),
+    ("vgg13", (224, 224, 3), 133_047_848, 0, "torchvision vgg13"),
+    ("vgg16", (224, 224, 3), 138_357_544, 0, "keras.applications.VGG16"),
+    ("vgg19", (224, 224, 3), 143_667_240, 0, "keras.applications.VGG19"),
+    ("googlenet", (224, 224, 3), 6_624_904, None, "torchvision googlenet, no aux heads"),
+    ("resnet18", (224, 224, 3), 11_689_512, None, "torchvision resnet18"),
+    ("resnet34", (224, 224, 3), 21_797_672, None, "torchvision resnet34"),
+    ("resnet50", (224, 224, 3), 25_557_032, None, "torchvision resnet50"),
+    ("mobilenet", (224, 224, 3), 4_231_976, 21_888, "keras.applications.MobileNet: 4,253,864 total"),
+]
+
+
+def _shapes(model, input_shape, batch=2):
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((batch, *input_shape))), variables)
+  counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(v)) for k, v in variables.items()}
+  return counts, logits.shape
+
+
+@pytest.mark.parametrize("name,input_shape,params,others,source", REFERENCE, ids=[r[0] for r in REFERENCE])
+def test_parameter_count_and_output_shape(name, input_shape, params, others, source):
+  num_classes = 10 if name == "lenet5" else 1000
+  counts, out = _shapes(get_model(name, num_classes=num_classes), input_shape)
+  assert counts["params"] == params, source
+  if others is not None:
+    assert counts.get("batch_stats", 0) == others, source
+  assert out == (2, num_classes)
+
+
+def test_batch_norm_statistics_are_counted_as_keras_counts_them():
+  text = summary(get_model("mobilenet"), (224, 224, 3), name="mobilenet")
+  assert "Total params: 4,253,864" in text and "Non-trainable params: 21,888" in text
+
+
+def test_lenet_partial_c3_has_1516_params_and_is_a_masked_convolution():
+  full, _ = _shapes(get_model("lenet5"), (32, 32, 1))
+  partial, _ = _shapes(get_model("lenet5", partial_c3=True), (32, 32, 1))
+  assert full["params"] - partial["params"] == 2_416 - 1_516
+  conv = PartialConv(C3_TABLE)
+  x = jax.random.normal(jax.random.key(0), (2, 14, 14, 6))
+  variables = conv.init(jax.random.key(1), x)
+  assert sum(v.size for v in jax.tree_util.tree_leaves(variables)) == 1_516
+  # The same as a dense 5x5 convolution whose kernel is zero off the table.
+  weights, bias = variables["params"]["kernel"], variables["params"]["bias"]
+  dense = np.zeros((5, 5, 6, 16), np.float32)
+  n = 0
+  for j, row in enumerate(C3_TABLE):
+    for i in row:
+      dense[:, :, i, j] = weights[:, :, n]
+      n += 1
+  expected = jax.lax.conv_general_dilated(x, dense, (1, 1), "VALID",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+  np.testing.assert_allclose(conv.apply(variables, x), expected, atol=1e-5)
+  # Map 0 sees S2 maps 0-2 only: changing map 5 leaves it alone, and changes map 3.
+  y0 = conv.apply(variables, x)
+  y1 = conv.apply(variables, x.at[..., 5].add(1.0))
+  assert np.allclose(y0[..., 0], y1[..., 0]) and not np.allclose(y0[..., 3], y1[..., 3])
+
+
+def test_separable_convolution_costs_what_the_formula_says():
+  from convjax.models.mobilenet import SeparableConv2D
+  x = jnp.zeros((1, 16, 16, 32))
+  variables = SeparableConv2D(64, use_bias=False).init(jax.random.key(0), x)
+  n = sum(v.size for v in jax.tree_util.tree_leaves(variables))
+  assert n == 3 * 3 * 32 + 32 * 64  # depthwise k*k*c_in + pointwise c_in*c_out
+  assert n < 3 * 3 * 32 * 64 / 7  # vs a full 3x3 convolution
+
+
+@pytest.mark.parametrize("name,input_shape,kwargs", [
+    ("lenet5", (32, 32, 1), {"partial_c3": True}), ("alexnet", (227, 227, 3), {}),
+    ("vgg11", (64, 64, 3), {}), ("googlenet", (96, 96, 3), {}), ("resnet18", (64, 64, 3), {}),
+    ("resnet50", (64, 64, 3), {}), ("mobilenet", (96, 96, 3), {}), ("xception_small", (64, 64, 3), {}),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
+  """num_classes is free; features/head compose to the model (what transfer and viz rely on)."""
+  from convjax.models import apply_features, apply_head
+  model = get_model(name, num_classes=7, **kwargs)
+  x = jax.random.uniform(jax.random.key(0), (2, *input_shape))
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+
+  @jax.jit
+  def both(variables, x):
+    split = apply_head(model, variables, apply_features(model, variables, x))
+    return model.apply(variables, x), split
+
+  logits, split = both(variables, x)
+  assert logits.shape == (2, 7) and np.isfinite(logits).all()
+  np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
+  """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated."""
+  workdir = tmp_path / "run"
+  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
+                      "--config.model=resnet18", "--config.data.image_size=(32, 32)",
+                      "--config.train_split=train[:2048]", "--config.validation_size=512",
+                      "--config.test_split=test[:512]", "--config.num_epochs=2",
+                      "--config.steps_per_epoch=24", "--config.optimizer=adam",
+                      "--config.eval_batch_size=256")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "num_classes 1000 -> 10" in result.stderr
+  history = json.loads((workdir / "history.json").read_text())
+  assert history[-1]["test_accuracy"] > 0.5, history
+  assert "Non-trainable params: 9,600" in (workdir / "summary.txt").read_text()  # BN statistics
