@@ -142,3 +142,26 @@ def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
   result = train(tmp_path, 1)
   assert "resumed from the checkpoint of epoch" in result.stderr and "mesh: 1 x cpu" in result.stderr
   assert_same_run(one_device_run, tmp_path)
+
+
+def test_batch_norm_statistics_are_global_over_eight_devices(tmp_path):
+  """ResNet-18's BatchNorm on 8 devices (8 images each) equals 1 device with all 64.
+
+  Per-device statistics would normalise each 8-image shard by its own mean and
+  variance (an 8-image variance is ~1/8 off the 64-image one); the SPMD step
+  computes them over the global batch. One step, so that float reduction-order
+  noise (amplified by BatchNorm over many steps) stays far below the tolerance.
+  """
+  args = ["--config=configs/mnist.py", "--config.model=resnet18", "--config.data.image_size=(32, 32)",
+          "--config.num_epochs=1", "--config.steps_per_epoch=1", "--config.train_split=train[:1024]",
+          "--config.validation_size=256", "--config.test_split=", "--config.eval_batch_size=128",
+          "--config.optimizer=sgd", "--config.learning_rate=0.01"]
+  runs = {}
+  for n in (1, 8):
+    result = run_binary("experiments.train", *args, f"--workdir={tmp_path / str(n)}", env=devices_env(n))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs[n] = restore_state(tmp_path / str(n), 1)
+  stats = [k for k in runs[1] if "batch_stats" in k]
+  assert len(stats) == 2 * 20  # mean and var of ResNet-18's 20 BatchNorm layers
+  for k in runs[1]:
+    np.testing.assert_allclose(runs[8][k], runs[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
