@@ -128,3 +128,28 @@ def test_config_splits_from_a_folder(tmp_path):
   config.validation_split = ""
   with pytest.raises(UserError, match="image-folder dataset needs config.validation_split"):
     splits.open_splits(config)
+
+
+def test_a_folder_without_splits_is_split_at_random_with_a_seed(tmp_path):
+  root = tmp_path / "digits"
+  rng = np.random.default_rng(0)
+  for c in range(3):
+    os.makedirs(root / str(c))
+    for i in range(10):
+      Image.fromarray(rng.integers(0, 255, (6, 6, 3), np.uint8)).save(root / str(c) / f"{i}.png")
+  config = default_config()
+  config.data.folder, config.train_split = str(root), ""
+  config.data.test_fraction, config.data.validation_fraction, config.data.split_seed = 0.2, 0.1, 8
+  config.data.channels = 1
+  opened = splits.open_splits(config)
+  # 30 images: 6 test (20%), 3 validation (10% of 24, rounded up), 21 train.
+  assert {k: s.size for k, s in opened.items()} == {"train": 21, "validation": 3, "test": 6}
+  assert opened["train"].classes == ("0", "1", "2")
+  images = {k: s.read(0, s.size)["image"] for k, s in opened.items()}
+  assert images["test"].shape == (6, 6, 6, 1)
+  every = np.concatenate([x.reshape(len(x), -1) for x in images.values()])
+  assert len({row.tobytes() for row in every}) == 30  # disjoint, nothing lost
+  again = splits.open_splits(config)["test"].read(0, 6)["image"]
+  np.testing.assert_array_equal(again, images["test"])
+  config.data.split_seed = 9
+  assert not np.array_equal(splits.open_splits(config)["test"].read(0, 6)["image"], images["test"])

@@ -173,3 +173,25 @@ def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_
   with pytest.raises(UserError, match=r"config\.json is not valid JSON .*--config\.overwrite=True"):
     train_and_evaluate(mnist_small, str(tmp_path))
   assert _tree_digest(tmp_path) == before
+
+
+def test_early_stopping_follows_keras_rules():
+  from convjax.train.loop import early_stop_epoch
+  history = [{"epoch": e, "val_loss": v} for e, v in enumerate([1.0, 0.9, 0.8995, 0.91, 0.85, 0.86,
+                                                                0.87, 0.851], start=1)]
+  # min_delta 0.001: epoch 3 (0.8995) is no improvement on 0.9; epoch 5 is (0.85).
+  assert early_stop_epoch(history, 3, 0.001) == 8
+  assert early_stop_epoch(history, 2, 0.001) == 4
+  assert early_stop_epoch(history, 0, 0.001) is None and early_stop_epoch(history, 4, 0.001) is None
+  assert early_stop_epoch(history + [{"test_loss": 1.0}], 3, 0.001) == 8  # the test record is skipped
+
+
+def test_early_stopping_stops_the_run_and_resume_keeps_it_stopped(tmp_path, mnist_small):
+  mnist_small.num_epochs = 6
+  mnist_small.steps_per_epoch = 8
+  mnist_small.early_stopping_patience = 1
+  mnist_small.early_stopping_min_delta = 10.0  # no epoch can improve by 10: stop after epoch 2
+  history = train_and_evaluate(mnist_small, str(tmp_path))
+  assert [r.get("epoch") for r in history] == [1, 2, None]
+  again = train_and_evaluate(mnist_small, str(tmp_path))
+  assert [r.get("epoch") for r in again] == [1, 2, None]

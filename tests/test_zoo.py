@@ -120,3 +120,10 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   history = json.loads((workdir / "history.json").read_text())
   assert history[-1]["test_accuracy"] > 0.5, history
   assert "Non-trainable params: 9,600" in (workdir / "summary.txt").read_text()  # BN statistics
+
+
+def test_notes_networks_have_the_notes_parameter_counts():
+  """The sign-language CNN (64x64x1) and MLP from the notes, and the CIFAR-10 CNN (32x32x3)."""
+  assert _shapes(get_model("notes_cnn"), (64, 64, 1))[0]["params"] == 4_970_122
+  assert _shapes(get_model("notes_mlp"), (64, 64, 1))[0]["params"] == 2_097_664 + 262_656 + 5_130
+  assert _shapes(get_model("notes_cnn"), (32, 32, 3))[0]["params"] == 776_394  # convs 240,832 + Dense 2*2*128 -> 1024: 525,312 + 10,250

@@ -33,7 +33,7 @@ class FolderSplit(NamedTuple):
 
 def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -> FolderSplit:
   """The files of root/split/<class>/; errors name the folder that is missing or empty."""
-  directory = os.path.join(root, split)
+  directory = os.path.join(root, split) if split else root
   if not os.path.isdir(root):
     raise UserError(f"image folder root {root!r} does not exist")
   if not os.path.isdir(directory):

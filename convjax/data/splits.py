@@ -5,6 +5,7 @@ Split knows its size before anything is decoded (TFDS) or after a one-time
 decode (folders), and reads any row range as uint8 images and int32 labels,
 so the training loop can load each process's rows without knowing the source.
 """
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -30,8 +31,38 @@ def _image_size(config) -> tuple:
   return size
 
 
+def random_folder_splits(config) -> dict:
+  """root/<class>/* split at random: test, then validation from the rest, then train."""
+  listing = folders.list_split(config.data.folder, "")
+  arrays = folders.decode_split(listing, config.data.channels, _image_size(config),
+                                config.data.skip_bad_files)
+  n = len(arrays["label"])
+  n_test = math.ceil(n * config.data.test_fraction)
+  n_val = math.ceil((n - n_test) * config.data.validation_fraction)
+  if n - n_test - n_val <= 0 or not n_val:
+    raise UserError(f"{config.data.folder!r}: {n} images leave no training or validation rows with "
+                    f"test_fraction={config.data.test_fraction} and validation_fraction="
+                    f"{config.data.validation_fraction}")
+  order = np.random.default_rng(config.data.split_seed).permutation(n)
+  parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
+           "train": order[n_test + n_val:]}
+  out = {}
+  for key in SPLITS:
+    if key == "test" and not n_test:
+      continue
+    rows = np.sort(parts[key])
+    subset = {k: v[rows] for k, v in arrays.items()}
+    out[key] = Split(len(rows), f"{listing.directory} {key} ({len(rows)} of {n} images, seed "
+                     f"{config.data.split_seed})",
+                     lambda a, b, subset=subset: {k: v[a:b] for k, v in subset.items()},
+                     listing.classes)
+  return out
+
+
 def folder_splits(config) -> dict:
   """Folders config.data.folder/<split name>; each decoded once, here."""
+  if not config.train_split:
+    return random_folder_splits(config)
   if not config.validation_split:
     raise UserError("an image-folder dataset needs config.validation_split (a folder name, "
                     "e.g. 'validation'); carving validation rows off class-ordered files would "

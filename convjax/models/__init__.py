@@ -25,8 +25,13 @@ MODELS = {
     "cats_dogs_convnet": functools.partial(
         SmallConvNet, filters=(32, 64, 128, 128), pool_after=(True,) * 4,
         hidden=(512,), num_classes=1),
+    "notes_cnn": functools.partial(
+        SmallConvNet, filters=(32, 64, 128, 128), pool_after=(False, True, True, True),
+        conv_dropout=(0.0, 0.25, 0.0, 0.0), dropout_rate=0.25, hidden=(1024,),
+        hidden_dropout_rate=0.5, num_classes=10),
     "mlp": MLP,
     "mnist_dense": functools.partial(MLP, hidden=(512,), num_classes=10),
+    "notes_mlp": functools.partial(MLP, hidden=(512, 512), hidden_dropout_rate=0.2, num_classes=10),
     # The classic architectures; each takes num_classes (and its input size from the data).
     "lenet5": LeNet5,
     "alexnet": AlexNet,

@@ -4,6 +4,8 @@
                       (93,322 params)
   cats_dogs_convnet:  150x150x3 -> Conv32/64/128/128, each followed by a pool
                       -> Dense512 -> 1 sigmoid logit (3,453,121 params)
+  notes_cnn:          the notes' sign-language and CIFAR-10 network: Conv32-Conv64-
+                      Pool-Drop.25-Conv128-Pool-Conv128-Pool-Drop.25-Dense1024-Drop.5-10
 
 The module is `head(features(x))`: `features` is the conv stack (its output is
 the last feature map), `head` flattens, optionally drops out, and classifies;
@@ -24,28 +26,35 @@ def keras_name(base: str, index: int) -> str:
 class ConvStack(nn.Module):
   filters: Sequence[int]
   kernel_size: int = 3
-  pool_after: Sequence[bool] = ()  # one flag per conv; empty: pool after each
+  pool_after: Sequence[bool] = ()       # one flag per conv; empty: pool after each
+  dropout_after: Sequence[float] = ()   # one rate per conv, after its pool; empty: none
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     pools = tuple(self.pool_after) or (True,) * len(self.filters)
-    if len(pools) != len(self.filters):
-      raise ValueError(f"pool_after has {len(pools)} flags for {len(self.filters)} conv layers")
-    n_pool = 0
-    for i, (f, pool) in enumerate(zip(self.filters, pools)):
+    drops = tuple(self.dropout_after) or (0.0,) * len(self.filters)
+    for name, flags in (("pool_after", pools), ("dropout_after", drops)):
+      if len(flags) != len(self.filters):
+        raise ValueError(f"{name} has {len(flags)} entries for {len(self.filters)} conv layers")
+    n_pool = n_drop = 0
+    for i, (f, pool, rate) in enumerate(zip(self.filters, pools, drops)):
       k = (self.kernel_size, self.kernel_size)
       x = Conv2D(f, k, activation=nn.relu, name=keras_name("conv2d", i))(x)
       if pool:
         x = MaxPooling2D(name=keras_name("max_pooling2d", n_pool))(x)
         n_pool += 1
+      if rate > 0:
+        x = nn.Dropout(rate, name=keras_name("dropout", n_drop))(x, deterministic=not train)
+        n_drop += 1
     return x
 
 
 class DenseHead(nn.Module):
-  """Flatten -> [Dropout] -> Dense(relu)... -> Dense(num_classes) logits."""
+  """Flatten -> [Dropout] -> (Dense(relu) -> [Dropout])... -> Dense(num_classes) logits."""
   hidden: Sequence[int]
   num_classes: int
-  dropout_rate: float = 0.0
+  dropout_rate: float = 0.0         # on the flattened features (Chollet's placement)
+  hidden_dropout_rate: float = 0.0  # after each hidden Dense
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -54,6 +63,8 @@ class DenseHead(nn.Module):
       x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=not train)
     for i, width in enumerate(self.hidden):
       x = Dense(width, activation=nn.relu, name=keras_name("dense", i))(x)
+      if self.hidden_dropout_rate > 0:
+        x = nn.Dropout(self.hidden_dropout_rate, name=f"dropout_hidden_{i}")(x, deterministic=not train)
     return Dense(self.num_classes, name=keras_name("dense", len(self.hidden)))(x)
 
 
@@ -64,10 +75,12 @@ class SmallConvNet(nn.Module):
   hidden: Sequence[int] = (64,)
   num_classes: int = 10
   dropout_rate: float = 0.0
+  conv_dropout: Sequence[float] = ()
+  hidden_dropout_rate: float = 0.0
 
   def setup(self):
-    self.features = ConvStack(self.filters, self.kernel_size, self.pool_after)
-    self.head = DenseHead(self.hidden, self.num_classes, self.dropout_rate)
+    self.features = ConvStack(self.filters, self.kernel_size, self.pool_after, self.conv_dropout)
+    self.head = DenseHead(self.hidden, self.num_classes, self.dropout_rate, self.hidden_dropout_rate)
 
   def __call__(self, x, train: bool = False):
-    return self.head(self.features(x), train=train)
+    return self.head(self.features(x, train=train), train=train)

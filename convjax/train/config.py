@@ -39,6 +39,10 @@ def default_config() -> ConfigDict:
   c.data.skip_bad_files = False    # folders: skip (and log) unreadable files instead of failing
   c.data.per_class = ()            # TFDS: class-balanced (train, validation[, test]) subsets, taken
                                    # in order from train_split, e.g. (1000, 500, 500)
+  # A folder with no split sub-folders (train_split=''): root/<class>/*, split at random.
+  c.data.test_fraction = 0.2       # of all images (rounded up, as sklearn's train_test_split)
+  c.data.validation_fraction = 0.1  # of the rest (rounded up)
+  c.data.split_seed = 0
   c.rescale = 1 / 255
   # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
   # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
@@ -63,6 +67,10 @@ def default_config() -> ConfigDict:
   c.warmup_epochs = 0.0            # cosine only
   c.trainable = ""                 # regex over param paths; '' -> all train
   c.seed = 0
+  # Keras' EarlyStopping(monitor='val_loss'): stop after `patience` epochs without a
+  # val_loss improvement greater than min_delta; 0 -> off. Evaluates the last weights.
+  c.early_stopping_patience = 0
+  c.early_stopping_min_delta = 0.0
   # Execution.
   c.num_devices = 0                # 0 -> all devices of all processes
   c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
@@ -80,7 +88,7 @@ def validate(config: ConfigDict) -> None:
     if not config[key] > 0:
       raise UserError(f"config.{key} must be positive, got {config[key]!r}")
   for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "validation_size",
-              "warmup_epochs", "plot_smoothing"):
+              "warmup_epochs", "plot_smoothing", "early_stopping_patience", "early_stopping_min_delta"):
     if config[key] < 0:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
   if not config.plot_smoothing < 1:
@@ -92,6 +100,9 @@ def validate(config: ConfigDict) -> None:
   if config.augment.fill_mode not in augment_lib.FILL_MODES:
     raise UserError(f"unknown config.augment.fill_mode {config.augment.fill_mode!r}; valid: "
                     f"{', '.join(augment_lib.FILL_MODES)}")
+  for key in ("test_fraction", "validation_fraction"):
+    if not 0 <= config.data[key] < 1:
+      raise UserError(f"config.data.{key} must be in [0, 1), got {config.data[key]!r}")
   if config.data.channels not in (1, 3):
     raise UserError(f"config.data.channels must be 1 or 3, got {config.data.channels!r}")
   if config.optimizer not in OPTIMIZERS:
@@ -109,6 +120,11 @@ def make_augment(config: ConfigDict):
     return None
   return augment_lib.make_augment(**kwargs, horizontal_flip=a.horizontal_flip,
                                   fill_mode=a.fill_mode, cval=a.cval)
+
+
+def copy_config(config: ConfigDict) -> ConfigDict:
+  """An unlocked deep copy to derive another run's config from."""
+  return ConfigDict(to_dict(config))
 
 
 def to_dict(config: ConfigDict) -> dict:

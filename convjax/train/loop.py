@@ -52,6 +52,27 @@ def train_index_table(seed: int, epoch: int, steps: int, batch: int, n: int) -> 
   return out.reshape(steps, batch).astype(np.int32)
 
 
+def early_stop_epoch(history: list, patience: int, min_delta: float):
+  """The epoch at which Keras' EarlyStopping(monitor='val_loss') stops, or None.
+
+  A function of the history alone, so a resumed run stops where an
+  uninterrupted one would.
+  """
+  if not patience:
+    return None
+  best, wait = float("inf"), 0
+  for record in history:
+    if "val_loss" not in record:
+      continue
+    if record["val_loss"] < best - min_delta:
+      best, wait = record["val_loss"], 0
+    else:
+      wait += 1
+      if wait >= patience:
+        return record["epoch"]
+  return None
+
+
 def eval_index_table(n: int, batch: int) -> np.ndarray:
   """Every row once, in order; the last batch is padded with -1 (masked out)."""
   num_batches = -(-n // batch)
@@ -237,8 +258,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
 
   writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main
             else metric_writers.MultiWriter([]))
+  stop_args = (config.early_stopping_patience, config.early_stopping_min_delta)
   try:
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      if early_stop_epoch(history, *stop_args):
+        break
       t0 = time.perf_counter()
       table = parallel.put_replicated(mesh, train_index_table(
           config.seed, epoch, steps_per_epoch, config.batch_size, n_train))
@@ -262,6 +286,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
                    "%.1f steps/s | %.1fs | ~%.0fs left", epoch, config.num_epochs,
                    record["train_loss"], record["train_accuracy"], record["val_loss"],
                    record["val_accuracy"], steps_per_epoch / train_seconds, record["seconds"], left)
+    stopped = early_stop_epoch(history, *stop_args)
+    if stopped:
+      logging.info("early stopping at epoch %d: val_loss improved by no more than %g in %d epochs",
+                   stopped, config.early_stopping_min_delta, config.early_stopping_patience)
     if jax.process_count() > 1:
       logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
   finally:
@@ -270,8 +298,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
 
   if "test" in splits:
     test = _metric_record("test", evaluate("test"))
+    writer.write_scalars(history[-1]["epoch"] if history else 0, test)
     history.append(test)
-    writer.write_scalars(config.num_epochs, test)
     logging.info("test loss %.4f acc %.4f", test["test_loss"], test["test_accuracy"])
     if is_main:
       _write_json(os.path.join(workdir, "history.json"), history)

@@ -57,3 +57,19 @@ def image_grid(images, path: str, cols: int = 4, titles=None, size: float = 2.5)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> None:
+  """Writes a PNG bar chart with each bar's value printed on it."""
+  fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 4))
+  bars = ax.bar(range(len(labels)), values, color="tab:blue")
+  for bar, value in zip(bars, values):
+    ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
+  ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(0, max(1.0, max(values) * 1.1))
+  ax.set_title(title)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
