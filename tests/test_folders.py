@@ -125,9 +125,36 @@ def test_config_splits_from_a_folder(tmp_path):
   rows = opened["train"].read(2, 5)
   assert rows["image"].shape == (3, 8, 12, 3) and rows["label"].tolist() == [0, 1, 1]
   assert opened["train"].read(6, 6)["image"].shape == (0, 8, 12, 3)
+  # Without a validation folder, a seeded random fraction of train is held out.
   config.validation_split = ""
-  with pytest.raises(UserError, match="image-folder dataset needs config.validation_split"):
+  config.data.validation_fraction = 0.34
+  held = splits.open_splits(config)
+  assert {k: s.size for k, s in held.items()} == {"train": 3, "validation": 3}
+  assert sorted(np.concatenate([held[k].read(0, 3)["label"] for k in held]).tolist()) == [0, 0, 0, 1, 1, 1]
+  config.data.validation_fraction = 0.0
+  with pytest.raises(UserError, match="leaves 0 of 6 training images for validation"):
     splits.open_splits(config)
+
+
+def test_an_archive_is_extracted_once_into_the_cache(tmp_path):
+  import tarfile
+  root = _tiny_folder(tmp_path / "pets", per_class=2)
+  archive = tmp_path / "pets.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(root, arcname="pets")
+  cache = tmp_path / "cache"
+  extracted = folders.extracted_root(str(archive), str(cache))
+  assert extracted.startswith(str(cache)) and extracted.endswith("pets")
+  assert folders.list_split(extracted, "train").classes == ("cats", "dogs")
+  marker = os.path.join(extracted, "train", "cats", "0.png")
+  mtime = os.stat(marker).st_mtime_ns
+  assert folders.extracted_root(str(archive), str(cache)) == extracted  # reused, not re-extracted
+  assert os.stat(marker).st_mtime_ns == mtime
+  assert [p for p in os.listdir(cache) if p.startswith(".")] == []
+  (tmp_path / "bad.tar.gz").write_bytes(b"not a tar file")
+  with pytest.raises(UserError, match="cannot extract image folder archive .*bad.tar.gz"):
+    folders.extracted_root(str(tmp_path / "bad.tar.gz"), str(cache))
+  assert [p for p in os.listdir(cache) if p.startswith(".")] == []
 
 
 def test_a_folder_without_splits_is_split_at_random_with_a_seed(tmp_path):

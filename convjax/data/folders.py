@@ -9,6 +9,10 @@ training it lives on the devices, so no epoch decodes anything.
 """
 import concurrent.futures
 import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -29,6 +33,46 @@ class FolderSplit(NamedTuple):
   classes: tuple
   files: tuple       # paths, class by class, each class's files sorted by name
   labels: np.ndarray  # int32, one per file
+
+
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def extracted_root(path: str, cache_dir: Optional[str] = None) -> str:
+  """`path` itself if it is a folder; an archive is extracted once into the cache.
+
+  The extraction lands in <cache_dir>/<archive name>-<size>-<mtime>/ (renamed
+  into place when complete, so an interrupted run never leaves half of it); if
+  the archive holds a single top folder, that folder is the root.
+  """
+  if not path.endswith(ARCHIVES):
+    return path
+  if not os.path.isfile(path):
+    raise UserError(f"image folder archive {path!r} does not exist")
+  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "convjax")
+  stat = os.stat(path)
+  target = os.path.join(cache_dir, f"{os.path.basename(path)}-{stat.st_size}-{int(stat.st_mtime)}")
+  if not os.path.isdir(target):
+    os.makedirs(cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".extract_", dir=cache_dir)
+    logging.info("extracting %s into %s (once)", path, target)
+    try:
+      if path.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+          archive.extractall(staging)
+      else:
+        with tarfile.open(path) as archive:
+          archive.extractall(staging, filter="data")
+      os.rename(staging, target)
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+      shutil.rmtree(staging, ignore_errors=True)
+      if os.path.isdir(target):  # another process finished the same extraction first
+        return extracted_root(path, cache_dir)
+      raise UserError(f"cannot extract image folder archive {path!r}: {e}") from None
+  entries = [e for e in os.listdir(target) if not e.startswith(".")]
+  if len(entries) == 1 and os.path.isdir(os.path.join(target, entries[0])):
+    return os.path.join(target, entries[0])
+  return target
 
 
 def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -> FolderSplit:

@@ -31,56 +31,69 @@ def _image_size(config) -> tuple:
   return size
 
 
-def random_folder_splits(config) -> dict:
+def _in_memory(arrays: dict, rows: np.ndarray, spec: str, classes: tuple) -> Split:
+  subset = {k: v[rows] for k, v in arrays.items()}
+  return Split(len(rows), spec, lambda a, b: {k: v[a:b] for k, v in subset.items()}, classes)
+
+
+def _decode(config, listing) -> dict:
+  return folders.decode_split(listing, config.data.channels, _image_size(config),
+                              config.data.skip_bad_files)
+
+
+def random_folder_splits(config, root: str) -> dict:
   """root/<class>/* split at random: test, then validation from the rest, then train."""
-  listing = folders.list_split(config.data.folder, "")
-  arrays = folders.decode_split(listing, config.data.channels, _image_size(config),
-                                config.data.skip_bad_files)
+  listing = folders.list_split(root, "")
+  arrays = _decode(config, listing)
   n = len(arrays["label"])
   n_test = math.ceil(n * config.data.test_fraction)
   n_val = math.ceil((n - n_test) * config.data.validation_fraction)
   if n - n_test - n_val <= 0 or not n_val:
-    raise UserError(f"{config.data.folder!r}: {n} images leave no training or validation rows with "
+    raise UserError(f"{root!r}: {n} images leave no training or validation rows with "
                     f"test_fraction={config.data.test_fraction} and validation_fraction="
                     f"{config.data.validation_fraction}")
   order = np.random.default_rng(config.data.split_seed).permutation(n)
   parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
            "train": order[n_test + n_val:]}
-  out = {}
-  for key in SPLITS:
-    if key == "test" and not n_test:
-      continue
-    rows = np.sort(parts[key])
-    subset = {k: v[rows] for k, v in arrays.items()}
-    out[key] = Split(len(rows), f"{listing.directory} {key} ({len(rows)} of {n} images, seed "
-                     f"{config.data.split_seed})",
-                     lambda a, b, subset=subset: {k: v[a:b] for k, v in subset.items()},
-                     listing.classes)
-  return out
+  return {key: _in_memory(arrays, np.sort(parts[key]), f"{listing.directory} {key} "
+                          f"({len(parts[key])} of {n} images, seed {config.data.split_seed})",
+                          listing.classes)
+          for key in SPLITS if len(parts[key])}
 
 
 def folder_splits(config) -> dict:
-  """Folders config.data.folder/<split name>; each decoded once, here."""
+  """Folders config.data.folder/<split name> (or an archive of them); each decoded once, here.
+
+  Without a validation_split, a seeded random validation_fraction of the
+  training images is held out (not the last files: those are one class).
+  """
+  root = folders.extracted_root(config.data.folder, config.data.cache_dir or None)
   if not config.train_split:
-    return random_folder_splits(config)
-  if not config.validation_split:
-    raise UserError("an image-folder dataset needs config.validation_split (a folder name, "
-                    "e.g. 'validation'); carving validation rows off class-ordered files would "
-                    "leave classes out")
+    return random_folder_splits(config, root)
   names = {"train": config.train_split, "validation": config.validation_split,
            "test": config.test_split}
   out, classes = {}, None
   for key in SPLITS:
     if not names[key]:
       continue
-    listing = folders.list_split(config.data.folder, names[key], classes)
+    listing = folders.list_split(root, names[key], classes)
     classes = listing.classes
-    arrays = folders.decode_split(listing, config.data.channels, _image_size(config),
-                                  config.data.skip_bad_files)
+    arrays = _decode(config, listing)
     n = len(arrays["label"])
-    out[key] = Split(n, f"{listing.directory} ({n} images, {len(classes)} classes)",
-                     lambda a, b, arrays=arrays: {k: v[a:b] for k, v in arrays.items()},
-                     classes)
+    out[key] = _in_memory(arrays, np.arange(n), f"{listing.directory} ({n} images, "
+                          f"{len(classes)} classes)", classes)
+    if key == "train" and not names["validation"]:
+      n_val = math.ceil(n * config.data.validation_fraction)
+      if not 0 < n_val < n:
+        raise UserError(f"no validation_split and validation_fraction="
+                        f"{config.data.validation_fraction} leaves {n_val} of {n} training images "
+                        "for validation; set one of them")
+      order = np.random.default_rng(config.data.split_seed).permutation(n)
+      where = f"{listing.directory}, seed {config.data.split_seed}"
+      out["validation"] = _in_memory(arrays, np.sort(order[:n_val]),
+                                     f"{where}: {n_val} images held out", classes)
+      out["train"] = _in_memory(arrays, np.sort(order[n_val:]),
+                                f"{where}: the other {n - n_val} images", classes)
   return out
 
 

@@ -41,8 +41,11 @@ def default_config() -> ConfigDict:
                                    # in order from train_split, e.g. (1000, 500, 500)
   # A folder with no split sub-folders (train_split=''): root/<class>/*, split at random.
   c.data.test_fraction = 0.2       # of all images (rounded up, as sklearn's train_test_split)
-  c.data.validation_fraction = 0.1  # of the rest (rounded up)
+  c.data.validation_fraction = 0.1  # of the rest (rounded up); also held out of a train
+                                   # folder when there is no validation_split
   c.data.split_seed = 0
+  c.data.cache_dir = ""            # where a data.folder archive (.tar.gz, .zip) is extracted once;
+                                   # '' -> ~/.cache/convjax
   c.rescale = 1 / 255
   # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
   # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
