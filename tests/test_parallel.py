@@ -92,7 +92,7 @@ mesh = parallel.make_mesh()
 model, tx = get_model("mnist_convnet"), optax.rmsprop(1e-3)
 state = jax.jit(lambda: create_train_state(model, tx, (28, 28, 1), jax.random.key(0)),
                 out_shardings=parallel.replicated(mesh))()
-train_step, _ = jit_steps(model, tx, 1 / 255, mesh)
+train_step, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
 batch = {"image": jax.ShapeDtypeStruct((64, 28, 28, 1), jnp.uint8, sharding=parallel.sharded(mesh)),
          "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=parallel.sharded(mesh)),
          "mask": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=parallel.sharded(mesh))}

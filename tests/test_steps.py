@@ -29,7 +29,7 @@ def _setup(trainable=""):
 
 def test_frozen_params_stay_bit_identical_and_carry_no_optimizer_state():
   model, tx, state = _setup(trainable=r"head/.*")
-  step = jax.jit(make_train_step(model, tx, 1 / 255))
+  step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
   new, _ = step(state, _batch(), jax.random.key(1))
   for a, b in zip(jax.tree_util.tree_leaves(state.params["features"]),
                   jax.tree_util.tree_leaves(new.params["features"])):
@@ -48,7 +48,7 @@ def test_trainable_that_matches_nothing_is_an_error():
 
 def test_masked_rows_add_nothing():
   model, tx, state = _setup()
-  eval_step = jax.jit(make_eval_step(model, 1 / 255))
+  eval_step = jax.jit(make_eval_step(model, lambda x: x / 255))
   batch = _batch()
   full = eval_step(state, batch)
   half = eval_step(state, {**batch, "mask": jnp.asarray([1.0] * 4 + [0.0] * 4)})

@@ -15,7 +15,7 @@ from convjax.models.mlp import MLP
 from convjax.models.mobilenet import MobileNet, XceptionSmall
 from convjax.models.resnet import ResNet
 from convjax.models.small_convnet import SmallConvNet
-from convjax.models.vgg import VGG
+from convjax.models.vgg import VGG, VGGClassifier
 
 MODELS = {
     "small_convnet": SmallConvNet,
@@ -39,6 +39,7 @@ MODELS = {
     "vgg13": functools.partial(VGG, depth=13),
     "vgg16": functools.partial(VGG, depth=16),
     "vgg19": functools.partial(VGG, depth=19),
+    "vgg16_classifier": functools.partial(VGGClassifier, depth=16),  # transfer learning
     "googlenet": GoogLeNet,
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic"),
     "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="basic"),

@@ -76,3 +76,22 @@ class VGG(nn.Module):
 
   def __call__(self, x, train: bool = False):
     return self.head(self.features(x), train=train)
+
+
+class VGGClassifier(nn.Module):
+  """A VGG conv base under a new small classifier (Chollet's transfer-learning model):
+  features = the VGG base (Keras names, takes ImageNet weights), head = Flatten ->
+  Dense(hidden, relu) -> Dropout -> Dense(num_classes)."""
+  depth: int = 16
+  hidden: Sequence[int] = (256,)
+  num_classes: int = 1
+  dropout_rate: float = 0.0
+  hidden_dropout_rate: float = 0.5
+
+  def setup(self):
+    from convjax.models.small_convnet import DenseHead
+    self.features = VGGFeatures(self.depth)
+    self.head = DenseHead(self.hidden, self.num_classes, self.dropout_rate, self.hidden_dropout_rate)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(self.features(x), train=train)

@@ -18,6 +18,15 @@ from convjax.train.optim import OPTIMIZERS, SCHEDULES
 RUNTIME_FIELDS = ("overwrite", "num_devices", "data_dir", "download")
 
 
+def input_transform(config: ConfigDict):
+  """float pixels (0-255) -> model input: x * rescale, then config.preprocess."""
+  rescale = config.rescale
+  if config.preprocess == "caffe":
+    from convjax.pretrained.imagenet import preprocess_input
+    return lambda x: preprocess_input(x * rescale)
+  return lambda x: x * rescale
+
+
 def default_config() -> ConfigDict:
   c = ConfigDict()
   c.model = "mnist_convnet"        # a name in convjax.models.MODELS
@@ -47,6 +56,8 @@ def default_config() -> ConfigDict:
   c.data.cache_dir = ""            # where a data.folder archive (.tar.gz, .zip) is extracted once;
                                    # '' -> ~/.cache/convjax
   c.rescale = 1 / 255
+  c.preprocess = ""                # '' or 'caffe' (ImageNet VGG: RGB->BGR minus channel means,
+                                   # on 0-255 pixels: set rescale=1)
   # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
   # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
   c.augment = ConfigDict()
@@ -69,6 +80,16 @@ def default_config() -> ConfigDict:
   c.schedule = "constant"
   c.warmup_epochs = 0.0            # cosine only
   c.trainable = ""                 # regex over param paths; '' -> all train
+  # Starting weights (a fresh run only; a resumed run continues from its checkpoint).
+  c.pretrained = ConfigDict()
+  c.pretrained.weights = ""        # '' | 'imagenet' | a Keras .h5 file
+  c.pretrained.under = "features"  # the params subtree that takes them
+  c.init_from = ""                 # a workdir whose latest checkpoint gives params (fine-tuning)
+  # Fast feature extraction: a frozen pretrained conv base runs once over every split
+  # (cached in <workdir>/features); `model` then trains on its outputs.
+  c.feature_extractor = ConfigDict()
+  c.feature_extractor.model = ""   # e.g. 'vgg16'; '' -> off
+  c.feature_extractor.weights = "imagenet"
   c.seed = 0
   # Keras' EarlyStopping(monitor='val_loss'): stop after `patience` epochs without a
   # val_loss improvement greater than min_delta; 0 -> off. Evaluates the last weights.
@@ -106,6 +127,14 @@ def validate(config: ConfigDict) -> None:
   for key in ("test_fraction", "validation_fraction"):
     if not 0 <= config.data[key] < 1:
       raise UserError(f"config.data.{key} must be in [0, 1), got {config.data[key]!r}")
+  if config.preprocess not in ("", "caffe"):
+    raise UserError(f"unknown config.preprocess {config.preprocess!r}; valid: '', 'caffe'")
+  if config.preprocess == "caffe" and config.rescale != 1:
+    raise UserError(f"config.preprocess='caffe' works on 0-255 pixels: set config.rescale=1 "
+                    f"(got {config.rescale!r})")
+  if config.feature_extractor.model and make_augment(config) is not None:
+    raise UserError("feature extraction computes features once, so it cannot augment: turn "
+                    "config.augment off or clear config.feature_extractor.model")
   if config.data.channels not in (1, 3):
     raise UserError(f"config.data.channels must be 1 or 3, got {config.data.channels!r}")
   if config.optimizer not in OPTIMIZERS:

@@ -23,15 +23,17 @@ from convjax.data.splits import Split, open_splits
 from convjax.errors import UserError
 from convjax.models import get_model
 from convjax.models.summary import summary
+from convjax.pretrained import transfer
 from convjax.train import checkpoint, parallel
 from convjax.train import config as config_lib
 from convjax.train.optim import make_optimizer
-from convjax.train.state import create_train_state
+from convjax.train.state import TrainState, create_train_state
 from convjax.train.steps import make_eval_step, make_train_step
 from convjax.viz.plots import learning_curves
 
 # What a run owns in its workdir; `overwrite` removes exactly these.
-RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard")
+RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard",
+             "features")
 
 
 def train_index_table(seed: int, epoch: int, steps: int, batch: int, n: int) -> np.ndarray:
@@ -126,17 +128,22 @@ def abstract_params(model, input_shape: tuple, name: str):
                     "change config.data.image_size or the model") from None
 
 
-def jit_steps(model, tx, rescale: float, mesh, augment=None):
+def jit_steps(model, tx, prepare, mesh, augment=None):
   """The train and eval steps, each one SPMD program over the whole mesh.
 
   State and metrics are replicated, batches sharded over 'data'; XLA inserts
   the gradient all-reduce. The state is donated: the step updates it in place.
   """
   repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, rescale, augment), in_shardings=(repl, shard, repl),
+  train_step = jax.jit(make_train_step(model, tx, prepare, augment), in_shardings=(repl, shard, repl),
                        out_shardings=(repl, repl), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, rescale), in_shardings=(repl, shard), out_shardings=repl)
+  eval_step = jax.jit(make_eval_step(model, prepare), in_shardings=(repl, shard), out_shardings=repl)
   return train_step, eval_step
+
+
+def create_from(step, params, model_state, tx) -> TrainState:
+  """A train state starting from given params: a fresh optimizer state for them."""
+  return TrainState(step=step, params=params, model_state=model_state, opt_state=tx.init(params))
 
 
 def params_checksum(params) -> str:
@@ -211,9 +218,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
     raise UserError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
                     "examples; lower it or set steps_per_epoch")
   input_shape = sources["train"].read(0, 1)["image"].shape[1:]
+  prepare = config_lib.input_transform(config)
+  if config.feature_extractor.model:  # the model trains on the frozen base's outputs
+    extract, input_shape = transfer.make_extractor(config, input_shape)
+    prepare = lambda x: x  # noqa: E731
   params_shape = abstract_params(model, input_shape, config.model)
   prepare_workdir(config, workdir)
   is_main = jax.process_index() == 0
+  if config.feature_extractor.model:
+    cache = os.path.join(workdir, "features")
+    sources = {k: transfer.feature_split(k, s, extract, cache) for k, s in sources.items()}
 
   logging.info("mesh: %d x %s over %d process(es); splits: %s", mesh.size,
                mesh.devices.flat[0].device_kind, jax.process_count(),
@@ -235,6 +249,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
   restored = checkpoint.restore_latest(manager, checkpoint.abstract(state, repl))
   history, start_epoch = [], 0
+  if not restored and (config.pretrained.weights or config.init_from):
+    params, model_state = transfer.starting_params(config, state.params, state.model_state)
+    state = jax.jit(lambda p, s: create_from(state.step, p, s, tx), out_shardings=repl)(params, model_state)
   if restored:
     start_epoch, state, history = restored
     logging.info("resumed from the checkpoint of epoch %d", start_epoch)
@@ -242,7 +259,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       _write_json(os.path.join(workdir, "history.json"), history)
 
   get_batch = parallel.make_get_batch(mesh)
-  train_step, eval_step = jit_steps(model, tx, config.rescale, mesh, augment)
+  train_step, eval_step = jit_steps(model, tx, prepare, mesh, augment)
   add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
 
   eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(source.size, eval_batch))

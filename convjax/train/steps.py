@@ -32,13 +32,14 @@ def _metrics(loss, correct, mask):
           "count": jnp.sum(mask)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale: float,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare: Callable,
                     augment: Optional[Callable] = None):
   """`train_step(state, batch, rng) -> (state, metrics)`.
 
-  The step's key is `rng` folded with state.step: dropout uses it, and
-  `augment(key, images)` (convjax.data.augment, on pixel values before
-  rescaling) uses it folded with 1.
+  `prepare(x)` maps float pixels to the model's input (rescaling, ImageNet
+  preprocessing). The step's key is `rng` folded with state.step: dropout uses
+  it, and `augment(key, images)` (convjax.data.augment, on pixels before
+  `prepare`) uses it folded with 1.
   """
 
   def train_step(state: TrainState, batch, rng):
@@ -46,7 +47,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale:
     x = batch["image"].astype(jnp.float32)
     if augment is not None:
       x = augment(jax.random.fold_in(step_rng, 1), x)
-    x = x * rescale
+    x = prepare(x)
     mask = batch["mask"]
     mutable = list(state.model_state)
 
@@ -66,11 +67,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, rescale:
   return train_step
 
 
-def make_eval_step(model: nn.Module, rescale: float):
+def make_eval_step(model: nn.Module, prepare: Callable):
   """`eval_step(state, batch) -> metrics` in inference mode (no dropout, BN running stats)."""
 
   def eval_step(state: TrainState, batch):
-    x = batch["image"].astype(jnp.float32) * rescale
+    x = prepare(batch["image"].astype(jnp.float32))
     logits = model.apply({"params": state.params, **state.model_state}, x, train=False)
     loss, correct = loss_and_correct(logits, batch["label"])
     return _metrics(loss, correct, batch["mask"])
