@@ -8,9 +8,11 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-# The offline MNIST copy, unless the caller points TFDS elsewhere.
+# The offline MNIST copy and VGG16 weights, unless the caller points elsewhere.
 if "TFDS_DATA_DIR" not in os.environ and (SHARED / "datasets" / "tfds").is_dir():
   os.environ["TFDS_DATA_DIR"] = str(SHARED / "datasets" / "tfds")
+if "CONVJAX_WEIGHTS_DIR" not in os.environ and (SHARED / "weights").is_dir():
+  os.environ["CONVJAX_WEIGHTS_DIR"] = str(SHARED / "weights")
 
 
 def run_binary(module: str, *args, env=None, timeout=900):
