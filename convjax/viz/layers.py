@@ -1,0 +1,84 @@
+"""Reading and replacing one layer's output of a Linen model, and class scores.
+
+Everything in convjax.viz is a JAX transform of `model.apply`: a layer's output
+comes from `capture_intermediates`, and the gradient of a class score with
+respect to that output comes from running the model with the output replaced
+(`nn.intercept_methods`) and differentiating with respect to the replacement.
+Layers are named by module path, e.g. ('features', 'block5_conv3').
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convjax.models.summary import layer_table
+
+
+def layer_paths(model, input_shape: Sequence[int], types=("Conv2D", "MaxPooling2D")) -> list:
+  """Module paths of the model's layers of the given Keras types, in call order."""
+  return [r.path for r in layer_table(model, input_shape) if r.type_name in types]
+
+
+def last_conv(model, input_shape: Sequence[int]) -> tuple:
+  paths = layer_paths(model, input_shape, types=("Conv2D",))
+  if not paths:
+    raise ValueError("the model has no Conv2D layer")
+  return paths[-1]
+
+
+def layer_output(model, variables, x, path: tuple):
+  """The output of the layer at `path` for inputs x (N, H, W, C)."""
+  path = tuple(path)
+  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path == path,
+                         mutable=["intermediates"])
+  node = state["intermediates"]
+  for name in path:
+    node = node[name]
+  return node["__call__"][-1]  # a layer wrapping nn.Conv records the inner call first
+
+
+def logits_given(model, variables, x, path: tuple, value):
+  """The model's logits with the layer at `path` outputting `value` instead."""
+  path = tuple(path)
+
+  def replace(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and context.module.path == path:
+      return value
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(replace):
+    return model.apply(variables, x)
+
+
+def class_score(logits, class_index):
+  """Per-example score of `class_index` (N,): the logit; for one-logit (sigmoid) models,
+  the logit for class 1 and its negative for class 0."""
+  class_index = jnp.asarray(class_index)
+  if logits.shape[-1] == 1:
+    return jnp.where(class_index == 1, logits[..., 0], -logits[..., 0])
+  return jnp.take_along_axis(logits, jnp.broadcast_to(class_index, logits.shape[:1])[:, None], -1)[:, 0]
+
+
+def predicted_class(logits):
+  return (logits[..., 0] > 0).astype(jnp.int32) if logits.shape[-1] == 1 else jnp.argmax(logits, -1)
+
+
+def class_probability(logits, class_index):
+  if logits.shape[-1] == 1:
+    p = jax.nn.sigmoid(logits[..., 0])
+    return jnp.where(jnp.asarray(class_index) == 1, p, 1 - p)
+  probs = jax.nn.softmax(logits, -1)
+  return jnp.take_along_axis(probs, jnp.broadcast_to(jnp.asarray(class_index), probs.shape[:1])[:, None],
+                             -1)[:, 0]
+
+
+def normalise(m, axis=None):
+  """m / max(m) over `axis` (default: all); a map with no positive value becomes 0, never NaN."""
+  peak = jnp.max(m, axis=axis, keepdims=axis is not None)
+  return jnp.where(peak > 0, m / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+def resolve_class(model, variables, x, class_index: Optional[int]):
+  return predicted_class(model.apply(variables, x)) if class_index is None else jnp.full(
+      x.shape[:1], class_index, jnp.int32)

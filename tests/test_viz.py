@@ -1,0 +1,197 @@
+"""What convnets learn: correctness of Grad-CAM, saliency, occlusion and filter maximisation."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.stats import spearmanr
+
+from convjax.data import tfds as tfds_data
+from convjax.models import get_model
+from convjax.models.layers import Conv2D
+from convjax.train.state import create_train_state
+from convjax.train.steps import make_train_step
+from convjax.viz import activations, cam, filters, layers, occlusion, saliency
+
+
+class ConvGapLinear(nn.Module):
+  """conv (relu) -> global average pool -> linear: Grad-CAM's map is known exactly."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    a = Conv2D(4, (3, 3), padding="SAME", activation=nn.relu, name="conv")(x)
+    return nn.Dense(3, name="linear")(jnp.mean(a, axis=(1, 2)))
+
+
+def test_grad_cam_equals_the_class_weighted_feature_map():
+  model = ConvGapLinear()
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  variables = model.init(jax.random.key(1), x)
+  heat, classes = cam.grad_cam(model, variables, x, ("conv",), class_index=2)
+  a = layers.layer_output(model, variables, x, ("conv",))
+  w = variables["params"]["linear"]["kernel"][:, 2]
+  expected = jax.nn.relu(jnp.einsum("nhwk,k->nhw", a, w))
+  expected = expected / expected.max(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(heat, expected, atol=1e-5)
+  assert classes.tolist() == [2, 2]
+
+
+@pytest.fixture(scope="module")
+def trained_mnist():
+  """The MNIST convnet after 300 real steps (test accuracy ~0.95), its init, and test images."""
+  builder = tfds_data.get_builder("mnist", download=False)
+  train = tfds_data.read_rows(builder, tfds_data.RowRange("train", 0, 300 * 32))
+  test = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 64))
+  model = get_model("mnist_convnet")
+  tx = optax.adam(1e-3)
+  state = create_train_state(model, tx, (28, 28, 1), jax.random.key(0))
+  fresh = {"params": state.params}
+  step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
+  for i in range(300):
+    batch = {"image": train["image"][i * 32:(i + 1) * 32], "label": train["label"][i * 32:(i + 1) * 32],
+             "mask": jnp.ones(32)}
+    state, _ = step(state, batch, jax.random.key(1))
+  x = test["image"].astype(np.float32) / 255
+  variables = {"params": state.params}
+  accuracy = float(np.mean(np.argmax(model.apply(variables, x), -1) == test["label"]))
+  assert accuracy > 0.85
+  return model, variables, fresh, x, test["label"]
+
+
+def test_integrated_gradients_are_complete(trained_mnist):
+  model, variables, _, x, labels = trained_mnist
+  attributions = saliency.integrated_gradients(model, variables, x[:4], steps=128)
+  classes = layers.predicted_class(model.apply(variables, x[:4]))
+  gap = (layers.class_score(model.apply(variables, x[:4]), classes)
+         - layers.class_score(model.apply(variables, jnp.zeros_like(x[:4])), classes))
+  np.testing.assert_allclose(attributions.sum(axis=(1, 2, 3)), gap, rtol=0.01)
+
+
+def _rank_correlation(a, b):
+  """Spearman's rho; 0 when a map is constant (it ranks nothing, so it carries no trace of the other)."""
+  a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+  if a.min() == a.max() or b.min() == b.max():
+    return 0.0
+  return float(spearmanr(a, b).statistic)
+
+
+def test_maps_of_a_randomised_model_decorrelate(trained_mnist):
+  """Adebayo et al. 2018: a method whose maps survive re-initialising the weights explains nothing.
+
+  Gradient saliency is compared as the raw (signed) gradient, and as |gradient| on the
+  interior 20x20: with 'valid' 3x3 convolutions the outer pixels feed fewer windows, so any
+  model, trained or not, ranks them low, which alone correlates whole-image |gradient| maps.
+  """
+  model, trained, fresh, x, labels = trained_mnist
+  layer = layers.last_conv(model, (28, 28, 1))
+  methods = {
+      "gradient": lambda v, xi, c: saliency.vanilla_gradient(model, v, xi, c),
+      "|gradient| interior": lambda v, xi, c: saliency.saliency_map(
+          saliency.vanilla_gradient(model, v, xi, c))[:, 4:24, 4:24],
+      "grad-cam": lambda v, xi, c: cam.grad_cam(model, v, xi, layer, c)[0],
+  }
+  for name, method in methods.items():
+    rhos = [_rank_correlation(method(trained, x[i:i + 1], int(labels[i])),
+                              method(fresh, x[i:i + 1], int(labels[i]))) for i in range(8)]
+    assert np.mean(rhos) < 0.5, (name, rhos)
+  # The check can fail: the same model against itself correlates perfectly.
+  same = _rank_correlation(methods["grad-cam"](trained, x[:1], int(labels[0])),
+                           methods["grad-cam"](trained, x[:1], int(labels[0])))
+  assert same == pytest.approx(1.0)
+
+
+def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_mnist):
+  model, variables, _, x, labels = trained_mnist
+  layer = layers.last_conv(model, (28, 28, 1))
+  drops_cam, drops_random = [], []
+  rng = np.random.default_rng(0)
+  for i in range(16):
+    xi = x[i:i + 1]
+    cls = int(labels[i])
+    heat = np.asarray(cam.grad_cam(model, variables, xi, layer, cls)[0][0])
+    probs, _ = occlusion.occlusion_map(model, variables, x[i], cls, patch=10, stride=2, fill=0.0)
+    base = float(layers.class_probability(model.apply(variables, xi), cls)[0])
+    # The occluder position over the Grad-CAM peak (map cells scaled to pixels), vs random ones.
+    r, c = np.unravel_index(np.argmax(heat), heat.shape)
+    scale = 28 / heat.shape[0]
+    top = int(np.clip((r + 0.5) * scale - 5, 0, 18)) // 2
+    left = int(np.clip((c + 0.5) * scale - 5, 0, 18)) // 2
+    drops_cam.append(base - probs[top, left])
+    drops_random.append(base - probs[rng.integers(0, probs.shape[0]), rng.integers(0, probs.shape[1])])
+  assert np.mean(drops_cam) > np.mean(drops_random) + 0.05, (np.mean(drops_cam), np.mean(drops_random))
+
+
+def test_smoothgrad_is_a_seeded_average_of_noisy_gradients(trained_mnist):
+  model, variables, _, x, _ = trained_mnist
+  smooth = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=8)
+  again = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=8)
+  assert smooth.shape == x[:2].shape and np.array_equal(smooth, again)
+  no_noise = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=2, noise=0.0)
+  np.testing.assert_allclose(no_noise, saliency.vanilla_gradient(model, variables, x[:2]), atol=1e-6)
+  assert not np.allclose(smooth, no_noise)
+
+
+def test_guided_backprop_matches_the_hand_computed_rule():
+  """One hidden ReLU layer: guided gradient = W1 @ (g * [h > 0] * [g > 0]) with g = W2[:, c]."""
+  model = get_model("mlp", hidden=(16,), num_classes=3)
+  x = jax.random.normal(jax.random.key(0), (1, 5, 1, 1))
+  variables = model.init(jax.random.key(1), x)
+  w1, b1 = variables["params"]["head"]["dense"]["kernel"], variables["params"]["head"]["dense"]["bias"]
+  w2 = variables["params"]["head"]["dense_1"]["kernel"]
+  h = x.reshape(1, -1) @ w1 + b1
+  g = w2[:, 2]
+  guided = saliency.guided_backprop(model, variables, x, class_index=2)
+  np.testing.assert_allclose(guided.reshape(-1), w1 @ (g * (h[0] > 0) * (g > 0)), atol=1e-6)
+  plain = saliency.vanilla_gradient(model, variables, x, class_index=2)
+  np.testing.assert_allclose(plain.reshape(-1), w1 @ (g * (h[0] > 0)), atol=1e-6)
+
+
+def test_filter_maximisation_raises_activation_and_is_deterministic(trained_mnist):
+  model, variables, _, _, _ = trained_mnist
+  layer = ("features", "conv2d_2")
+  kwargs = dict(size=28, channels=1, steps=40, step_size=10.0, prepare=lambda x: x / 255)
+  images, start, end = filters.maximize_filters(model, variables, layer, range(8), seed=3, **kwargs)
+  start, end = np.asarray(start), np.asarray(end)
+  assert images.shape == (8, 28, 28, 1)
+  alive = start > 0  # a filter silent on the grey start image has no gradient to climb
+  assert alive.sum() >= 4 and np.all(end[alive] > 5 * start[alive]) and np.all(end >= start), (start, end)
+  again, _, _ = filters.maximize_filters(model, variables, layer, range(8), seed=3, **kwargs)
+  np.testing.assert_array_equal(images, again)
+  other, _, _ = filters.maximize_filters(model, variables, layer, range(8), seed=4, **kwargs)
+  assert not np.allclose(images, other)
+  _, start_reg, end_reg = filters.maximize_filters(model, variables, layer, range(2), seed=3, jitter=1,
+                                                   blur_sigma=0.5, l2=1e-4, tv=1e-2, **kwargs)
+  assert np.all(np.asarray(end_reg)[np.asarray(start_reg) > 0] > np.asarray(start_reg)[np.asarray(start_reg) > 0])
+  assert filters.deprocess(images[0]).dtype == np.uint8
+
+
+def test_constant_maps_and_zero_gradients_give_zero_heatmaps_not_nan():
+  model = ConvGapLinear()
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.key(1), x))
+  for plus_plus in (False, True):
+    heat, _ = cam.grad_cam(model, variables, x, ("conv",), class_index=0, plus_plus=plus_plus)
+    assert np.all(np.asarray(heat) == 0)
+  sal = saliency.saliency_map(saliency.vanilla_gradient(model, variables, x, 0))
+  assert np.all(np.asarray(sal) == 0)
+  assert np.all(activations.channel_grid(np.ones((4, 4, 3)))[:, :12] == 128)  # 3 flat grey tiles
+  overlay = cam.superimpose(np.zeros((16, 16, 3), np.uint8), np.zeros((4, 4)))
+  assert overlay.shape == (16, 16, 3) and np.isfinite(overlay).all()
+
+
+def test_activation_grid_and_top_images(trained_mnist):
+  model, variables, _, x, _ = trained_mnist
+  paths = layers.layer_paths(model, (28, 28, 1))
+  acts = activations.activations(model, variables, x[:1], paths)
+  assert [acts[p].shape[1:] for p in paths] == [(26, 26, 32), (13, 13, 32), (11, 11, 64), (5, 5, 64),
+                                                (3, 3, 64)]
+  grid = activations.channel_grid(acts[paths[0]][0])
+  assert grid.shape == (2 * 26, 16 * 26) and grid.dtype == np.uint8
+  images = (x * 255).astype(np.uint8)
+  order, scores = activations.top_images(model, variables, images, paths[0], channel=3, k=5,
+                                         prepare=lambda v: v / 255)
+  assert len(order) == 5 and np.all(np.diff(scores) <= 0)
+  everything = [float(np.mean(acts_i)) for acts_i in np.asarray(
+      layers.layer_output(model, variables, x, paths[0])[..., 3])]
+  assert scores[0] == pytest.approx(max(everything), rel=1e-5)
