@@ -1,4 +1,6 @@
 """What convnets learn: correctness of Grad-CAM, saliency, occlusion and filter maximisation."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -195,3 +197,36 @@ def test_activation_grid_and_top_images(trained_mnist):
   everything = [float(np.mean(acts_i)) for acts_i in np.asarray(
       layers.layer_output(model, variables, x, paths[0])[..., 3])]
   assert scores[0] == pytest.approx(max(everything), rel=1e-5)
+
+
+def test_visualize_binary_writes_every_figure(tmp_path):
+  """A short real MNIST run, then every method of experiments.visualize on a test digit."""
+  from PIL import Image
+  from tests.conftest import run_binary
+  workdir = tmp_path / "run"
+  trained = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
+                       "--config.num_epochs=1", "--config.steps_per_epoch=100",
+                       "--config.train_split=train[:8192]", "--config.validation_size=1024",
+                       "--config.test_split=")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  builder = tfds_data.get_builder("mnist", download=False)
+  digit = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 1))["image"][0, ..., 0]
+  Image.fromarray(digit).save(tmp_path / "digit.png")
+  result = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
+                      "--config.viz.filter_size=28", "--config.viz.num_filters=8", "--config.viz.steps=10",
+                      "--config.viz.step_size=10", "--config.viz.occlusion_patch=6",
+                      "--config.viz.occlusion_stride=3", "--config.viz.smoothgrad_samples=4",
+                      "--config.viz.ig_steps=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  viz = workdir / "viz"
+  expected = {"activations_conv2d.png", "activations_conv2d_1.png", "activations_conv2d_2.png",
+              "activations_max_pooling2d.png", "activations_max_pooling2d_1.png", "first_layer_filters.png",
+              "filters_conv2d.png", "filters_conv2d_2.png", "top_images_conv2d_2.png", "gradcam.png",
+              "saliency.png", "occlusion.png", "timings.json"}
+  assert {p.name for p in viz.iterdir()} == expected
+  timings = json.loads((viz / "timings.json").read_text())
+  assert set(timings["seconds"]) == {"activations", "first_layer", "filters", "top_images", "gradcam",
+                                     "saliency", "occlusion"}
+  bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
+                   "--config.viz.methods=gradcam,dreams")
+  assert bad.returncode == 1 and "error: unknown config.viz.methods ['dreams']" in bad.stderr

@@ -1,0 +1,41 @@
+r"""What experiments/visualize.py draws, and how.
+
+  python -m experiments.visualize --config=configs/visualize.py --workdir=<a trained run> \
+      --image=../shared/datasets/images/dog.4999.jpg [--config.viz.methods=gradcam,saliency]
+
+Without a trained run, `--config.viz.model=vgg16 --config.viz.weights=imagenet`
+explains the ImageNet VGG16 itself (the with-top weights download from Keras;
+any Keras .h5 of that layout works offline). Figures go to <workdir>/viz/.
+"""
+from ml_collections import ConfigDict
+
+
+def get_config():
+  config = ConfigDict()
+  v = config.viz = ConfigDict()
+  v.methods = "activations,first_layer,filters,top_images,gradcam,saliency,occlusion"
+  v.model = ""              # '' -> the run's model; else a pretrained model name (vgg16)
+  v.weights = "imagenet"    # with viz.model: 'imagenet' or a Keras .h5 file
+  v.class_index = -1        # -1 -> the predicted class
+  v.layers = ""             # comma-separated layer names for activations/filters; '' -> defaults
+  v.gradcam_layer = ""      # '' -> the last Conv2D layer
+  v.num_filters = 64        # filters per layer for filter maximisation (8x8 grid)
+  v.filter_size = 150       # side of the optimised image
+  v.steps = 40
+  v.step_size = 1.0         # in pixel units (0-255)
+  v.jitter = 0
+  v.blur_sigma = 0.0
+  v.l2 = 0.0
+  v.tv = 0.0
+  v.seed = 0
+  v.smoothgrad_samples = 25
+  v.smoothgrad_noise = 0.15
+  v.ig_steps = 64
+  v.ig_baseline = 0.0       # a constant pixel value (0: black)
+  v.occlusion_patch = 16
+  v.occlusion_stride = 8
+  v.top_layer = ""          # '' -> the last Conv2D layer
+  v.top_filter = 0
+  v.top_k = 9
+  v.top_split = "validation"
+  return config
