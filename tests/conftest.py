@@ -70,3 +70,14 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def link_cats_dogs_subset(root, per_split):
+  """A cats_and_dogs_small-shaped folder of symlinks to the first real files (no copies)."""
+  source_root = SHARED / "datasets" / "cats_and_dogs_small"
+  for split, n in per_split.items():
+    for c in ("cats", "dogs"):
+      os.makedirs(root / split / c)
+      for name in sorted(os.listdir(source_root / split / c))[:n]:
+        os.symlink(source_root / split / c / name, root / split / c / name)
+  return root

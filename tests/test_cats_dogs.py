@@ -9,24 +9,14 @@ import tensorflow_datasets as tfds
 
 from convjax.data import splits
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import SHARED, run_binary
+from tests.conftest import SHARED, link_cats_dogs_subset, run_binary
 
 CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
 
 
-def _link_subset(root, per_split):
-  """A folder of symlinks to the first files of each real class folder (no copies)."""
-  for split, n in per_split.items():
-    for c in ("cats", "dogs"):
-      os.makedirs(root / split / c)
-      for name in sorted(os.listdir(CATS_DOGS / split / c))[:n]:
-        os.symlink(CATS_DOGS / split / c / name, root / split / c / name)
-  return root
-
-
 def test_short_real_run_learns(tmp_path):
   """600 real training photos at 64x64, 240 steps: the loss falls and validation beats chance."""
-  data = _link_subset(tmp_path / "data", {"train": 300, "validation": 500})
+  data = link_cats_dogs_subset(tmp_path / "data", {"train": 300, "validation": 500})
   workdir = tmp_path / "run"
   result = run_binary("experiments.train", "--config=configs/cats_dogs.py", f"--workdir={workdir}",
                       f"--config.data.folder={data}", "--config.test_split=",
@@ -132,7 +122,7 @@ def test_prepare_data_builds_the_layout_and_never_overwrites(tmp_path):
 
 
 def test_bad_file_in_a_folder_is_one_error_or_skipped_with_the_flag(tmp_path):
-  data = _link_subset(tmp_path / "data", {"train": 20, "validation": 10})
+  data = link_cats_dogs_subset(tmp_path / "data", {"train": 20, "validation": 10})
   (data / "train" / "dogs" / "dog.broken.jpg").write_bytes(b"\xff\xd8 truncated")
   args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.test_split=",
           "--config.data.image_size=(48, 48)", "--config.num_epochs=1", "--config.steps_per_epoch=1"]

@@ -13,7 +13,7 @@ from convjax.errors import UserError
 from convjax.models import apply_features, get_model
 from convjax.models.summary import layer_table
 from convjax.pretrained import fetch, imagenet, keras_h5
-from tests.conftest import SHARED, run_binary
+from tests.conftest import SHARED, link_cats_dogs_subset, run_binary
 
 NOTOP = SHARED / "weights" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGES = [SHARED / "datasets" / "images" / n for n in
@@ -199,19 +199,9 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   assert opt_size == head_size  # RMSprop: one accumulator per trainable weight, none for the base
 
 
-def _link_subset(root, per_split):
-  for split, n in per_split.items():
-    for c in ("cats", "dogs"):
-      os.makedirs(root / split / c)
-      source = SHARED / "datasets" / "cats_and_dogs_small" / split / c
-      for name in sorted(os.listdir(source))[:n]:
-        os.symlink(source / name, root / split / c / name)
-  return root
-
-
 def test_feature_extraction_run_on_a_small_slice(tmp_path):
   """120 training photos through the ImageNet VGG16 base: the classifier clearly beats chance."""
-  data = _link_subset(tmp_path / "data", {"train": 60, "validation": 50})
+  data = link_cats_dogs_subset(tmp_path / "data", {"train": 60, "validation": 50})
   workdir = tmp_path / "run"
   args = ["--config=configs/cats_dogs_vgg16_features.py", f"--workdir={workdir}",
           f"--config.data.folder={data}", "--config.test_split=", "--config.num_epochs=6",

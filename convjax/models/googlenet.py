@@ -8,7 +8,6 @@ the auxiliary classifiers), every convolution is followed by BatchNorm and the
 "5x5" branch uses a 3x3 kernel; pooling rounds up (ceil_mode); global average
 pooling and dropout 0.2 precede the classifier.
 """
-import functools
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -7,7 +7,6 @@
                                                computed once and cached on disk
 """
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
