@@ -39,6 +39,7 @@ MODELS = {
     "vgg13": functools.partial(VGG, depth=13),
     "vgg16": functools.partial(VGG, depth=16),
     "vgg19": functools.partial(VGG, depth=19),
+    "vgg16_base": functools.partial(VGG, depth=16, include_top=False, pooling="avg"),
     "vgg16_classifier": functools.partial(VGGClassifier, depth=16),  # transfer learning
     "googlenet": GoogLeNet,
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic"),

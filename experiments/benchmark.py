@@ -1,0 +1,141 @@
+r"""Throughput of convjax's jitted steps: models x batch sizes x precisions x modes.
+
+  python -m experiments.benchmark --config=configs/benchmark.py --workdir=/tmp/bench
+  python -m experiments.benchmark --compare a/benchmark.json b/benchmark.json
+
+Writes <workdir>/benchmark.json (rows + environment), benchmark.md (a table) and
+benchmark.png (images/s per row). Run it on an otherwise idle machine: other
+processes on the same cores make every number wrong. --compare prints, per row
+present in both files, the ratio of images/s (b / a): two devices, two versions.
+"""
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from convjax import benchmark, cli
+from convjax.errors import UserError
+from convjax.viz.plots import bar_chart
+
+config_flags.DEFINE_config_file("config", "configs/benchmark.py", "Benchmark grid.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where benchmark.json/.md/.png go.")
+flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row ratios and exit.")
+
+KEY = ("model", "input", "batch", "precision", "mode")
+
+
+def _key(row):
+  return tuple(tuple(row[k]) if isinstance(row[k], list) else row[k] for k in KEY)
+
+
+def _label(row):
+  return f"{row['model']} {'x'.join(map(str, row['input'][:2]))} b{row['batch']} {row['precision']} {row['mode']}"
+
+
+def parse_models(spec: str) -> list:
+  """'name@HxWxC,...' -> [(name, (H, W, C)), ...]; an unknown name or bad shape is a UserError."""
+  from convjax.models import MODELS
+  out = []
+  for item in (s.strip() for s in spec.split(",") if s.strip()):
+    name, _, shape = item.partition("@")
+    try:
+      dims = tuple(int(d) for d in shape.split("x"))
+    except ValueError:
+      dims = ()
+    if len(dims) != 3 or min(dims) <= 0:
+      raise UserError(f"config.models entry {item!r}: expected NAME@HxWxC, e.g. mnist_convnet@28x28x1")
+    if name not in MODELS:
+      raise UserError(f"config.models entry {item!r}: unknown model {name!r}")
+    out.append((name, dims))
+  if not out:
+    raise UserError("config.models is empty")
+  return out
+
+
+def markdown(result: dict) -> str:
+  env = result["environment"]
+  lines = [f"{env['device_kind']} x{env['device_count']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
+           f"f32 matmul precision: {env['matmul_precision']}"
+           + (f", measured sgemm peak {env['cpu_peak_tflops']:.3f} TFLOP/s" if env.get("cpu_peak_tflops") else ""),
+           "", "| model | input | batch | precision | mode | compile s | step ms (median) | IQR ms | images/s "
+           "| GFLOP/image | TFLOP/s | % of peak |", "|" + "---|" * 12]
+  for r in result["rows"]:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
+                 f"{r['mode']} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
+                 f"{1e3 * r['step_seconds_iqr'][0]:.2f}-{1e3 * r['step_seconds_iqr'][1]:.2f} | "
+                 f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
+                 f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} |")
+  return "\n".join(lines) + "\n"
+
+
+def compare(path_a: str, path_b: str) -> list:
+  runs = []
+  for path in (path_a, path_b):
+    try:
+      with open(path) as f:
+        runs.append(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"cannot read benchmark file {path!r}: {e}") from None
+  a = {_key(r): r for r in runs[0]["rows"]}
+  out = []
+  for row in runs[1]["rows"]:
+    if _key(row) in a:
+      out.append((_label(row), a[_key(row)]["images_per_second"], row["images_per_second"]))
+  if not out:
+    raise UserError(f"{path_a!r} and {path_b!r} have no row in common")
+  print(f"a: {runs[0]['environment']['device_kind']}  b: {runs[1]['environment']['device_kind']}")
+  for label, ia, ib in out:
+    print(f"{label:<60} {ia:10.1f} {ib:10.1f} img/s  b/a {ib / ia:6.2f}x")
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.compare:
+    if len(f.compare) != 2:
+      raise UserError(f"--compare takes two benchmark.json files, got {len(f.compare)}")
+    compare(*f.compare)
+    return
+  if not f.workdir:
+    raise UserError("--workdir is required (or --compare a.json,b.json)")
+  config = f.config
+  env = benchmark.environment()
+  cpu_peak = benchmark.measured_cpu_peak() if env["platform"] == "cpu" else None
+  if cpu_peak:
+    env["cpu_peak_tflops"] = cpu_peak / 1e12
+  models = parse_models(config.models)
+  for precision in config.precisions:
+    if precision not in ("float32", "bfloat16"):
+      raise UserError(f"unknown precision {precision!r}; valid: float32, bfloat16")
+  for mode in config.modes:
+    if mode not in ("train", "inference"):
+      raise UserError(f"unknown mode {mode!r}; valid: train, inference")
+  if config.steps < 20:
+    raise UserError(f"config.steps={config.steps}: time at least 20 steps")
+  rows = []
+  for name, input_shape in models:
+    for batch in config.batch_sizes:
+      for precision in config.precisions:
+        for mode in config.modes:
+          row = benchmark.benchmark_row(name, {}, input_shape, batch, precision, mode, config.steps,
+                                        config.warmup, cpu_peak)
+          rows.append(row)
+          logging.info("%s: %.1f images/s (compile %.1fs)", _label(row), row["images_per_second"],
+                       row["compile_seconds"])
+  result = {"environment": env, "rows": rows}
+  os.makedirs(f.workdir, exist_ok=True)
+  with open(os.path.join(f.workdir, "benchmark.json"), "w") as out:
+    json.dump(result, out, indent=1)
+  with open(os.path.join(f.workdir, "benchmark.md"), "w") as out:
+    out.write(markdown(result))
+  bar_chart([_label(r) for r in rows], [r["images_per_second"] for r in rows],
+            os.path.join(f.workdir, "benchmark.png"), ylabel="images/s", title=env["device_kind"])
+  print(markdown(result))
+
+
+if __name__ == "__main__":
+  cli.run(main)

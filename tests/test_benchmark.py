@@ -1,0 +1,34 @@
+"""The benchmark binary's contract (not its speed: timings are never asserted)."""
+import json
+
+from tests.conftest import run_binary
+
+# mnist_convnet forward multiply-adds: conv 26*26*32*9 + 11*11*64*288 + 3*3*64*576, dense 576*64 + 64*10.
+MNIST_FORWARD_FLOPS = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 576 + 576 * 64 + 64 * 10)
+
+
+def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
+  result = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.models=mnist_convnet@28x28x1",
+                      "--config.batch_sizes=(8,)", "--config.precisions=('float32', 'bfloat16')",
+                      "--config.warmup=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads((tmp_path / "benchmark.json").read_text())
+  env = data["environment"]
+  assert env["platform"] == "cpu" and env["matmul_precision"] == "float32" and env["cpu_peak_tflops"] > 0
+  assert [(r["precision"], r["mode"]) for r in data["rows"]] == [
+      ("float32", "train"), ("float32", "inference"), ("bfloat16", "train"), ("bfloat16", "inference")]
+  for row in data["rows"]:
+    assert row["steps_timed"] == 20 and row["step_seconds_iqr"][0] <= row["step_seconds_median"]
+    assert row["images_per_second"] == 8 / row["step_seconds_median"]
+  inference = data["rows"][1]["flops_per_image"]
+  # XLA's count: the convolutions and matmuls, plus a little elementwise work (bias, ReLU, pooling).
+  assert MNIST_FORWARD_FLOPS <= inference <= 1.1 * MNIST_FORWARD_FLOPS, inference
+  assert data["rows"][0]["flops_per_image"] > 2.5 * inference  # backward pass ~2x forward
+  assert "| mnist_convnet | 28x28x1 | 8 | float32 | train |" in (tmp_path / "benchmark.md").read_text()
+  assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+  path = tmp_path / "benchmark.json"
+  compared = run_binary("experiments.benchmark", f"--compare={path},{path}")
+  assert compared.returncode == 0 and compared.stdout.count("b/a   1.00x") == 4, compared.stdout
+  bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.models=mnist_convnet@28x28")
+  assert bad.returncode == 1 and "error: config.models entry 'mnist_convnet@28x28'" in bad.stderr
