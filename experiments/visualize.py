@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import ConfigDict, config_flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from convjax import cli  # noqa: E402
 from convjax.data.folders import decode_image  # noqa: E402
@@ -56,7 +56,7 @@ def load_model(workdir: str, viz):
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} has no config.json: not a training run (or set --config.viz.model)")
   with open(path) as f:
-    run = ConfigDict(json.load(f))
+    run = config_lib.from_stored(json.load(f))
   model = get_model(run.model, **run.model_kwargs)
   start = transfer.latest_params(workdir)
   return model, {"params": start["params"], **(start["model_state"] or {})}, run

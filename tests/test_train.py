@@ -195,3 +195,15 @@ def test_early_stopping_stops_the_run_and_resume_keeps_it_stopped(tmp_path, mnis
   assert [r.get("epoch") for r in history] == [1, 2, None]
   again = train_and_evaluate(mnist_small, str(tmp_path))
   assert [r.get("epoch") for r in again] == [1, 2, None]
+
+
+def test_a_stored_config_predating_new_fields_reads_with_defaults():
+  from convjax.train import config as config_lib
+  stored = config_lib.to_dict(config_lib.default_config())
+  del stored["preprocess"], stored["data"]["per_class"]
+  stored["data"]["image_size"] = [150, 150]
+  stored["model_kwargs"] = {"dropout_rate": 0.5}
+  config = config_lib.from_stored(stored)
+  assert config.preprocess == "" and config.data.per_class == ()
+  assert config.data.image_size == (150, 150) and dict(config.model_kwargs) == {"dropout_rate": 0.5}
+  assert config_lib.differences(stored, config_lib.to_dict(config)) == []

@@ -154,6 +154,23 @@ def make_augment(config: ConfigDict):
                                   fill_mode=a.fill_mode, cval=a.cval)
 
 
+def from_stored(stored: dict) -> ConfigDict:
+  """A run's config.json as a ConfigDict; fields it predates take their defaults."""
+  config = default_config()
+
+  def merge(target: ConfigDict, values: dict):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(target.get(key), ConfigDict) and key != "model_kwargs":
+        merge(target[key], value)
+      elif isinstance(value, list) and isinstance(target.get(key), tuple):
+        target[key] = tuple(value)
+      else:
+        target[key] = value
+
+  merge(config, stored)
+  return config
+
+
 def copy_config(config: ConfigDict) -> ConfigDict:
   """An unlocked deep copy to derive another run's config from."""
   return ConfigDict(to_dict(config))
