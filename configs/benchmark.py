@@ -18,4 +18,7 @@ def get_config():
   config.modes = ("train", "inference")
   config.steps = 20
   config.warmup = 3
+  # The same rows in Keras 3 (convjax/peers.py), each in its own process: keras_jax,
+  # keras_tensorflow; '' -> none.
+  config.peers = "keras_jax,keras_tensorflow"
   return config

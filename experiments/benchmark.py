@@ -10,6 +10,8 @@ present in both files, the ratio of images/s (b / a): two devices, two versions.
 """
 import json
 import os
+import subprocess
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,6 +25,25 @@ flags.DEFINE_string("workdir", None, "Where benchmark.json/.md/.png go.")
 flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row ratios and exit.")
 
 KEY = ("model", "input", "batch", "precision", "mode")
+PEERS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
+
+
+def run_peer(peer: str, row: dict, config) -> dict:
+  """The row's measurement in a Keras 3 process, and convjax's images/s over the peer's."""
+  env = {**os.environ, "KERAS_BACKEND": PEERS[peer]}
+  args = [sys.executable, "-m", "convjax.peers", f"--model={row['model']}",
+          f"--input={'x'.join(map(str, row['input']))}", f"--batch={row['batch']}",
+          f"--precision={row['precision']}", f"--mode={row['mode']}", f"--steps={config.steps}",
+          f"--warmup={config.warmup}"]
+  result = subprocess.run(args, env=env, capture_output=True, text=True)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+  if result.returncode or not lines:
+    error = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    logging.warning("%s peer failed for %s: %s", peer, _label(row), error)
+    return {"error": error}
+  measured = json.loads(lines[-1])
+  measured["ratio"] = row["images_per_second"] / measured["images_per_second"]
+  return measured
 
 
 def _key(row):
@@ -59,14 +80,16 @@ def markdown(result: dict) -> str:
            f"f32 matmul precision: {env['matmul_precision']}"
            + (f", measured sgemm peak {env['cpu_peak_tflops']:.3f} TFLOP/s" if env.get("cpu_peak_tflops") else ""),
            "", "| model | input | batch | precision | mode | compile s | step ms (median) | IQR ms | images/s "
-           "| GFLOP/image | TFLOP/s | % of peak |", "|" + "---|" * 12]
+           "| GFLOP/image | TFLOP/s | % of peak | peers: images/s (convjax / peer) |", "|" + "---|" * 13]
   for r in result["rows"]:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
                  f"{r['mode']} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
                  f"{1e3 * r['step_seconds_iqr'][0]:.2f}-{1e3 * r['step_seconds_iqr'][1]:.2f} | "
                  f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
-                 f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} |")
+                 f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
+                 + "; ".join(f"{p} {v['images_per_second']:.1f} ({v['ratio']:.2f}x)" if "ratio" in v
+                             else f"{p} failed" for p, v in r.get("peers", {}).items()) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -116,6 +139,10 @@ def main(argv):
       raise UserError(f"unknown mode {mode!r}; valid: train, inference")
   if config.steps < 20:
     raise UserError(f"config.steps={config.steps}: time at least 20 steps")
+  peers = [p.strip() for p in config.peers.split(",") if p.strip()]
+  unknown = sorted(set(peers) - set(PEERS))
+  if unknown:
+    raise UserError(f"unknown config.peers {unknown}; valid: {', '.join(PEERS)}")
   rows = []
   for name, input_shape in models:
     for batch in config.batch_sizes:
@@ -123,9 +150,11 @@ def main(argv):
         for mode in config.modes:
           row = benchmark.benchmark_row(name, {}, input_shape, batch, precision, mode, config.steps,
                                         config.warmup, cpu_peak)
+          row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
           rows.append(row)
-          logging.info("%s: %.1f images/s (compile %.1fs)", _label(row), row["images_per_second"],
-                       row["compile_seconds"])
+          logging.info("%s: %.1f images/s (compile %.1fs) %s", _label(row), row["images_per_second"],
+                       row["compile_seconds"],
+                       " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v))
   result = {"environment": env, "rows": rows}
   os.makedirs(f.workdir, exist_ok=True)
   with open(os.path.join(f.workdir, "benchmark.json"), "w") as out:

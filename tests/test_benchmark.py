@@ -10,7 +10,7 @@ MNIST_FORWARD_FLOPS = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 
 def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   result = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.models=mnist_convnet@28x28x1",
                       "--config.batch_sizes=(8,)", "--config.precisions=('float32', 'bfloat16')",
-                      "--config.warmup=1")
+                      "--config.warmup=1", "--config.peers=keras_jax")
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / "benchmark.json").read_text())
   env = data["environment"]
@@ -20,6 +20,9 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   for row in data["rows"]:
     assert row["steps_timed"] == 20 and row["step_seconds_iqr"][0] <= row["step_seconds_median"]
     assert row["images_per_second"] == 8 / row["step_seconds_median"]
+    peer = row["peers"]["keras_jax"]  # the same network in Keras 3 on JAX, same batch and precision
+    assert peer["params"] == 93_322 and peer["backend"] == "jax"
+    assert peer["ratio"] == row["images_per_second"] / peer["images_per_second"]
   inference = data["rows"][1]["flops_per_image"]
   # XLA's count: the convolutions and matmuls, plus a little elementwise work (bias, ReLU, pooling).
   assert MNIST_FORWARD_FLOPS <= inference <= 1.1 * MNIST_FORWARD_FLOPS, inference
@@ -32,3 +35,5 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert compared.returncode == 0 and compared.stdout.count("b/a   1.00x") == 4, compared.stdout
   bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.models=mnist_convnet@28x28")
   assert bad.returncode == 1 and "error: config.models entry 'mnist_convnet@28x28'" in bad.stderr
+  bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.peers=caffe")
+  assert bad.returncode == 1 and "error: unknown config.peers ['caffe']" in bad.stderr
