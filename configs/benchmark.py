@@ -21,4 +21,7 @@ def get_config():
   # The same rows in Keras 3 (convjax/peers.py), each in its own process: keras_jax,
   # keras_tensorflow; '' -> none.
   config.peers = "keras_jax,keras_tensorflow"
+  # Input-pipeline cost: MODEL:TFDS_DATASET pairs trained through the real loop's input
+  # path vs a batch already on the device, at each batch size; '' -> skip.
+  config.pipeline = "mnist_convnet:mnist"
   return config

@@ -90,6 +90,12 @@ def markdown(result: dict) -> str:
                  f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
                  + "; ".join(f"{p} {v['images_per_second']:.1f} ({v['ratio']:.2f}x)" if "ratio" in v
                              else f"{p} failed" for p, v in r.get("peers", {}).items()) + " |")
+  if result.get("pipeline"):
+    lines += ["", "Input pipeline (the training loop's gather from device-resident data vs a fixed batch):", "",
+              "| model | dataset | batch | real step ms | synthetic step ms | overhead |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['model']} | {p['dataset']} | {p['batch']} | {1e3 * p['real_step_seconds_median']:.2f} | "
+              f"{1e3 * p['synthetic_step_seconds_median']:.2f} | {p['overhead_percent']:.1f}% |"
+              for p in result["pipeline"]]
   return "\n".join(lines) + "\n"
 
 
@@ -155,7 +161,16 @@ def main(argv):
           logging.info("%s: %.1f images/s (compile %.1fs) %s", _label(row), row["images_per_second"],
                        row["compile_seconds"],
                        " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v))
-  result = {"environment": env, "rows": rows}
+  pipeline = []
+  for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
+    model_name, _, dataset = item.partition(":")
+    if not dataset:
+      raise UserError(f"config.pipeline entry {item!r}: expected MODEL:TFDS_DATASET")
+    for batch in config.batch_sizes:
+      pipeline.append(benchmark.pipeline_overhead(model_name, dataset, batch, config.steps, config.warmup))
+      logging.info("pipeline %s:%s b%d: overhead %.1f%%", model_name, dataset, batch,
+                   pipeline[-1]["overhead_percent"])
+  result = {"environment": env, "rows": rows, "pipeline": pipeline}
   os.makedirs(f.workdir, exist_ok=True)
   with open(os.path.join(f.workdir, "benchmark.json"), "w") as out:
     json.dump(result, out, indent=1)
