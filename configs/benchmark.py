@@ -18,9 +18,9 @@ def get_config():
   config.modes = ("train", "inference")
   config.steps = 20
   config.warmup = 3
-  # The same rows in Keras 3 (convjax/peers.py), each in its own process: keras_jax,
-  # keras_tensorflow; '' -> none.
-  config.peers = "keras_jax,keras_tensorflow"
+  # The same rows in Keras 3 and PyTorch (convjax/peers.py), each in its own process:
+  # keras_jax, keras_tensorflow, torch_eager, torch_compile (where installed); '' -> none.
+  config.peers = "keras_jax,keras_tensorflow,torch_eager,torch_compile"
   # Input-pipeline cost: MODEL:TFDS_DATASET pairs trained through the real loop's input
   # path vs a batch already on the device, at each batch size; '' -> skip.
   config.pipeline = "mnist_convnet:mnist"

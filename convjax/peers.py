@@ -1,14 +1,18 @@
-r"""The benchmark's architectures in Keras 3, timed the same way, for convjax/peer ratios.
+r"""The benchmark's architectures in Keras 3 and PyTorch, timed the same way, for
+convjax/peer ratios.
 
 Run as a subprocess (the Keras backend is fixed at import):
 
-  KERAS_BACKEND=jax python -m convjax.peers --model=mnist_convnet --input=28x28x1 --batch=128 \
-      --precision=float32 --mode=train --steps=20 --warmup=3
+  KERAS_BACKEND=jax python -m convjax.peers --framework=keras --model=mnist_convnet \
+      --input=28x28x1 --batch=128 --precision=float32 --mode=train --steps=20 --warmup=3
+  python -m convjax.peers --framework=torch --compile=1 --model=mnist_convnet ...
 
-prints one JSON line: {"images_per_second", "step_seconds_median", "params"}. Train
-steps are `train_on_batch` (forward, backward, RMSprop update) on arrays already
-converted for the backend; inference is `predict_on_batch`. 'bfloat16' is Keras'
-mixed_bfloat16 policy (float32 variables), as convjax's bfloat16 rows.
+prints one JSON line: {"images_per_second", "step_seconds_median", "params"}.
+Keras: train steps are `train_on_batch` (forward, backward, RMSprop update) on
+arrays already converted for the backend, inference `predict_on_batch`;
+'bfloat16' is the mixed_bfloat16 policy (float32 variables). PyTorch (eager, or
+`torch.compile` with --compile=1): the same networks in NCHW, RMSprop, inference
+under `torch.no_grad`; 'bfloat16' is CPU/GPU autocast. Both as convjax's rows.
 """
 import json
 import os
@@ -40,8 +44,86 @@ def build(keras, name: str, shape: tuple):
   raise SystemExit(f"no Keras peer for model {name!r}")
 
 
+def build_torch(torch, name: str, shape: tuple):
+  """The networks in PyTorch (no torchvision here: VGG16 written out; no ResNet-50 peer)."""
+  nn = torch.nn
+  h, w, c = shape
+
+  def convs(widths, pools, in_channels, padding):
+    layers = []
+    for width, pool in zip(widths, pools):
+      layers += [nn.Conv2d(in_channels, width, 3, padding=padding), nn.ReLU()]
+      if pool:
+        layers.append(nn.MaxPool2d(2))
+      in_channels = width
+    return layers
+
+  if name == "mnist_convnet":
+    body = convs((32, 64, 64), (True, True, False), c, 0)
+    head = [nn.Flatten(), nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 10)]
+  elif name == "cats_dogs_convnet":
+    body = convs((32, 64, 128, 128), (True,) * 4, c, 0)
+    head = [nn.Flatten(), nn.LazyLinear(512), nn.ReLU(), nn.Linear(512, 1)]
+  elif name in ("vgg16", "vgg16_base"):
+    widths = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+    pools = (False, True, False, True, False, False, True, False, False, True, False, False, True)
+    body = convs(widths, pools, c, 1)
+    head = ([nn.AdaptiveAvgPool2d(1), nn.Flatten()] if name == "vgg16_base" else
+            [nn.Flatten(), nn.LazyLinear(4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+             nn.Linear(4096, 1000)])
+  else:
+    raise SystemExit(f"no PyTorch peer for model {name!r}")
+  model = nn.Sequential(*body, *head)
+  model(torch.zeros(1, c, h, w))  # materialise the lazy layers
+  return model
+
+
+def torch_main(args):
+  import torch
+  shape = tuple(int(d) for d in args["input"].split("x"))
+  batch, steps, warmup = int(args["batch"]), int(args["steps"]), int(args["warmup"])
+  model = build_torch(torch, args["model"], shape)
+  outputs = model(torch.zeros(1, shape[2], *shape[:2])).shape[-1]
+  x = torch.rand(batch, shape[2], *shape[:2])
+  y = torch.randint(0, max(outputs, 2), (batch,))
+  loss_fn = (lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float())) \
+      if outputs == 1 else (lambda out: torch.nn.functional.cross_entropy(out, y))
+  optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.9, eps=1e-7)
+  bf16 = args["precision"] == "bfloat16"
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn(model(x).float())
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  def infer_step():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      return model(x)
+
+  step = train_step if args["mode"] == "train" else infer_step
+  if args.get("compile") == "1":
+    step = torch.compile(step)
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step().float().sum().item()  # CPU tensors: the result is complete
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  print(json.dumps({"images_per_second": batch / median, "step_seconds_median": median,
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "backend": "torch.compile" if args.get("compile") == "1" else "torch eager",
+                    "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
 def main(argv):
   args = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
+  if args.get("framework") == "torch":
+    return torch_main(args)
   import keras
   if args["precision"] == "bfloat16":
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

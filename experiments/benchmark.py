@@ -25,13 +25,15 @@ flags.DEFINE_string("workdir", None, "Where benchmark.json/.md/.png go.")
 flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row ratios and exit.")
 
 KEY = ("model", "input", "batch", "precision", "mode")
-PEERS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
+PEERS = {"keras_jax": ["--framework=keras"], "keras_tensorflow": ["--framework=keras"],
+         "torch_eager": ["--framework=torch"], "torch_compile": ["--framework=torch", "--compile=1"]}
+KERAS_BACKENDS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
 
 
 def run_peer(peer: str, row: dict, config) -> dict:
   """The row's measurement in a Keras 3 process, and convjax's images/s over the peer's."""
-  env = {**os.environ, "KERAS_BACKEND": PEERS[peer]}
-  args = [sys.executable, "-m", "convjax.peers", f"--model={row['model']}",
+  env = {**os.environ, "KERAS_BACKEND": KERAS_BACKENDS.get(peer, "jax")}
+  args = [sys.executable, "-m", "convjax.peers", *PEERS[peer], f"--model={row['model']}",
           f"--input={'x'.join(map(str, row['input']))}", f"--batch={row['batch']}",
           f"--precision={row['precision']}", f"--mode={row['mode']}", f"--steps={config.steps}",
           f"--warmup={config.warmup}"]

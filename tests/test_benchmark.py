@@ -1,5 +1,9 @@
 """The benchmark binary's contract (not its speed: timings are never asserted)."""
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 from tests.conftest import run_binary
 
@@ -42,3 +46,18 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert bad.returncode == 1 and "error: config.models entry 'mnist_convnet@28x28'" in bad.stderr
   bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.peers=caffe")
   assert bad.returncode == 1 and "error: unknown config.peers ['caffe']" in bad.stderr
+
+
+def test_peers_build_the_same_networks():
+  """Each peer's network has convjax's parameter count (PyTorch only where installed)."""
+  cases = [("keras", "mnist_convnet", "28x28x1", 93_322), ("keras", "vgg16_base", "32x32x3", 14_714_688)]
+  if importlib.util.find_spec("torch"):
+    cases += [("torch", "mnist_convnet", "28x28x1", 93_322), ("torch", "cats_dogs_convnet", "150x150x3", 3_453_121),
+              ("torch", "vgg16_base", "32x32x3", 14_714_688)]
+  for framework, model, shape, params in cases:
+    out = subprocess.run([sys.executable, "-m", "convjax.peers", f"--framework={framework}", f"--model={model}",
+                          f"--input={shape}", "--batch=2", "--precision=float32", "--mode=inference",
+                          "--steps=2", "--warmup=1"], capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == params, (framework, model)
