@@ -115,7 +115,7 @@ def main(argv):
     logging.info("%s: %.2fs", name, timings[name])
 
   def draw_activations():
-    acts = activations.activations(model, variables, x, chosen)
+    acts = layers.layer_outputs(model, variables, x, chosen)
     for path in chosen:
       grid = activations.channel_grid(np.asarray(acts[path][0]))
       fig = plt.figure(figsize=(grid.shape[1] / 60 + 1, grid.shape[0] / 60 + 1))
@@ -139,7 +139,7 @@ def main(argv):
     for path in (chosen if viz.layers else conv_paths[:1] + conv_paths[-1:]):
       if path not in conv_paths:
         continue
-      channels = int(activations.activations(model, variables, x, [path])[path].shape[-1])
+      channels = int(layers.layer_output(model, variables, x, path).shape[-1])
       n = min(viz.num_filters, channels)
       images, start, end = filters.maximize_filters(
           model, variables, path, range(n), size=viz.filter_size, channels=image.shape[-1],

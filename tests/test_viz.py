@@ -185,7 +185,7 @@ def test_constant_maps_and_zero_gradients_give_zero_heatmaps_not_nan():
 def test_activation_grid_and_top_images(trained_mnist):
   model, variables, _, x, _ = trained_mnist
   paths = layers.layer_paths(model, (28, 28, 1))
-  acts = activations.activations(model, variables, x[:1], paths)
+  acts = layers.layer_outputs(model, variables, x[:1], paths)
   assert [acts[p].shape[1:] for p in paths] == [(26, 26, 32), (13, 13, 32), (11, 11, 64), (5, 5, 64),
                                                 (3, 3, 64)]
   grid = activations.channel_grid(acts[paths[0]][0])

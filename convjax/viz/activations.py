@@ -1,24 +1,10 @@
-"""Intermediate activations: every channel of a layer for one image, in the notes' grid,
+"""Intermediate activations (read with layers.layer_outputs): every channel of a layer in the notes' grid,
 and the dataset images that excite a filter most."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convjax.viz import layers
-
-
-def activations(model, variables, x, paths) -> dict:
-  """{path: (N, h, w, c)} for the layers at `paths`, from one forward pass."""
-  wanted = {tuple(p) for p in paths}
-  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path in wanted,
-                         mutable=["intermediates"])
-  out = {}
-  for path in wanted:
-    node = state["intermediates"]
-    for name in path:
-      node = node[name]
-    out[path] = node["__call__"][-1]
-  return out
 
 
 def channel_grid(activation, per_row: int = 16) -> np.ndarray:

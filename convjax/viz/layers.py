@@ -27,15 +27,23 @@ def last_conv(model, input_shape: Sequence[int]) -> tuple:
   return paths[-1]
 
 
+def layer_outputs(model, variables, x, paths) -> dict:
+  """{path: output} of the layers at `paths` for inputs x (N, H, W, C), from one forward pass."""
+  wanted = {tuple(p) for p in paths}
+  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path in wanted,
+                         mutable=["intermediates"])
+  out = {}
+  for path in wanted:
+    node = state["intermediates"]
+    for name in path:
+      node = node[name]
+    out[path] = node["__call__"][-1]  # a layer wrapping nn.Conv records the inner call first
+  return out
+
+
 def layer_output(model, variables, x, path: tuple):
   """The output of the layer at `path` for inputs x (N, H, W, C)."""
-  path = tuple(path)
-  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path == path,
-                         mutable=["intermediates"])
-  node = state["intermediates"]
-  for name in path:
-    node = node[name]
-  return node["__call__"][-1]  # a layer wrapping nn.Conv records the inner call first
+  return layer_outputs(model, variables, x, [path])[tuple(path)]
 
 
 def logits_given(model, variables, x, path: tuple, value):
