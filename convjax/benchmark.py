@@ -7,6 +7,7 @@ cost analysis of the compiled step, achieved TFLOP/s and the share of the
 device's peak. Precision 'bfloat16' computes in bfloat16 with float32 params
 (the optimizer updates float32 master weights).
 """
+import os
 import statistics
 import time
 from typing import Optional
@@ -141,7 +142,8 @@ def environment() -> dict:
   device = jax.devices()[0]
   return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
           "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else
-          __import__("jaxlib").__version__, "matmul_precision": matmul_precision_in_force(device)}
+          __import__("jaxlib").__version__, "matmul_precision": matmul_precision_in_force(device),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count()}
 
 
 def pipeline_overhead(model_name: str, dataset: str, batch: int, steps: int = 20, warmup: int = 3) -> dict:

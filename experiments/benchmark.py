@@ -80,6 +80,7 @@ def markdown(result: dict) -> str:
   env = result["environment"]
   lines = [f"{env['device_kind']} x{env['device_count']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
            f"f32 matmul precision: {env['matmul_precision']}"
+           + (f", XLA_FLAGS: `{env['xla_flags']}`" if env.get("xla_flags") else "")
            + (f", measured sgemm peak {env['cpu_peak_tflops']:.3f} TFLOP/s" if env.get("cpu_peak_tflops") else ""),
            "", "| model | input | batch | precision | mode | compile s | step ms (median) | IQR ms | images/s "
            "| GFLOP/image | TFLOP/s | % of peak | peers: images/s (convjax / peer) |", "|" + "---|" * 13]

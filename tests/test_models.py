@@ -105,3 +105,41 @@ def test_conv_layer_is_keras_valid_convolution():
 def test_unknown_model_lists_valid_names():
   with pytest.raises(UserError, match=r"unknown model 'resnet9000'; valid models: .*mnist_convnet"):
     get_model("resnet9000")
+
+
+def test_max_pooling_equals_flax_max_pool_and_routes_gradients_to_the_maxima():
+  """The reshape max pool is nn.max_pool(2x2, stride 2, VALID) forward (odd sizes floor), and
+  without ties both send each output's gradient to its window's maximum."""
+  import flax.linen as nn
+  from convjax.models.layers import MaxPooling2D
+  pool = MaxPooling2D()
+  x = jax.random.normal(jax.random.key(0), (2, 11, 9, 3))  # continuous: no ties
+  want = nn.max_pool(x, (2, 2), (2, 2), padding="VALID")
+  got = pool.apply({}, x)
+  assert got.shape == (2, 5, 4, 3)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  g = jax.random.normal(jax.random.key(1), got.shape)
+  grad = jax.grad(lambda x: jnp.sum(pool.apply({}, x) * g))(x)
+  want_grad = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2), padding="VALID") * g))(x)
+  np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
+  assert float(jnp.abs(grad[:, 10]).max()) == 0.0  # the floored-away row gets nothing
+  # A tie: the gradient is shared (a valid subgradient), never duplicated.
+  tie = jax.grad(lambda x: jnp.sum(pool.apply({}, x)))(jnp.ones((1, 2, 2, 1)))
+  np.testing.assert_allclose(np.asarray(tie).ravel(), [0.25] * 4)
+
+
+def test_xla_cpu_default_is_added_only_where_it_applies(monkeypatch):
+  import importlib.metadata
+  from convjax import xla_defaults
+  flag = f"{xla_defaults.FLAG}={xla_defaults.VALUE}"
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert xla_defaults.apply(env) and env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flag}"
+  assert not xla_defaults.apply(env) and env["XLA_FLAGS"].count(xla_defaults.FLAG) == 1  # idempotent
+  user = {"XLA_FLAGS": f"{xla_defaults.FLAG}=dot,eltwise"}  # the user's own value wins
+  assert not xla_defaults.apply(user) and user["XLA_FLAGS"] == f"{xla_defaults.FLAG}=dot,eltwise"
+  off = {"CONVJAX_XLA_DEFAULTS": "0"}
+  assert not xla_defaults.apply(off) and "XLA_FLAGS" not in off
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")  # not measured: untouched
+  other = {}
+  assert not xla_defaults.apply(other) and other == {}

@@ -34,11 +34,21 @@ class Layer(nn.Module):
 
 
 class MaxPooling2D(Layer):
+  """Keras' MaxPooling2D(pool_size) with strides = pool_size and 'valid' padding.
+
+  The windows don't overlap, so it is a max over two axes of a reshape. Its
+  gradient is elementwise (on ties it is shared equally, where
+  `nn.max_pool`'s select-and-scatter gives it to one input: both are valid
+  subgradients), and on CPU it is several times faster than select-and-scatter.
+  """
   pool_size: int = 2
 
   def __call__(self, x):
-    p = (self.pool_size, self.pool_size)
-    return nn.max_pool(x, p, strides=p, padding="VALID")
+    k = self.pool_size
+    n, h, w, c = x.shape
+    h, w = h // k, w // k
+    x = x[:, :h * k, :w * k]
+    return jnp.max(x.reshape(n, h, k, w, k, c), axis=(2, 4))
 
 
 class Flatten(Layer):
