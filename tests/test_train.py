@@ -207,3 +207,26 @@ def test_a_stored_config_predating_new_fields_reads_with_defaults():
   assert config.preprocess == "" and config.data.per_class == ()
   assert config.data.image_size == (150, 150) and dict(config.model_kwargs) == {"dropout_rate": 0.5}
   assert config_lib.differences(stored, config_lib.to_dict(config)) == []
+
+
+def test_time_to_accuracy_stops_at_the_first_epoch_reaching_the_target(tmp_path, mnist_small):
+  from convjax.train.loop import target_epoch
+  mnist_small.num_epochs = 6
+  mnist_small.steps_per_epoch = 8
+  mnist_small.target_accuracy = 0.5  # a few dozen steps of batch 64 reach 50% on MNIST
+  history = train_and_evaluate(mnist_small, str(tmp_path))
+  epochs = [r for r in history if "epoch" in r]
+  reached = target_epoch(history, "test", 0.5)
+  assert reached == epochs[-1]["epoch"] < 6  # it stopped there, early
+  assert all(r["test_accuracy"] < 0.5 for r in epochs[:-1]) and epochs[-1]["test_accuracy"] >= 0.5
+  walls = [r["wall_seconds"] for r in epochs]
+  assert walls == sorted(walls) and walls[0] > epochs[0]["seconds"]  # since start: includes loading
+  assert history[-1]["test_accuracy"] == epochs[-1]["test_accuracy"]  # the final test: same weights
+  assert target_epoch(history, "validation", 1.01) is None
+
+
+def test_target_split_must_exist(tmp_path, mnist_small):
+  mnist_small.target_accuracy = 0.9
+  mnist_small.test_split = ""
+  with pytest.raises(UserError, match="config.target_split='test', but this run has no test split"):
+    train_and_evaluate(mnist_small, str(tmp_path))

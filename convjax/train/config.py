@@ -95,6 +95,12 @@ def default_config() -> ConfigDict:
   # val_loss improvement greater than min_delta; 0 -> off. Evaluates the last weights.
   c.early_stopping_patience = 0
   c.early_stopping_min_delta = 0.0
+  # Time to accuracy (the benchmark's, MLPerf-style): after each epoch evaluate
+  # `target_split` ('validation' | 'test'), log the wall seconds since the run
+  # started (loading and compilation included) and stop once its accuracy reaches
+  # `target_accuracy`; 0 -> off.
+  c.target_accuracy = 0.0
+  c.target_split = "test"
   # Execution.
   c.num_devices = 0                # 0 -> all devices of all processes
   c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
@@ -112,11 +118,16 @@ def validate(config: ConfigDict) -> None:
     if not config[key] > 0:
       raise UserError(f"config.{key} must be positive, got {config[key]!r}")
   for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "validation_size",
-              "warmup_epochs", "plot_smoothing", "early_stopping_patience", "early_stopping_min_delta"):
+              "warmup_epochs", "plot_smoothing", "early_stopping_patience", "early_stopping_min_delta",
+              "target_accuracy"):
     if config[key] < 0:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
   if not config.plot_smoothing < 1:
     raise UserError(f"config.plot_smoothing must be in [0, 1), got {config.plot_smoothing!r}")
+  if not config.target_accuracy <= 1:
+    raise UserError(f"config.target_accuracy must be in [0, 1], got {config.target_accuracy!r}")
+  if config.target_split not in ("validation", "test"):
+    raise UserError(f"config.target_split must be 'validation' or 'test', got {config.target_split!r}")
   for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
               "zoom_range"):
     if config.augment[key] < 0:

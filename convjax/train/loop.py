@@ -54,6 +54,16 @@ def train_index_table(seed: int, epoch: int, steps: int, batch: int, n: int) -> 
   return out.reshape(steps, batch).astype(np.int32)
 
 
+def _accuracy_key(split: str) -> str:
+  return "val_accuracy" if split == "validation" else f"{split}_accuracy"
+
+
+def target_epoch(history: list, split: str, accuracy: float):
+  """The first epoch whose `split` accuracy reached `accuracy` (config.target_*), or None."""
+  key = _accuracy_key(split)
+  return next((r["epoch"] for r in history if "epoch" in r and r.get(key, -1) >= accuracy), None)
+
+
 def early_stop_epoch(history: list, patience: int, min_delta: float):
   """The epoch at which Keras' EarlyStopping(monitor='val_loss') stops, or None.
 
@@ -201,6 +211,7 @@ def _metric_record(prefix: str, sums: dict) -> dict:
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   """Trains (or resumes) the configured run in `workdir` and returns its history."""
+  started = time.perf_counter()
   config_lib.validate(config)
   mesh = parallel.make_mesh(config.num_devices or None)
   eval_batch = config.eval_batch_size or config.batch_size
@@ -276,9 +287,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main
             else metric_writers.MultiWriter([]))
   stop_args = (config.early_stopping_patience, config.early_stopping_min_delta)
+  target = (config.target_split, config.target_accuracy) if config.target_accuracy else None
+  if target and target[0] not in splits:
+    raise UserError(f"config.target_split={target[0]!r}, but this run has no {target[0]} split")
   try:
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
-      if early_stop_epoch(history, *stop_args):
+      if early_stop_epoch(history, *stop_args) or (target and target_epoch(history, *target)):
         break
       t0 = time.perf_counter()
       table = parallel.put_replicated(mesh, train_index_table(
@@ -290,7 +304,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       record = {"epoch": epoch, **_metric_record("train", sums)}
       train_seconds = time.perf_counter() - t0
       record.update(_metric_record("val", evaluate("validation")))
+      if target and target[0] == "test":
+        record.update(_metric_record("test", evaluate("test")))
       record["seconds"] = time.perf_counter() - t0
+      if target:  # since this process started the run: resumed runs count from their restart
+        record["wall_seconds"] = time.perf_counter() - started
       history.append(record)
       checkpoint.save(manager, epoch, state, history)
       if is_main:
@@ -307,6 +325,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
     if stopped:
       logging.info("early stopping at epoch %d: val_loss improved by no more than %g in %d epochs",
                    stopped, config.early_stopping_min_delta, config.early_stopping_patience)
+    reached = target and target_epoch(history, *target)
+    if reached:
+      record = next(r for r in history if r.get("epoch") == reached)
+      logging.info("time to accuracy: %s accuracy %.4f >= %g at epoch %d, %.1f s after start "
+                   "(data loading and compilation included)", target[0],
+                   record[_accuracy_key(target[0])], target[1], reached, record["wall_seconds"])
     if jax.process_count() > 1:
       logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
   finally:
