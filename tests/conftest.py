@@ -40,14 +40,9 @@ def restore_state(workdir, epoch):
   """The train state of a run's checkpoint as numpy leaves {path: array}, whatever wrote it."""
   import jax
   import numpy as np
-  import orbax.checkpoint as ocp
+  from convjax.train import checkpoint
 
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(epoch), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    checkpointer.metadata(path).item_metadata.tree)
-    state = checkpointer.restore(path, target)
+  state = checkpoint.read_state(os.path.join(os.path.abspath(workdir), "checkpoints", str(epoch), "state"))
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
 

@@ -230,3 +230,27 @@ def test_target_split_must_exist(tmp_path, mnist_small):
   mnist_small.test_split = ""
   with pytest.raises(UserError, match="config.target_split='test', but this run has no test split"):
     train_and_evaluate(mnist_small, str(tmp_path))
+
+
+def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, mnist_small):
+  import jax.numpy as jnp
+  from convjax.models import get_model
+  from convjax.pretrained import transfer
+  mnist_small.num_epochs = 1
+  mnist_small.steps_per_epoch = 8
+  train_and_evaluate(mnist_small, str(tmp_path / "first"))
+  stored = restore_state(tmp_path / "first", 1)
+  config = mnist_small.copy_and_resolve_references()
+  config.init_from = str(tmp_path / "first")
+  fresh = get_model("mnist_convnet").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]
+  params, _ = transfer.starting_params(config, fresh, {})
+  got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  assert got.keys() == {k[len("['params']"):] for k in stored if k.startswith("['params']")}
+  for key, value in got.items():
+    np.testing.assert_array_equal(value, stored["['params']" + key])
+  other = get_model("mnist_dense").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]
+  with pytest.raises(UserError, match="init_from=.*does not fit the model"):
+    transfer.starting_params(config, other, {})
+  config.init_from = str(tmp_path / "nothing")
+  with pytest.raises(UserError, match="has no checkpoints"):
+    transfer.starting_params(config, fresh, {})

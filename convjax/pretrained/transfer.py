@@ -36,17 +36,13 @@ def _weights_path(weights: str, model_name: str, include_top: bool) -> str:
 
 def latest_params(workdir: str) -> dict:
   """{'params': ..., 'model_state': ...} (numpy) of a run's latest checkpoint."""
-  import orbax.checkpoint as ocp
+  from convjax.train import checkpoint
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(directory) else []
   if not steps:
     raise UserError(f"config.init_from={workdir!r} has no checkpoints")
   path = os.path.join(directory, str(steps[-1]), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    checkpointer.metadata(path).item_metadata.tree)
-    state = checkpointer.restore(path, target)
+  state = checkpoint.read_state(path)
   logging.info("starting from %s (epoch %d)", path, steps[-1])
   return jax.device_get({"params": state["params"], "model_state": state["model_state"]})
 

@@ -38,5 +38,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   return epoch, restored["state"], list(restored["history"])
 
 
+def read_state(path: str):
+  """The train state saved at `path` (<run>/checkpoints/<epoch>/state) as stored, on one
+  local device, whatever model, optimizer or device count wrote it."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, target)
+
+
 def abstract(state, sharding):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
