@@ -218,3 +218,19 @@ def test_feature_extraction_run_on_a_small_slice(tmp_path):
   # A rerun (resume of a finished run) reuses the cached features: no extraction logged.
   again = run_binary("experiments.train", *args, env=env)
   assert again.returncode == 0 and "extracting features" not in again.stderr
+
+
+def test_frozen_recipe_starts_from_the_imagenet_notop_weights():
+  """configs/cats_dogs_vgg16_frozen.py (model vgg16_classifier) loads Keras' VGG16 notop file
+  under features/; the head keeps its fresh init."""
+  from configs import cats_dogs_vgg16_frozen
+  from convjax.pretrained import transfer
+  config = cats_dogs_vgg16_frozen.get_config()
+  model = get_model(config.model, **config.model_kwargs)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 150, 150, 3)))["params"]
+  loaded, _ = transfer.starting_params(config, params, {})
+  stored = keras_h5.read(transfer.imagenet_weights("vgg16", include_top=False))
+  for layer in ("block1_conv1", "block5_conv3"):
+    np.testing.assert_array_equal(np.asarray(loaded["features"][layer]["kernel"]), stored[layer]["kernel"])
+  for a, b in zip(jax.tree_util.tree_leaves(loaded["head"]), jax.tree_util.tree_leaves(params["head"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

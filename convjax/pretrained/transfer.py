@@ -61,8 +61,11 @@ def starting_params(config, params, model_state):
     _same_structure(start["params"], jax.device_get(params), f"config.init_from={config.init_from!r}")
     return start["params"], start["model_state"] or model_state
   if config.pretrained.weights:
-    include_top = getattr(get_model(config.model, **config.model_kwargs), "include_top", False)
-    path = _weights_path(config.pretrained.weights, config.model, include_top)
+    model = get_model(config.model, **config.model_kwargs)
+    include_top = getattr(model, "include_top", False)
+    # vgg16_base and vgg16_classifier take the weights of the VGG of their depth.
+    name = f"vgg{model.depth}" if config.model.startswith("vgg") and hasattr(model, "depth") else config.model
+    path = _weights_path(config.pretrained.weights, name, include_top)
     return keras_h5.load_into(params, path, under=config.pretrained.under), model_state
   return params, model_state
 
