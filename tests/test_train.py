@@ -35,8 +35,8 @@ def test_binary_trains_real_mnist_with_overrides(tmp_path):
   history = json.loads((workdir / "history.json").read_text())
   assert [sorted(r) for r in history] == [
       ["epoch", "seconds", "train_accuracy", "train_loss", "val_accuracy", "val_loss"],
-      ["test_accuracy", "test_loss"]]
-  assert history[-1]["test_accuracy"] >= 0.95, history
+      ["test_accuracy", "test_epoch", "test_loss"]]
+  assert history[-1]["test_accuracy"] >= 0.95 and history[-1]["test_epoch"] == 1, history
   assert history[0]["val_accuracy"] >= 0.95, history
   assert "epoch 1/1" in result.stderr and "steps/s" in result.stderr and "left" in result.stderr
   assert "Total params: 93,322" in (workdir / "summary.txt").read_text()
@@ -127,6 +127,7 @@ def no_compilation(monkeypatch):
     ("optimizer", "adamw", "unknown optimizer 'adamw'; valid: rmsprop, adam, sgd"),
     ("dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
     ("batch_size", 10_000, "batch_size=10000 exceeds the 3072 training examples"),
+    ("test_weights", "final", "config.test_weights must be 'last' or 'best', got 'final'"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, field, value, message):
   mnist_small[field] = value
@@ -225,6 +226,29 @@ def test_time_to_accuracy_stops_at_the_first_epoch_reaching_the_target(tmp_path,
   assert walls == sorted(walls) and walls[0] > epochs[0]["seconds"]  # since start: includes loading
   assert history[-1]["test_accuracy"] == epochs[-1]["test_accuracy"]  # the final test: same weights
   assert target_epoch(history, "validation", 1.01) is None
+
+
+def test_test_weights_best_evaluates_the_best_validation_checkpoint(tmp_path, mnist_small, monkeypatch):
+  from convjax.train import loop
+  real, seen = loop._metric_record, []
+
+  def val_best_at_epoch_1(prefix, sums):  # later epochs read as worse on validation
+    record = real(prefix, sums)
+    if prefix == "val":
+      seen.append(1)
+      record["val_accuracy"] -= 0.5 * (len(seen) - 1)
+    return record
+
+  monkeypatch.setattr(loop, "_metric_record", val_best_at_epoch_1)
+  mnist_small.num_epochs = 3
+  mnist_small.steps_per_epoch = 8
+  mnist_small.target_accuracy = 1.0  # unreachable: a test evaluation after every epoch
+  mnist_small.test_weights = "best"
+  history = train_and_evaluate(mnist_small, str(tmp_path))
+  epochs = {r["epoch"]: r["test_accuracy"] for r in history if "epoch" in r}
+  assert epochs[3] - epochs[1] > 0.1  # the epochs' weights differ in what they score
+  assert history[-1]["test_epoch"] == 1 and history[-1]["test_accuracy"] == epochs[1], history
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]  # best, latest
 
 
 def test_target_split_must_exist(tmp_path, mnist_small):

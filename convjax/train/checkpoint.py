@@ -31,8 +31,18 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   them, whatever device count wrote the checkpoint.
   """
   epoch = manager.latest_step()
-  if epoch is None:
-    return None
+  return None if epoch is None else restore(manager, epoch, abstract_state)
+
+
+def best_epoch(manager: ocp.CheckpointManager, history: list) -> int:
+  """The kept checkpoint of highest val_accuracy (the earliest of equals)."""
+  val = {r["epoch"]: r["val_accuracy"] for r in history if "val_accuracy" in r}
+  kept = [e for e in manager.all_steps() if e in val]
+  return max(sorted(kept), key=val.__getitem__)
+
+
+def restore(manager: ocp.CheckpointManager, epoch: int, abstract_state):
+  """(epoch, state, history) from the checkpoint of `epoch`."""
   restored = manager.restore(epoch, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()))
   return epoch, restored["state"], list(restored["history"])

@@ -101,6 +101,10 @@ def default_config() -> ConfigDict:
   # `target_accuracy`; 0 -> off.
   c.target_accuracy = 0.0
   c.target_split = "test"
+  # Which weights the final test evaluation uses: 'last' (the final epoch's) or 'best'
+  # (the kept checkpoint of highest val_accuracy: model selection on validation, as
+  # Keras' ModelCheckpoint(save_best_only=True) then load). The test record names the epoch.
+  c.test_weights = "last"
   # Execution.
   c.num_devices = 0                # 0 -> all devices of all processes
   c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
@@ -128,6 +132,8 @@ def validate(config: ConfigDict) -> None:
     raise UserError(f"config.target_accuracy must be in [0, 1], got {config.target_accuracy!r}")
   if config.target_split not in ("validation", "test"):
     raise UserError(f"config.target_split must be 'validation' or 'test', got {config.target_split!r}")
+  if config.test_weights not in ("last", "best"):
+    raise UserError(f"config.test_weights must be 'last' or 'best', got {config.test_weights!r}")
   for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
               "zoom_range"):
     if config.augment[key] < 0:

@@ -333,15 +333,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
                    record[_accuracy_key(target[0])], target[1], reached, record["wall_seconds"])
     if jax.process_count() > 1:
       logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
+    test_epoch = history[-1]["epoch"] if history else 0
+    if "test" in splits and history and config.test_weights == "best":
+      test_epoch = checkpoint.best_epoch(manager, history)
+      if test_epoch != history[-1]["epoch"]:
+        _, state, _ = checkpoint.restore(manager, test_epoch, checkpoint.abstract(state, repl))
+      logging.info("test with the weights of epoch %d (best val_accuracy %.4f)", test_epoch,
+                   next(r["val_accuracy"] for r in history if r.get("epoch") == test_epoch))
   finally:
     manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
     writer.flush()
 
   if "test" in splits:
-    test = _metric_record("test", evaluate("test"))
-    writer.write_scalars(history[-1]["epoch"] if history else 0, test)
+    test = {**_metric_record("test", evaluate("test")), "test_epoch": test_epoch}
+    writer.write_scalars(test_epoch, test)
     history.append(test)
-    logging.info("test loss %.4f acc %.4f", test["test_loss"], test["test_accuracy"])
+    logging.info("test loss %.4f acc %.4f (weights of epoch %d)", test["test_loss"],
+                 test["test_accuracy"], test_epoch)
     if is_main:
       _write_json(os.path.join(workdir, "history.json"), history)
   writer.close()
