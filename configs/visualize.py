@@ -5,7 +5,16 @@ r"""What experiments/visualize.py draws, and how.
 
 Without a trained run, `--config.viz.model=vgg16 --config.viz.weights=imagenet`
 explains the ImageNet VGG16 itself (the with-top weights download from Keras;
-any Keras .h5 of that layout works offline). Figures go to <workdir>/viz/.
+any Keras .h5 of that layout works offline). `--config.viz.model=vgg16_base` is
+its conv base (the notop file, offline in ../shared/weights) for activations and
+filter patterns, e.g. the notes' 8x8 grids of block1_conv1 ... block5_conv1:
+
+  CONVJAX_WEIGHTS_DIR=../shared/weights python -m experiments.visualize --workdir=/tmp/vgg16 \
+      --image=../shared/datasets/images/skimage_chelsea_cat.png --config.viz.model=vgg16_base \
+      --config.viz.image_size=150 --config.viz.methods=activations,filters \
+      --config.viz.layers=block1_conv1,block2_conv1,block3_conv1,block4_conv1,block5_conv1
+
+Figures go to <workdir>/viz/.
 """
 from ml_collections import ConfigDict
 
@@ -16,8 +25,10 @@ def get_config():
   v.methods = "activations,first_layer,filters,top_images,gradcam,saliency,occlusion"
   v.model = ""              # '' -> the run's model; else a pretrained model name (vgg16)
   v.weights = "imagenet"    # with viz.model: 'imagenet' or a Keras .h5 file
+  v.image_size = 224        # with viz.model: the input side (a model with Keras' top takes 224)
   v.class_index = -1        # -1 -> the predicted class
-  v.layers = ""             # comma-separated layer names for activations/filters; '' -> defaults
+  v.layers = ""             # comma-separated layer names for activations/filters; '' -> every
+                            # conv/pool layer's activations, the first and last conv's filters
   v.gradcam_layer = ""      # '' -> the last Conv2D layer
   v.num_filters = 64        # filters per layer for filter maximisation (8x8 grid)
   v.filter_size = 150       # side of the optimised image
@@ -27,6 +38,8 @@ def get_config():
   v.blur_sigma = 0.0
   v.l2 = 0.0
   v.tv = 0.0
+  v.octaves = 1             # > 1: ascend on a smaller image first, upscaling by octave_scale
+  v.octave_scale = 1.4
   v.seed = 0
   v.smoothgrad_samples = 25
   v.smoothgrad_noise = 0.15

@@ -128,6 +128,13 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   decoded = imagenet.decode_predictions(ours, top=3, index_path=str(SHARED / "datasets" / "imagenet_class_index.json"))
   assert len(decoded) == 3 and all(len(d) == 3 for d in decoded)
   assert decoded[0][0][2] == pytest.approx(float(ours[0].max()))
+  # The visualisation binary explains the same with-top model, by class index, from the file.
+  result = run_binary("experiments.visualize", f"--workdir={tmp_path}", "--config.viz.model=vgg16",
+                      f"--config.viz.weights={full}", "--config.viz.methods=gradcam",
+                      f"--image={IMAGES[0]}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  timings = json.loads((tmp_path / "viz" / "timings.json").read_text())
+  assert (tmp_path / "viz" / "gradcam.png").stat().st_size > 0 and 0 <= timings["class"] < 1000
 
 
 def test_decode_predictions_names_imagenet_classes():

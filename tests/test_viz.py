@@ -166,6 +166,11 @@ def test_filter_maximisation_raises_activation_and_is_deterministic(trained_mnis
                                                    blur_sigma=0.5, l2=1e-4, tv=1e-2, **kwargs)
   assert np.all(np.asarray(end_reg)[np.asarray(start_reg) > 0] > np.asarray(start_reg)[np.asarray(start_reg) > 0])
   assert filters.deprocess(images[0]).dtype == np.uint8
+  octave_images, start_oct, end_oct = filters.maximize_filters(model, variables, layer, range(8), seed=3,
+                                                               octaves=3, octave_scale=1.15, **kwargs)
+  live = np.asarray(start_oct) > 0  # measured on the first octave's 21x21 grey image
+  assert octave_images.shape == (8, 28, 28, 1) and live.sum() >= 4
+  assert np.all(np.asarray(end_oct)[live] > 5 * np.asarray(start_oct)[live]), (start_oct, end_oct)
 
 
 def test_constant_maps_and_zero_gradients_give_zero_heatmaps_not_nan():
@@ -227,6 +232,35 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   timings = json.loads((viz / "timings.json").read_text())
   assert set(timings["seconds"]) == {"activations", "first_layer", "filters", "top_images", "gradcam",
                                      "saliency", "occlusion"}
-  bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
-                   "--config.viz.methods=gradcam,dreams")
-  assert bad.returncode == 1 and "error: unknown config.viz.methods ['dreams']" in bad.stderr
+  for flag, message in (("--config.viz.methods=gradcam,dreams", "unknown config.viz.methods ['dreams']"),
+                        ("--config.viz.layers=conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
+                        ("--config.viz.gradcam_layer=max_pooling2d", "gradcam_layer='max_pooling2d' is not a "
+                         "Conv2D layer")):
+    bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}", flag)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and last.startswith("error: ") and message in last, bad.stderr[-2000:]
+
+
+def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
+  """--config.viz.model=vgg16_base: the real notop ImageNet weights (../shared/weights),
+  activations and filter patterns of chosen layers; class methods are refused for a base."""
+  from tests.conftest import SHARED, run_binary
+  image = SHARED / "datasets" / "images" / "skimage_chelsea_cat.png"
+  common = [f"--workdir={tmp_path}", f"--image={image}", "--config.viz.model=vgg16_base",
+            "--config.viz.image_size=32"]
+  result = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,first_layer,filters",
+                      "--config.viz.layers=block1_conv1,block3_pool,block5_conv1", "--config.viz.num_filters=4",
+                      "--config.viz.filter_size=32", "--config.viz.steps=5")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert {p.name for p in (tmp_path / "viz").iterdir()} == {
+      "activations_block1_conv1.png", "activations_block3_pool.png", "activations_block5_conv1.png",
+      "first_layer_filters.png", "filters_block1_conv1.png", "filters_block5_conv1.png", "timings.json"}
+  assert "block5_conv1: mean activation" in result.stderr
+  refused = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,gradcam")
+  assert refused.returncode == 1
+  assert refused.stderr.strip().splitlines()[-1] == (
+      "error: config.viz.methods ['gradcam'] need a classifier and a run's data; vgg16_base is a conv base: "
+      "use activations, first_layer, filters")
+  with_top = run_binary("experiments.visualize", *common[:3], "--config.viz.model=vgg16",
+                        "--config.viz.image_size=150")
+  assert with_top.returncode == 1 and "vgg16 with its top takes 224x224 images" in with_top.stderr

@@ -1,6 +1,7 @@
 """Transfer learning glue: ImageNet weights by model name, starting params, feature extraction.
 
   imagenet_weights(model_name, include_top) -> path of Keras' .h5 for it
+  weights_file(weights, model_name, model)  -> the .h5 that config weights name for a model
   starting_params(config, params)           -> params from config.pretrained / config.init_from
   make_extractor(config, image_shape)       -> (extract(images uint8) -> features, feature shape)
   feature_split(split, extract, cache_dir)  -> the split with features instead of pixels,
@@ -16,6 +17,7 @@ from absl import logging
 from convjax.data.splits import Split
 from convjax.errors import UserError
 from convjax.models import apply_features, get_model
+from convjax.models.vgg import VGG, VGGClassifier
 from convjax.pretrained import fetch, keras_h5
 
 IMAGENET = {"vgg16", "vgg19"}
@@ -28,10 +30,14 @@ def imagenet_weights(model_name: str, include_top: bool) -> str:
   return fetch.get_file(f"{model_name}_weights_tf_dim_ordering_tf_kernels{suffix}.h5")
 
 
-def _weights_path(weights: str, model_name: str, include_top: bool) -> str:
-  if weights == "imagenet":
-    return imagenet_weights(model_name, include_top)
-  return fetch.get_file(os.path.basename(weights), weights)
+def weights_file(weights: str, model_name: str, model) -> str:
+  """The Keras .h5 that `weights` names for `model`: a local path or URL as given, or for
+  'imagenet' Keras' file of the VGG of the model's depth (vgg16, vgg16_base and
+  vgg16_classifier all take VGG16's), with the top only if the model has Keras' top."""
+  if weights != "imagenet":
+    return fetch.get_file(os.path.basename(weights), weights)
+  name = f"vgg{model.depth}" if isinstance(model, (VGG, VGGClassifier)) else model_name
+  return imagenet_weights(name, include_top=getattr(model, "include_top", False))
 
 
 def latest_params(workdir: str) -> dict:
@@ -61,11 +67,8 @@ def starting_params(config, params, model_state):
     _same_structure(start["params"], jax.device_get(params), f"config.init_from={config.init_from!r}")
     return start["params"], start["model_state"] or model_state
   if config.pretrained.weights:
-    model = get_model(config.model, **config.model_kwargs)
-    include_top = getattr(model, "include_top", False)
-    # vgg16_base and vgg16_classifier take the weights of the VGG of their depth.
-    name = f"vgg{model.depth}" if config.model.startswith("vgg") and hasattr(model, "depth") else config.model
-    path = _weights_path(config.pretrained.weights, name, include_top)
+    path = weights_file(config.pretrained.weights, config.model,
+                        get_model(config.model, **config.model_kwargs))
     return keras_h5.load_into(params, path, under=config.pretrained.under), model_state
   return params, model_state
 
@@ -74,7 +77,9 @@ def make_extractor(config, image_shape: tuple, batch: int = 50):
   """The frozen conv base of config.feature_extractor with its weights, as a host function."""
   from convjax.train.config import input_transform
   name = config.feature_extractor.model
-  base = get_model(name, include_top=False) if name in IMAGENET else get_model(name)
+  base = get_model(name)
+  if getattr(base, "include_top", False):  # a VGG with Keras' top: its conv base
+    base = base.clone(include_top=False)
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: base.init(jax.random.key(0), x))
   shape = jax.eval_shape(lambda v: apply_features(base, v, x), variables).shape[1:]
@@ -84,7 +89,7 @@ def make_extractor(config, image_shape: tuple, batch: int = 50):
     params = base.init(jax.random.key(0), x)["params"]
     weights = config.feature_extractor.weights
     if weights:
-      params = keras_h5.load_into(params, _weights_path(weights, name, False), under="features",
+      params = keras_h5.load_into(params, weights_file(weights, name, base), under="features",
                                   strict=False)
     run = jax.jit(lambda p, imgs: apply_features(base, {"params": p}, prepare(imgs.astype(jnp.float32))))
     out = np.zeros((len(images), *shape), np.float32)

@@ -5,7 +5,8 @@ ascent on the filter's mean activation, each gradient divided by its RMS
 (L2-normalised), step size 1; then deprocessed to a uint8 image. All filters
 of a layer run at once: the ascent is vmapped over filter indices and jitted.
 Optional regularisers for cleaner patterns: random jitter (roll), Gaussian
-blur every few steps, L2 decay and total variation.
+blur every few steps, L2 decay, total variation, and octaves (ascend on a small
+image first, then upscale and continue).
 """
 import jax
 import jax.numpy as jnp
@@ -39,13 +40,21 @@ def deprocess(x):
 
 def maximize_filters(model, variables, path, filters, size: int, channels: int = 3, steps: int = 40,
                      step_size: float = 1.0, seed: int = 0, prepare=lambda x: x, jitter: int = 0,
-                     blur_sigma: float = 0.0, blur_every: int = 4, l2: float = 0.0, tv: float = 0.0):
+                     blur_sigma: float = 0.0, blur_every: int = 4, l2: float = 0.0, tv: float = 0.0,
+                     octaves: int = 1, octave_scale: float = 1.4):
   """(raw images (F, size, size, C), start and end mean activations (F,)) for `filters` at `path`.
 
   `prepare` maps the 0-255 image to the model's input (rescale / ImageNet preprocessing).
+  With `octaves` > 1 the ascent starts on a smaller image (size / octave_scale**(octaves-1))
+  and runs `steps` steps at each scale, upscaling the image (bilinear) in between:
+  coarse structure first, then detail. `start` is measured on the first scale's random
+  image, `end` on the final image.
   """
   path = tuple(path)
   filters = jnp.asarray(filters)
+  if octaves < 1:
+    raise ValueError(f"octaves must be >= 1, got {octaves}")
+  sizes = [max(1, round(size / octave_scale ** k)) for k in reversed(range(octaves))]
 
   def objective(image, f):
     act = layers.layer_output(model, variables, prepare(image[None]), path)[0]
@@ -59,14 +68,10 @@ def maximize_filters(model, variables, path, filters, size: int, channels: int =
       out += tv * (jnp.mean(jnp.abs(jnp.diff(image, axis=0))) + jnp.mean(jnp.abs(jnp.diff(image, axis=1))))
     return out
 
-  def ascend(key, f):
-    init_key, jitter_key = jax.random.split(key)
-    image = 128.0 + 20.0 * jax.random.uniform(init_key, (size, size, channels))
-    start = objective(image, f)
-
+  def ascend(jitter_key, image, f, first_step):
     def step(i, image):
       if jitter:
-        shifts = jax.random.randint(jax.random.fold_in(jitter_key, i), (2,), -jitter, jitter + 1)
+        shifts = jax.random.randint(jax.random.fold_in(jitter_key, first_step + i), (2,), -jitter, jitter + 1)
         image = jnp.roll(image, shifts, axis=(0, 1))
       grads = jax.grad(lambda im: objective(im, f) - penalty(im))(image)
       grads = grads / (jnp.sqrt(jnp.mean(grads ** 2)) + 1e-5)
@@ -75,9 +80,15 @@ def maximize_filters(model, variables, path, filters, size: int, channels: int =
         image = jnp.where((i + 1) % blur_every == 0, _blur(image, blur_sigma), image)
       return image
 
-    image = jax.lax.fori_loop(0, steps, step, image)
-    return image, start, objective(image, f)
+    return jax.lax.fori_loop(0, steps, step, image)
 
-  keys = jax.random.split(jax.random.key(seed), len(filters))
-  images, start, end = jax.jit(jax.vmap(ascend))(keys, filters)
-  return images, start, end
+  keys = jax.vmap(jax.random.split)(jax.random.split(jax.random.key(seed), len(filters)))
+  images = jax.vmap(lambda k: 128.0 + 20.0 * jax.random.uniform(k, (sizes[0], sizes[0], channels)))(keys[:, 0])
+  measure = jax.jit(jax.vmap(objective))
+  start = measure(images, filters)
+  run = jax.jit(jax.vmap(ascend, in_axes=(0, 0, 0, None)))
+  for octave, side in enumerate(sizes):
+    if images.shape[1] != side:
+      images = jax.image.resize(images, (len(filters), side, side, channels), "bilinear")
+    images = run(keys[:, 1], images, filters, octave * steps)
+  return images, start, measure(images, filters)

@@ -28,10 +28,16 @@ def last_conv(model, input_shape: Sequence[int]) -> tuple:
 
 
 def layer_outputs(model, variables, x, paths) -> dict:
-  """{path: output} of the layers at `paths` for inputs x (N, H, W, C), from one forward pass."""
+  """{path: output} of the layers at `paths` for inputs x (N, H, W, C), from one forward pass.
+
+  When every path lies in the model's `features`, only `features` runs: no head
+  compute, and any input size the conv base takes (a Flatten head fixes the size).
+  """
   wanted = {tuple(p) for p in paths}
+  in_features = all(p[0] == "features" for p in wanted)
   _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path in wanted,
-                         mutable=["intermediates"])
+                         mutable=["intermediates"],
+                         method=(lambda m, x: m.features(x)) if in_features else "__call__")
   out = {}
   for path in wanted:
     node = state["intermediates"]

@@ -1,4 +1,4 @@
-"""Figures: learning curves (accuracy and loss, train vs validation), image grids."""
+"""Figures: learning curves (accuracy and loss, train vs validation), image grids, map panels."""
 import matplotlib
 import numpy as np
 
@@ -71,5 +71,31 @@ def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> N
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def map_panels(path: str, image, panels) -> None:
+  """Writes a PNG: the image, then one panel per (title, 2-D map or RGB image, cmap)."""
+  image = np.asarray(image)
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
+  axes[0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
+  axes[0].set_title("image")
+  for ax, (title, m, cmap) in zip(axes[1:], panels):
+    ax.imshow(m, cmap=cmap)
+    ax.set_title(title, fontsize=9)
+  for ax in axes:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def channel_grid_figure(grid, path: str, title: str) -> None:
+  """Writes a PNG of a channel grid (activations.channel_grid), viridis, one pixel per value."""
+  fig = plt.figure(figsize=(grid.shape[1] / 60 + 1, grid.shape[0] / 60 + 1))
+  plt.imshow(grid, cmap="viridis", aspect="auto")
+  plt.title(title)
+  plt.axis("off")
   fig.savefig(path, dpi=100)
   plt.close(fig)
