@@ -112,7 +112,8 @@ def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_m
     xi = x[i:i + 1]
     cls = int(labels[i])
     heat = np.asarray(cam.grad_cam(model, variables, xi, layer, cls)[0][0])
-    probs, _ = occlusion.occlusion_map(model, variables, x[i], cls, patch=10, stride=2, fill=0.0)
+    occ = occlusion.occlusion_map(model, variables, x[i], cls, patch=10, stride=2, fill=0.0)
+    probs = occ.probability
     base = float(layers.class_probability(model.apply(variables, xi), cls)[0])
     # The occluder position over the Grad-CAM peak (map cells scaled to pixels), vs random ones.
     r, c = np.unravel_index(np.argmax(heat), heat.shape)
@@ -122,6 +123,13 @@ def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_m
     drops_cam.append(base - probs[top, left])
     drops_random.append(base - probs[rng.integers(0, probs.shape[0]), rng.integers(0, probs.shape[1])])
   assert np.mean(drops_cam) > np.mean(drops_random) + 0.05, (np.mean(drops_cam), np.mean(drops_random))
+  # One position by hand: the patch at rows 6-15, columns 12-21 (map cell (3, 6)).
+  occluded = np.array(x[15:16])
+  occluded[:, 6:16, 12:22] = 0.0
+  logits = model.apply(variables, occluded)
+  assert occ.class_index == cls and occ.score.shape == probs.shape == (10, 10)
+  np.testing.assert_allclose(occ.score[3, 6], layers.class_score(logits, cls)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(probs[3, 6], layers.class_probability(logits, cls)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_smoothgrad_is_a_seeded_average_of_noisy_gradients(trained_mnist):

@@ -105,8 +105,14 @@ def saliency_maps(s: Subject, out: str, seed: int, smoothgrad_samples: int, smoo
 
 
 def occlusion_map(s: Subject, out: str, patch: int, stride: int) -> list:
-  """occlusion.png: the class probability with a grey patch at each position."""
-  probs, _ = occlusion.occlusion_map(s.model, s.variables, s.x[0], s.class_index, patch, stride)
+  """occlusion.png: the class probability with a grey patch at each position, and how much
+  the patch lowers the class score (which still varies where the probability saturates)."""
+  occ = occlusion.occlusion_map(s.model, s.variables, s.x[0], s.class_index, patch, stride)
+  unoccluded = float(layers.class_score(s.model.apply(s.variables, s.x), s.class_index)[0])
   path = os.path.join(out, "occlusion.png")
-  map_panels(path, s.image, [(f"p(class {s.class_index}) with a {patch}px patch", probs, "viridis")])
+  p = occ.probability
+  map_panels(path, s.image, [
+      (f"p(class {s.class_index}), {patch}px patch: {p.min():.3f}-{p.max():.3f}", p, "viridis",
+       {"vmin": 0.0, "vmax": 1.0}),
+      ("drop in class score", unoccluded - occ.score, "magma")])
   return [path]

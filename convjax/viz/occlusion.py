@@ -1,6 +1,6 @@
-"""Occlusion sensitivity (Zeiler & Fergus 2014): the class probability as a grey patch
-slides over the image, evaluated in batches of occluded copies."""
-from typing import Optional
+"""Occlusion sensitivity (Zeiler & Fergus 2014): the class probability (and score) as a
+grey patch slides over the image, evaluated in batches of occluded copies."""
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,16 @@ import numpy as np
 from convjax.viz import layers
 
 
+class Occlusion(NamedTuple):
+  probability: np.ndarray  # (rows, cols): the class probability with the patch at each position
+  score: np.ndarray        # (rows, cols): the class score (layers.class_score), which a confident
+                           # model's saturated probability hides
+  class_index: int
+
+
 def occlusion_map(model, variables, image, class_index: Optional[int] = None, patch: int = 8,
-                  stride: int = 4, fill: Optional[float] = None, batch: int = 64):
-  """(rows, cols) class probabilities, one per patch position, and the class.
+                  stride: int = 4, fill: Optional[float] = None, batch: int = 64) -> Occlusion:
+  """The class's probability and score for each patch position (row-major over the image).
 
   `image` is one model input (H, W, C); `fill` defaults to the image's mean.
   """
@@ -24,13 +31,15 @@ def occlusion_map(model, variables, image, class_index: Optional[int] = None, pa
   rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
 
   @jax.jit
-  def probabilities(corners):
+  def evaluate(corners):
     def occlude(corner):
       inside = ((rows >= corner[0]) & (rows < corner[0] + patch) & (cols >= corner[1])
                 & (cols < corner[1] + patch))
       return jnp.where(inside[..., None], value, x[0])
-    return layers.class_probability(model.apply(variables, jax.vmap(occlude)(corners)), cls)
+    logits = model.apply(variables, jax.vmap(occlude)(corners))
+    return jnp.stack([layers.class_probability(logits, cls), layers.class_score(logits, cls)])
 
   padded = np.concatenate([positions, np.zeros((-len(positions) % batch, 2), np.int32)])
-  out = np.concatenate([np.asarray(probabilities(padded[i:i + batch])) for i in range(0, len(padded), batch)])
-  return out[:len(positions)].reshape(len(tops), len(lefts)), cls
+  out = np.concatenate([np.asarray(evaluate(padded[i:i + batch])) for i in range(0, len(padded), batch)], axis=1)
+  probability, score = out[:, :len(positions)].reshape(2, len(tops), len(lefts))
+  return Occlusion(probability, score, cls)

@@ -76,13 +76,16 @@ def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> N
 
 
 def map_panels(path: str, image, panels) -> None:
-  """Writes a PNG: the image, then one panel per (title, 2-D map or RGB image, cmap)."""
+  """Writes a PNG: the image, then one panel per (title, 2-D map or RGB image, cmap[, imshow
+  options such as vmin/vmax]); a 2-D map gets a colour bar."""
   image = np.asarray(image)
-  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.4 * (len(panels) + 1), 3.4))
   axes[0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
   axes[0].set_title("image")
-  for ax, (title, m, cmap) in zip(axes[1:], panels):
-    ax.imshow(m, cmap=cmap)
+  for ax, (title, m, cmap, *options) in zip(axes[1:], panels):
+    shown = ax.imshow(m, cmap=cmap, **(options[0] if options else {}))
+    if np.ndim(m) == 2:
+      fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
     ax.set_title(title, fontsize=9)
   for ax in axes:
     ax.axis("off")
