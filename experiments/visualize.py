@@ -95,9 +95,11 @@ def main(argv):
     if viz[key] and viz[key] not in by_name:
       raise UserError(f"config.viz.{key}={viz[key]!r} is not a Conv2D layer of {run.model}")
   gradcam_layer = by_name[viz.gradcam_layer] if viz.gradcam_layer else conv_paths[-1]
-  logits = model.apply(variables, x)
-  cls = int(layers.predicted_class(logits)[0]) if viz.class_index < 0 else viz.class_index
-  prob = float(layers.class_probability(logits, cls)[0])
+  cls = prob = None  # a conv base (vgg16_base) outputs feature maps, not classes
+  if not (viz.model and not getattr(model, "include_top", True)):
+    logits = model.apply(variables, x)
+    cls = int(layers.predicted_class(logits)[0]) if viz.class_index < 0 else viz.class_index
+    prob = float(layers.class_probability(logits, cls)[0])
   subject = figures.Subject(model, variables, image, x, cls, prepare)
   out = os.path.join(workdir, "viz")
   os.makedirs(out, exist_ok=True)
@@ -123,7 +125,7 @@ def main(argv):
                                                 viz.smoothgrad_noise, viz.ig_steps, viz.ig_baseline),
       "occlusion": lambda: figures.occlusion_map(subject, out, viz.occlusion_patch, viz.occlusion_stride),
   }
-  logging.info("class %d (p=%.3f); figures in %s", cls, prob, out)
+  logging.info("%s; figures in %s", "no classifier" if cls is None else f"class {cls} (p={prob:.3f})", out)
   timings = {}
   for name in methods:
     t0 = time.perf_counter()

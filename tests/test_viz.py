@@ -264,6 +264,8 @@ def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
       "activations_block1_conv1.png", "activations_block3_pool.png", "activations_block5_conv1.png",
       "first_layer_filters.png", "filters_block1_conv1.png", "filters_block5_conv1.png", "timings.json"}
   assert "block5_conv1: mean activation" in result.stderr
+  record = json.loads((tmp_path / "viz" / "timings.json").read_text())
+  assert record["class"] is None and record["probability"] is None  # a conv base has no classes
   refused = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,gradcam")
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1] == (
