@@ -3,7 +3,8 @@ r"""Throughput of convjax's jitted steps: models x batch sizes x precisions x mo
   python -m experiments.benchmark --config=configs/benchmark.py --workdir=/tmp/bench
   python -m experiments.benchmark --compare a/benchmark.json b/benchmark.json
 
-Writes <workdir>/benchmark.json (rows + environment), benchmark.md (a table) and
+Writes <workdir>/benchmark.json (rows + environment; rewritten after each row, so an
+interrupted grid keeps what it measured), benchmark.md (a table) and
 benchmark.png (images/s per row). Run it on an otherwise idle machine: other
 processes on the same cores make every number wrong. --compare prints, per row
 present in both files, the ratio of images/s (b / a): two devices, two versions.
@@ -46,6 +47,13 @@ def run_peer(peer: str, row: dict, config) -> dict:
   measured = json.loads(lines[-1])
   measured["ratio"] = row["images_per_second"] / measured["images_per_second"]
   return measured
+
+
+def _write_json(path: str, value) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as out:
+    json.dump(value, out, indent=1)
+  os.replace(tmp, path)
 
 
 def _key(row):
@@ -152,7 +160,9 @@ def main(argv):
   unknown = sorted(set(peers) - set(PEERS))
   if unknown:
     raise UserError(f"unknown config.peers {unknown}; valid: {', '.join(PEERS)}")
-  rows = []
+  rows, pipeline = [], []
+  result = {"environment": env, "rows": rows, "pipeline": pipeline}
+  os.makedirs(f.workdir, exist_ok=True)
   for name, input_shape in models:
     for batch in config.batch_sizes:
       for precision in config.precisions:
@@ -161,10 +171,10 @@ def main(argv):
                                         config.warmup, cpu_peak)
           row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
           rows.append(row)
+          _write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
           logging.info("%s: %.1f images/s (compile %.1fs) %s", _label(row), row["images_per_second"],
                        row["compile_seconds"],
                        " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v))
-  pipeline = []
   for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
     model_name, _, dataset = item.partition(":")
     if not dataset:
@@ -173,10 +183,7 @@ def main(argv):
       pipeline.append(benchmark.pipeline_overhead(model_name, dataset, batch, config.steps, config.warmup))
       logging.info("pipeline %s:%s b%d: overhead %.1f%%", model_name, dataset, batch,
                    pipeline[-1]["overhead_percent"])
-  result = {"environment": env, "rows": rows, "pipeline": pipeline}
-  os.makedirs(f.workdir, exist_ok=True)
-  with open(os.path.join(f.workdir, "benchmark.json"), "w") as out:
-    json.dump(result, out, indent=1)
+  _write_json(os.path.join(f.workdir, "benchmark.json"), result)
   with open(os.path.join(f.workdir, "benchmark.md"), "w") as out:
     out.write(markdown(result))
   bar_chart([_label(r) for r in rows], [r["images_per_second"] for r in rows],
