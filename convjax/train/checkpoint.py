@@ -5,6 +5,7 @@ resumed from it rewrites history.json consistently whatever was killed when.
 """
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 
@@ -51,10 +52,12 @@ def restore(manager: ocp.CheckpointManager, epoch: int, abstract_state):
 def read_state(path: str):
   """The train state saved at `path` (<run>/checkpoints/<epoch>/state) as stored, on one
   local device, whatever model, optimizer or device count wrote it."""
+  # The item's tree metadata, from its handler: the checkpointer's metadata() would also
+  # look for step metadata, which lives one level up (<epoch>/), and warn.
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   with ocp.StandardCheckpointer() as checkpointer:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    checkpointer.metadata(path).item_metadata.tree)
     return checkpointer.restore(path, target)
 
 
