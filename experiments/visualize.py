@@ -68,12 +68,18 @@ def main(argv):
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise UserError(f"unknown config.viz.methods {unknown}; valid: {', '.join(METHODS)}")
+  for key in ("num_filters", "filter_size", "octaves", "smoothgrad_samples", "ig_steps", "occlusion_patch",
+              "occlusion_stride", "top_k"):
+    if viz[key] < 1:
+      raise UserError(f"config.viz.{key} must be >= 1, got {viz[key]}")
   model, variables, run = load_model(workdir, viz)
   if viz.model and not getattr(model, "include_top", True):
     refused = [m for m in methods if m in CLASS_METHODS]
     if refused:
       raise UserError(f"config.viz.methods {refused} need a classifier and a run's data; "
                       f"{viz.model} is a conv base: use activations, first_layer, filters")
+  if viz.model and "top_images" in methods:
+    raise UserError(f"config.viz.methods: top_images needs a training run's images; {viz.model} has none")
   size, channels = tuple(run.data.image_size) or None, run.data.channels
   if not viz.model and not run.data.folder:  # a TFDS run: its images' shape
     from convjax.data import tfds as tfds_data
@@ -90,15 +96,23 @@ def main(argv):
   if missing:
     raise UserError(f"config.viz.layers: no Conv2D or MaxPooling2D layer named {missing} in {run.model}")
   chosen = [p for p in all_paths if not names or p[-1] in names]
+  needs_conv = sorted(set(methods) & {"first_layer", "filters", "top_images", "gradcam"})
+  if needs_conv and not conv_paths:
+    raise UserError(f"config.viz.methods {needs_conv} need a Conv2D layer; {run.model} has none")
+  if viz.occlusion_patch > min(input_shape[:2]) and "occlusion" in methods:
+    raise UserError(f"config.viz.occlusion_patch={viz.occlusion_patch} is larger than the "
+                    f"{input_shape[0]}x{input_shape[1]} input")
   by_name = {p[-1]: p for p in conv_paths}
   for key in ("gradcam_layer", "top_layer"):
     if viz[key] and viz[key] not in by_name:
       raise UserError(f"config.viz.{key}={viz[key]!r} is not a Conv2D layer of {run.model}")
-  gradcam_layer = by_name[viz.gradcam_layer] if viz.gradcam_layer else conv_paths[-1]
+  gradcam_layer = by_name[viz.gradcam_layer] if viz.gradcam_layer else (conv_paths or [None])[-1]
   cls = prob = None  # a conv base (vgg16_base) outputs feature maps, not classes
   if not (viz.model and not getattr(model, "include_top", True)):
     logits = model.apply(variables, x)
     cls = int(layers.predicted_class(logits)[0]) if viz.class_index < 0 else viz.class_index
+    if cls >= max(2, logits.shape[-1]):
+      raise UserError(f"config.viz.class_index={cls}: {run.model} has {max(2, logits.shape[-1])} classes")
     prob = float(layers.class_probability(logits, cls)[0])
   subject = figures.Subject(model, variables, image, x, cls, prepare)
   out = os.path.join(workdir, "viz")
@@ -106,8 +120,14 @@ def main(argv):
 
   def top_images():
     from convjax.data.splits import open_splits
-    split = open_splits(run)[viz.top_split]
+    splits = open_splits(run)
+    if viz.top_split not in splits:
+      raise UserError(f"config.viz.top_split={viz.top_split!r}: the run has {sorted(splits)}")
+    split = splits[viz.top_split]
     path = by_name[viz.top_layer] if viz.top_layer else conv_paths[-1]
+    channels = int(layers.layer_output(model, variables, x, path).shape[-1])
+    if not 0 <= viz.top_filter < channels:
+      raise UserError(f"config.viz.top_filter={viz.top_filter}: {path[-1]} has {channels} filters")
     return figures.top_images(subject, split.read(0, split.size)["image"], path, viz.top_filter,
                               viz.top_k, out)
 

@@ -94,9 +94,12 @@ def test_maps_of_a_randomised_model_decorrelate(trained_mnist):
       "grad-cam": lambda v, xi, c: cam.grad_cam(model, v, xi, layer, c)[0],
   }
   for name, method in methods.items():
-    rhos = [_rank_correlation(method(trained, x[i:i + 1], int(labels[i])),
-                              method(fresh, x[i:i + 1], int(labels[i]))) for i in range(8)]
-    assert np.mean(rhos) < 0.5, (name, rhos)
+    pairs = [(np.asarray(method(trained, x[i:i + 1], int(labels[i]))),
+              np.asarray(method(fresh, x[i:i + 1], int(labels[i])))) for i in range(len(x))]
+    # Only pairs of maps that vary: a constant map (a fresh model's Grad-CAM is often all
+    # zero after its ReLU) would score 0 and pass vacuously.
+    rhos = [_rank_correlation(t, f) for t, f in pairs if t.min() < t.max() and f.min() < f.max()]
+    assert len(rhos) >= 8 and np.mean(rhos) < 0.5, (name, rhos)
   # The check can fail: the same model against itself correlates perfectly.
   same = _rank_correlation(methods["grad-cam"](trained, x[:1], int(labels[0])),
                            methods["grad-cam"](trained, x[:1], int(labels[0])))
@@ -170,9 +173,10 @@ def test_filter_maximisation_raises_activation_and_is_deterministic(trained_mnis
   np.testing.assert_array_equal(images, again)
   other, _, _ = filters.maximize_filters(model, variables, layer, range(8), seed=4, **kwargs)
   assert not np.allclose(images, other)
-  _, start_reg, end_reg = filters.maximize_filters(model, variables, layer, range(2), seed=3, jitter=1,
+  _, start_reg, end_reg = filters.maximize_filters(model, variables, layer, range(8), seed=3, jitter=1,
                                                    blur_sigma=0.5, l2=1e-4, tv=1e-2, **kwargs)
-  assert np.all(np.asarray(end_reg)[np.asarray(start_reg) > 0] > np.asarray(start_reg)[np.asarray(start_reg) > 0])
+  live_reg = np.asarray(start_reg) > 0
+  assert live_reg.sum() >= 4 and np.all(np.asarray(end_reg)[live_reg] > np.asarray(start_reg)[live_reg])
   assert filters.deprocess(images[0]).dtype == np.uint8
   octave_images, start_oct, end_oct = filters.maximize_filters(model, variables, layer, range(8), seed=3,
                                                                octaves=3, octave_scale=1.15, **kwargs)
@@ -231,6 +235,7 @@ def test_visualize_binary_writes_every_figure(tmp_path):
                       "--config.viz.occlusion_stride=3", "--config.viz.smoothgrad_samples=4",
                       "--config.viz.ig_steps=8")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "Metadata file does not exist" not in result.stderr  # the run's checkpoint read cleanly
   viz = workdir / "viz"
   expected = {"activations_conv2d.png", "activations_conv2d_1.png", "activations_conv2d_2.png",
               "activations_max_pooling2d.png", "activations_max_pooling2d_1.png", "first_layer_filters.png",
@@ -243,7 +248,11 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   for flag, message in (("--config.viz.methods=gradcam,dreams", "unknown config.viz.methods ['dreams']"),
                         ("--config.viz.layers=conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
                         ("--config.viz.gradcam_layer=max_pooling2d", "gradcam_layer='max_pooling2d' is not a "
-                         "Conv2D layer")):
+                         "Conv2D layer"),
+                        ("--config.viz.class_index=10", "config.viz.class_index=10: mnist_convnet has 10 classes"),
+                        ("--config.viz.ig_steps=0", "config.viz.ig_steps must be >= 1, got 0"),
+                        ("--config.viz.occlusion_patch=40", "occlusion_patch=40 is larger than the 28x28 input"),
+                        ("--config.viz.top_split=train2", "config.viz.top_split='train2': the run has")):
     bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}", flag)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 1 and last.startswith("error: ") and message in last, bad.stderr[-2000:]

@@ -38,7 +38,8 @@ def grad_cam(model, variables, x, layer: tuple, class_index: Optional[int] = Non
 
 
 def superimpose(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-  """uint8 image (H, W, 3) with the heatmap, resized bilinearly and coloured jet, blended in."""
+  """uint8 image (H, W, 3) plus the heatmap, resized bilinearly and coloured jet, times alpha
+  (the notes' `jet_heatmap * 0.4 + img`, clipped to 255)."""
   import matplotlib
   from convjax.data.preprocess import resize_bilinear
   h, w = image.shape[:2]

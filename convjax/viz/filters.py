@@ -76,8 +76,11 @@ def maximize_filters(model, variables, path, filters, size: int, channels: int =
       grads = jax.grad(lambda im: objective(im, f) - penalty(im))(image)
       grads = grads / (jnp.sqrt(jnp.mean(grads ** 2)) + 1e-5)
       image = image + step_size * grads
+      if jitter:  # shifted back: the pattern stays in place, the shift only decorrelates steps
+        image = jnp.roll(image, -shifts, axis=(0, 1))
       if blur_sigma:
-        image = jnp.where((i + 1) % blur_every == 0, _blur(image, blur_sigma), image)
+        # Blurred around mid-grey: the zero padding then fades the borders to grey, not black.
+        image = jnp.where((i + 1) % blur_every == 0, 128.0 + _blur(image - 128.0, blur_sigma), image)
       return image
 
     return jax.lax.fori_loop(0, steps, step, image)
