@@ -12,6 +12,7 @@ pooling and dropout 0.2 precede the classifier.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from convjax.models import layers
 from convjax.models.resnet import GlobalPoolHead
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, from the paper's table 1.
@@ -44,7 +45,7 @@ class BasicConv(nn.Module):
   def __call__(self, x, train: bool = False):
     k, s = (self.kernel, self.kernel), (self.strides, self.strides)
     x = nn.Conv(self.filters, k, s, padding=self.kernel // 2, use_bias=False, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, name="bn")(x)
+    x = layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
 

@@ -21,9 +21,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from convjax.models import layers
 from convjax.models.resnet import GlobalPoolHead
 
-KerasBatchNorm = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
+KerasBatchNorm = functools.partial(layers.BatchNorm, momentum=0.99, epsilon=1e-3)
 
 # (pointwise filters, depthwise stride) of MobileNet v1's 13 separable blocks.
 MOBILENET_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),

@@ -10,8 +10,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from convjax.models import layers
+
 # torchvision's BatchNorm2d: eps 1e-5, running averages updated with momentum 0.1.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+BatchNorm = functools.partial(layers.BatchNorm, momentum=0.9, epsilon=1e-5)
 conv = functools.partial(nn.Conv, use_bias=False)
 
 
