@@ -143,3 +143,39 @@ def test_xla_cpu_default_is_added_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")  # not measured: untouched
   other = {}
   assert not xla_defaults.apply(other) and other == {}
+
+
+@pytest.mark.parametrize("momentum,epsilon", [(0.9, 1e-5), (0.99, 1e-3)])
+def test_batch_norm_equals_flax_batch_norm(momentum, epsilon):
+  """convjax's BatchNorm (sums as matrix-vector products, its own backward) against
+  nn.BatchNorm: the same variables, output, gradients and running statistics."""
+  import flax.linen as nn
+
+  from convjax.models.layers import BatchNorm
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5)) * 3 + 1
+  ours, flax_bn = BatchNorm(momentum=momentum, epsilon=epsilon), nn.BatchNorm(momentum=momentum, epsilon=epsilon)
+  init = ours.init(jax.random.key(0), x, use_running_average=False)
+  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(
+      flax_bn.init(jax.random.key(0), x, use_running_average=False))
+  params = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.arange(5.0) / 3}
+  stats = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 2.0)}
+
+  def run(module, p, x):
+    y, new = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False,
+                          mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * jnp.arange(5.0)), (y, new["batch_stats"])
+
+  results = [jax.value_and_grad(lambda p, x, m=m: run(m, p, x), argnums=(0, 1), has_aux=True)(params, x)
+             for m in (ours, flax_bn)]
+  (_, (y, new)), (d_params, dx) = results[0]
+  (_, (y_ref, new_ref)), (d_params_ref, dx_ref) = results[1]
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+  for k in ("scale", "bias"):
+    np.testing.assert_allclose(d_params[k], d_params_ref[k], rtol=1e-5, atol=1e-4)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(new[k], new_ref[k], rtol=1e-6)
+    assert not np.allclose(new[k], stats[k])  # the running statistics moved
+  variables = {"params": params, "batch_stats": stats}
+  np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
+                             flax_bn.apply(variables, x, use_running_average=True), rtol=1e-6)

@@ -18,10 +18,16 @@ class Occlusion(NamedTuple):
 
 def occlusion_map(model, variables, image, class_index: Optional[int] = None, patch: int = 8,
                   stride: int = 4, fill: Optional[float] = None, batch: int = 64) -> Occlusion:
-  """The class's probability and score for each patch position (row-major over the image).
+  """The class's probability and score for each patch position (row-major over the image):
+  every `stride` pixels with the whole patch inside, (H - patch) // stride + 1 per side
+  (with a stride that doesn't divide H - patch, the last few rows and columns are never
+  covered).
 
   `image` is one model input (H, W, C); `fill` defaults to the image's mean.
   """
+  if not 1 <= patch <= min(image.shape[:2]) or stride < 1:
+    raise ValueError(f"occlusion patch {patch} / stride {stride} for a {image.shape[0]}x{image.shape[1]} "
+                     "image: need 1 <= patch <= side and stride >= 1")
   x = jnp.asarray(image)[None]
   cls = int(layers.resolve_class(model, variables, x, class_index)[0])
   h, w, _ = image.shape
