@@ -100,7 +100,7 @@ def markdown(result: dict) -> str:
                  f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
                  f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
                  + "; ".join(f"{p} {v['images_per_second']:.1f} ({v['ratio']:.2f}x)" if "ratio" in v
-                             else f"{p} failed" for p, v in r.get("peers", {}).items()) + " |")
+                             else f"{p}: {v['error'].replace('|', '/')}" for p, v in r.get("peers", {}).items()) + " |")
   if result.get("pipeline"):
     lines += ["", "Input pipeline (the training loop's gather from device-resident data vs a fixed batch):", "",
               "| model | dataset | batch | real step ms | synthetic step ms | overhead |", "|---|---|---|---|---|---|"]
