@@ -72,14 +72,15 @@ def main(argv):
               "occlusion_stride", "top_k"):
     if viz[key] < 1:
       raise UserError(f"config.viz.{key} must be >= 1, got {viz[key]}")
+  if viz.model and "top_images" in methods:
+    raise UserError(f"config.viz.methods: top_images needs a training run's images; {viz.model} has none "
+                    f"(--config.viz.methods={','.join(m for m in methods if m != 'top_images')})")
   model, variables, run = load_model(workdir, viz)
   if viz.model and not getattr(model, "include_top", True):
     refused = [m for m in methods if m in CLASS_METHODS]
     if refused:
       raise UserError(f"config.viz.methods {refused} need a classifier and a run's data; "
                       f"{viz.model} is a conv base: use activations, first_layer, filters")
-  if viz.model and "top_images" in methods:
-    raise UserError(f"config.viz.methods: top_images needs a training run's images; {viz.model} has none")
   size, channels = tuple(run.data.image_size) or None, run.data.channels
   if not viz.model and not run.data.folder:  # a TFDS run: its images' shape
     from convjax.data import tfds as tfds_data

@@ -281,5 +281,9 @@ def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
       "error: config.viz.methods ['gradcam'] need a classifier and a run's data; vgg16_base is a conv base: "
       "use activations, first_layer, filters")
   with_top = run_binary("experiments.visualize", *common[:3], "--config.viz.model=vgg16",
-                        "--config.viz.image_size=150")
+                        "--config.viz.image_size=150", "--config.viz.methods=gradcam")
   assert with_top.returncode == 1 and "vgg16 with its top takes 224x224 images" in with_top.stderr
+  no_run = run_binary("experiments.visualize", *common[:2], "--config.viz.model=vgg16")  # default methods
+  assert no_run.returncode == 1 and no_run.stderr.strip().splitlines()[-1] == (
+      "error: config.viz.methods: top_images needs a training run's images; vgg16 has none "
+      "(--config.viz.methods=activations,first_layer,filters,gradcam,saliency,occlusion)")

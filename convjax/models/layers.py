@@ -60,10 +60,9 @@ class Flatten(Layer):
     return jnp.reshape(x, (x.shape[0], -1))
 
 
-
 def _column_sums(a):
   """Sums of the rows of a (N, C) matrix in float32 as matrix-vector products: XLA:CPU's
-  dot does this 5-50x faster than its reduce over a leading axis (BENCHMARKS.md). In
+  dot does this several times faster than its reduce over a leading axis. In
   two stages, so that rounding grows with N/b + b rather than N: ones @ (N/b, b*C),
   then a sum over the b blocks (b a power of two dividing N, at most 256). On a
   batch sharded over devices the contraction is one all-reduce, as a sum's would be."""
