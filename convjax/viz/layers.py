@@ -79,12 +79,11 @@ def predicted_class(logits):
 
 
 def class_probability(logits, class_index):
+  """Per-example probability of `class_index` (N,): softmax, or for one-logit models the
+  sigmoid of class_score (sigmoid(-z) = 1 - sigmoid(z) for class 0)."""
   if logits.shape[-1] == 1:
-    p = jax.nn.sigmoid(logits[..., 0])
-    return jnp.where(jnp.asarray(class_index) == 1, p, 1 - p)
-  probs = jax.nn.softmax(logits, -1)
-  return jnp.take_along_axis(probs, jnp.broadcast_to(jnp.asarray(class_index), probs.shape[:1])[:, None],
-                             -1)[:, 0]
+    return jax.nn.sigmoid(class_score(logits, class_index))
+  return jnp.exp(class_score(jax.nn.log_softmax(logits, -1), class_index))
 
 
 def normalise(m, axis=None):
