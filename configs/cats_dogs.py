@@ -10,24 +10,24 @@ validation 1,000, test 1,000; cats and dogs). Offline it is in
 ../shared/datasets; build it from Kaggle's train.zip with
 experiments/prepare_data.py, or take the same balanced subset from TFDS:
 
-  --config.data.folder= --config.dataset=cats_vs_dogs --config.train_split=train \
+  --config.data.folder= --config.data.dataset=cats_vs_dogs --config.data.train_split=train \
   --config.data.per_class='(1000, 500, 500)'
 """
 from ml_collections import ConfigDict
 
-from convjax.train.config import default_config
+from convjax.config import default_config
 
 
 def get_config():
   config = default_config()
   config.model = "cats_dogs_convnet"
   config.model_kwargs = ConfigDict({"dropout_rate": 0.0})
-  config.dataset = "cats_vs_dogs"  # used when data.folder is ''
+  config.data.dataset = "cats_vs_dogs"  # used when data.folder is ''
   config.data.folder = "../shared/datasets/cats_and_dogs_small"
   config.data.image_size = (150, 150)
-  config.train_split = "train"
-  config.validation_split = "validation"
-  config.test_split = "test"
+  config.data.train_split = "train"
+  config.data.validation_split = "validation"
+  config.data.test_split = "test"
   config.batch_size = 20
   config.eval_batch_size = 50
   config.steps_per_epoch = 100

@@ -19,8 +19,8 @@ def get_config():
   config = cats_dogs.get_config()
   config.feature_extractor.model = "vgg16"
   config.feature_extractor.weights = "imagenet"
-  config.rescale = 1.0
-  config.preprocess = "caffe"
+  config.data.rescale = 1.0
+  config.data.preprocess = "caffe"
   config.model = "mlp"
   config.model_kwargs = ConfigDict({"hidden": (256,), "hidden_dropout_rate": 0.5, "num_classes": 1})
   config.steps_per_epoch = 0  # one pass over the 2,000 features: 100 steps of 20

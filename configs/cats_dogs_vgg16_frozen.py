@@ -23,8 +23,8 @@ def get_config():
   config.pretrained.weights = "imagenet"
   config.pretrained.under = "features"
   config.trainable = "head/.*"
-  config.rescale = 1.0
-  config.preprocess = "caffe"
+  config.data.rescale = 1.0
+  config.data.preprocess = "caffe"
   config.num_epochs = 30
   config.learning_rate = 2e-5
   return config

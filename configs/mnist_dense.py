@@ -6,14 +6,15 @@ Expected: test accuracy >= 0.975 (notes: 0.978). See RESULTS.md.
 """
 from ml_collections import ConfigDict
 
-from convjax.train.config import default_config
+from convjax.config import default_config
 
 
 def get_config():
   config = default_config()
   config.model = "mnist_dense"
   config.model_kwargs = ConfigDict({"dropout_rate": 0.0})
-  config.dataset = "mnist"
+  config.data.dataset = "mnist"
+  config.data.validation_size = 10_000  # the last 10,000 of train
   config.batch_size = 128
   config.eval_batch_size = 1000
   config.num_epochs = 5

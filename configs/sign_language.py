@@ -10,7 +10,7 @@ same split. See RESULTS.md.
 """
 from ml_collections import ConfigDict
 
-from convjax.train.config import default_config
+from convjax.config import default_config
 
 
 def get_config():
@@ -20,11 +20,11 @@ def get_config():
   config.data.folder = "../shared/datasets/sign_language_digits"
   config.data.image_size = (64, 64)
   config.data.channels = 1
-  config.train_split = ""          # no split folders: data.test_fraction / validation_fraction
-  config.validation_split = ""
-  config.test_split = ""
-  config.data.test_fraction = 0.2
-  config.data.validation_fraction = 0.1
+  config.data.train_split = ""          # no split folders: data.test_size / validation_size
+  config.data.validation_split = ""
+  config.data.test_split = ""
+  config.data.test_size = 0.2
+  config.data.validation_size = 0.1
   config.data.split_seed = 8
   config.batch_size = 128
   config.eval_batch_size = 128

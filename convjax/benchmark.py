@@ -150,29 +150,31 @@ def pipeline_overhead(model_name: str, dataset: str, batch: int, steps: int = 20
   """The training loop's real input path against a batch already on the device.
 
   Real: each step gathers its batch from the dataset's uint8 rows on the devices
-  (parallel.make_get_batch) and runs the loop's jitted train step, exactly as
+  (convjax.data.pipeline.OnDevice) and runs the jitted train step, exactly as
   `train_and_evaluate` does. Synthetic: the same compiled step on one fixed
   batch. Both block on every step. Overhead = real / synthetic - 1.
   """
+  from convjax import parallel
   from convjax.data import tfds as tfds_data
+  from convjax.data.pipeline import OnDevice
   from convjax.data.splits import Split
-  from convjax.train import loop, parallel
+  from convjax.train.steps import jit_steps
 
   mesh = parallel.make_mesh()
   builder = tfds_data.get_builder(dataset, download=False)
   rows = tfds_data.row_range(builder, "train")
   split = Split(rows.size, rows.spec(), lambda a, b: tfds_data.read_rows(builder, rows.sub(a, b)))
-  data = loop.load_split(split, mesh)
+  data = OnDevice({"train": split}, mesh, seed=0, batch_size=batch, eval_batch_size=batch,
+                  steps_per_epoch=warmup + steps)
   model = get_model(model_name)
   tx = optax.rmsprop(1e-3)
-  input_shape = data["image"].shape[1:]
+  input_shape = data.rows["train"]["image"].shape[1:]
   state = jax.jit(lambda: create_train_state(model, tx, input_shape, jax.random.key(0)),
                   out_shardings=parallel.replicated(mesh))()
-  train_step, _ = loop.jit_steps(model, tx, lambda x: x / 255, mesh)
-  get_batch = parallel.make_get_batch(mesh)
-  table = parallel.put_replicated(mesh, loop.train_index_table(0, 1, warmup + steps, batch, rows.size))
+  train_step, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
   rng = jax.random.key(1)
-  fixed = get_batch(data, table, 0)
+  fixed = next(data.train_batches(1))
+  batches = data.train_batches(1)
 
   def timed(make_batch, state):
     times = []
@@ -184,7 +186,7 @@ def pipeline_overhead(model_name: str, dataset: str, batch: int, steps: int = 20
         times.append(time.perf_counter() - t)
     return statistics.median(times), state
 
-  real, state = timed(lambda i: get_batch(data, table, i), state)
+  real, state = timed(lambda i: next(batches), state)
   synthetic, state = timed(lambda i: fixed, state)
   return {"model": model_name, "dataset": dataset, "batch": batch, "steps_timed": steps,
           "real_step_seconds_median": real, "synthetic_step_seconds_median": synthetic,

@@ -5,6 +5,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from convjax.config import RENAMED
 from convjax.errors import UserError
 
 # Multi-host: one process per host, all started with the same flags but their own process_id.
@@ -39,6 +40,11 @@ def _parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags overrides
     while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps a KeyError
       e = e.args[0]
+    for arg in argv[1:]:  # a field that moved: name its new place
+      key = arg.split("=", 1)[0].removeprefix("--config.")
+      if arg.startswith("--config.") and key in RENAMED:
+        _one_line_error(f"bad config override: config.{key} is now config.{RENAMED[key]} "
+                        f"(--config.{RENAMED[key]}=...)")
     _one_line_error(f"bad config override: {e.args[0] if e.args else e}")
 
 

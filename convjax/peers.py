@@ -5,22 +5,36 @@ Run as a subprocess (the Keras backend is fixed at import):
 
   KERAS_BACKEND=jax python -m convjax.peers --framework=keras --model=mnist_convnet \
       --input=28x28x1 --batch=128 --precision=float32 --mode=train --steps=20 --warmup=3
-  python -m convjax.peers --framework=torch --compile=1 --model=mnist_convnet ...
+  python -m convjax.peers --framework=torch --compile --model=mnist_convnet ...
 
 prints one JSON line: {"images_per_second", "step_seconds_median", "params"}.
 Keras: train steps are `train_on_batch` (forward, backward, RMSprop update) on
 arrays already converted for the backend, inference `predict_on_batch`;
 'bfloat16' is the mixed_bfloat16 policy (float32 variables). PyTorch (eager, or
-`torch.compile` with --compile=1): the same networks in NCHW, RMSprop, inference
+`torch.compile` with --compile): the same networks in NCHW, RMSprop, inference
 under `torch.no_grad`; 'bfloat16' is CPU/GPU autocast. Both as convjax's rows.
 """
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
+from absl import app, flags
+
+from convjax import cli
+from convjax.errors import UserError
+
+flags.DEFINE_enum("framework", "keras", ["keras", "torch"], "Keras 3 (backend: KERAS_BACKEND) or PyTorch.")
+flags.DEFINE_bool("compile", False, "PyTorch: torch.compile the step.")
+flags.DEFINE_string("model", None, "A network of the benchmark (a convjax.models name).")
+flags.DEFINE_string("input", None, "HxWxC, e.g. 28x28x1.")
+flags.DEFINE_integer("batch", None, "Batch size.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute precision.")
+flags.DEFINE_enum("mode", "train", ["train", "inference"], "Train step or inference step.")
+flags.DEFINE_integer("steps", 20, "Steps timed.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+flags.mark_flags_as_required(["model", "input", "batch"])
 
 
 def build(keras, name: str, shape: tuple):
@@ -41,7 +55,7 @@ def build(keras, name: str, shape: tuple):
     return keras.applications.VGG16(weights=None, input_shape=shape, classifier_activation=None)
   if name == "resnet50":  # Keras' ResNet50 is v1 (stride on the first 1x1, conv biases): 25,636,712 params
     return keras.applications.ResNet50(weights=None, input_shape=shape, classifier_activation=None)
-  raise SystemExit(f"no Keras peer for model {name!r}")
+  raise UserError(f"no Keras peer for model {name!r}")
 
 
 def build_torch(torch, name: str, shape: tuple):
@@ -72,24 +86,35 @@ def build_torch(torch, name: str, shape: tuple):
             [nn.Flatten(), nn.LazyLinear(4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
              nn.Linear(4096, 1000)])
   else:
-    raise SystemExit(f"no PyTorch peer for model {name!r}")
+    raise UserError(f"no PyTorch peer for model {name!r}")
   model = nn.Sequential(*body, *head)
   model(torch.zeros(1, c, h, w))  # materialise the lazy layers
   return model
 
 
-def torch_main(args):
+def median_step(step, f) -> float:
+  """Median seconds of `step()` over f.steps calls after f.warmup; `step` waits for its result."""
+  for _ in range(f.warmup):
+    step()
+  times = []
+  for _ in range(f.steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def torch_main(f, shape: tuple) -> dict:
   import torch
-  shape = tuple(int(d) for d in args["input"].split("x"))
-  batch, steps, warmup = int(args["batch"]), int(args["steps"]), int(args["warmup"])
-  model = build_torch(torch, args["model"], shape)
+  batch = f.batch
+  model = build_torch(torch, f.model, shape)
   outputs = model(torch.zeros(1, shape[2], *shape[:2])).shape[-1]
   x = torch.rand(batch, shape[2], *shape[:2])
   y = torch.randint(0, max(outputs, 2), (batch,))
   loss_fn = (lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float())) \
       if outputs == 1 else (lambda out: torch.nn.functional.cross_entropy(out, y))
   optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.9, eps=1e-7)
-  bf16 = args["precision"] == "bfloat16"
+  bf16 = f.precision == "bfloat16"
 
   def train_step():
     optimizer.zero_grad(set_to_none=True)
@@ -103,33 +128,23 @@ def torch_main(args):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
       return model(x)
 
-  step = train_step if args["mode"] == "train" else infer_step
-  if args.get("compile") == "1":
+  step = train_step if f.mode == "train" else infer_step
+  if f.compile:
     step = torch.compile(step)
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step().float().sum().item()  # CPU tensors: the result is complete
-    times.append(time.perf_counter() - t)
-  median = statistics.median(times)
-  print(json.dumps({"images_per_second": batch / median, "step_seconds_median": median,
-                    "params": sum(p.numel() for p in model.parameters()),
-                    "backend": "torch.compile" if args.get("compile") == "1" else "torch eager",
-                    "torch": torch.__version__, "threads": torch.get_num_threads()}))
+  median = median_step(lambda: step().float().sum().item(), f)  # CPU tensors: the result is complete
+  return {"images_per_second": batch / median, "step_seconds_median": median,
+          "params": sum(p.numel() for p in model.parameters()),
+          "backend": "torch.compile" if f.compile else "torch eager",
+          "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def main(argv):
-  args = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
-  if args.get("framework") == "torch":
-    return torch_main(args)
+def keras_main(f, shape: tuple) -> dict:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import keras
-  if args["precision"] == "bfloat16":
+  if f.precision == "bfloat16":
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  shape = tuple(int(d) for d in args["input"].split("x"))
-  batch, steps, warmup = int(args["batch"]), int(args["steps"]), int(args["warmup"])
-  model = build(keras, args["model"], shape)
+  batch = f.batch
+  model = build(keras, f.model, shape)
   outputs = model.output_shape[-1]
   loss = (keras.losses.BinaryCrossentropy(from_logits=True) if outputs == 1
           else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -137,20 +152,24 @@ def main(argv):
   rng = np.random.default_rng(0)
   x = keras.ops.convert_to_tensor(rng.random((batch, *shape), np.float32))
   y = keras.ops.convert_to_tensor(rng.integers(0, max(outputs, 2), batch).astype(np.float32 if outputs == 1 else np.int32))
-  step = (lambda: model.train_on_batch(x, y)) if args["mode"] == "train" else (lambda: model.predict_on_batch(x))
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    out = step()
-    np.asarray(out)  # wait for the result
-    times.append(time.perf_counter() - t)
-  median = statistics.median(times)
-  print(json.dumps({"images_per_second": batch / median, "step_seconds_median": median,
-                    "params": int(model.count_params()), "backend": keras.backend.backend()}))
+  step = (lambda: model.train_on_batch(x, y)) if f.mode == "train" else (lambda: model.predict_on_batch(x))
+  median = median_step(lambda: np.asarray(step()), f)  # np.asarray waits for the result
+  return {"images_per_second": batch / median, "step_seconds_median": median,
+          "params": int(model.count_params()), "backend": keras.backend.backend()}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  try:
+    shape = tuple(int(d) for d in f.input.split("x"))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3:
+    raise UserError(f"--input={f.input!r}: expected HxWxC, e.g. 28x28x1")
+  print(json.dumps((torch_main if f.framework == "torch" else keras_main)(f, shape)))
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  main(sys.argv)
+  cli.run(main)

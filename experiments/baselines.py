@@ -18,8 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from convjax import cli
-from convjax.data.splits import open_splits
-from convjax.train import config as config_lib
+from convjax import config as config_lib
+from convjax.data.splits import open_source
 from convjax.train.loop import train_and_evaluate
 from convjax.viz.plots import bar_chart
 
@@ -51,12 +51,13 @@ def flat_arrays(split, rescale: float):
 
 def compare(config, workdir: str, mlp_epochs: int) -> list:
   """[{'method', 'test_accuracy', 'seconds'}] for every method, CNN last."""
-  splits = open_splits(config)
+  splits = open_source(config.data).splits()
   if "test" not in splits:
     raise ValueError("the config has no test split to compare on")
-  x_train, y_train = map(np.concatenate, zip(flat_arrays(splits["train"], config.rescale),
-                                              flat_arrays(splits["validation"], config.rescale)))
-  x_test, y_test = flat_arrays(splits["test"], config.rescale)
+  rescale = config.data.rescale
+  x_train, y_train = map(np.concatenate, zip(flat_arrays(splits["train"], rescale),
+                                              flat_arrays(splits["validation"], rescale)))
+  x_test, y_test = flat_arrays(splits["test"], rescale)
   logging.info("classic models: %d train, %d test, %d features", *x_train.shape[:1], len(y_test),
                x_train.shape[1])
   results = []
@@ -98,7 +99,7 @@ def main(argv):
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   results = compare(config, workdir, flags.FLAGS.mlp_epochs)
-  write_report(results, workdir, title=os.path.basename(config.data.folder or config.dataset))
+  write_report(results, workdir, title=os.path.basename(config.data.folder or config.data.dataset))
   for r in results:
     logging.info("%-28s %.4f", r["method"], r["test_accuracy"])
 

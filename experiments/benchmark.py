@@ -27,7 +27,7 @@ flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row rati
 
 KEY = ("model", "input", "batch", "precision", "mode")
 PEERS = {"keras_jax": ["--framework=keras"], "keras_tensorflow": ["--framework=keras"],
-         "torch_eager": ["--framework=torch"], "torch_compile": ["--framework=torch", "--compile=1"]}
+         "torch_eager": ["--framework=torch"], "torch_compile": ["--framework=torch", "--compile"]}
 KERAS_BACKENDS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
 
 

@@ -13,9 +13,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from convjax import cli
+from convjax import config as config_lib
+from convjax.data import augment as augment_lib
 from convjax.data.folders import decode_image
 from convjax.errors import UserError
-from convjax.train import config as config_lib
 from convjax.viz.plots import image_grid
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -33,7 +34,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   config_lib.validate(config)
-  augment = config_lib.make_augment(config)
+  augment = augment_lib.from_config(config.augment)
   if augment is None:
     raise UserError("the config has no augmentation (every config.augment range is 0 and "
                     "horizontal_flip is off)")

@@ -27,9 +27,9 @@ def mnist_small():
   """A config on a 4,096-example slice of the real MNIST: seconds per epoch on 2 cores."""
   from configs.mnist import get_config
   config = get_config()
-  config.train_split = "train[:4096]"
-  config.validation_size = 1024
-  config.test_split = "test[:1000]"
+  config.data.train_split = "train[:4096]"
+  config.data.validation_size = 1024
+  config.data.test_split = "test[:1000]"
   config.batch_size = 64
   config.eval_batch_size = 200
   config.num_epochs = 2
@@ -40,9 +40,9 @@ def restore_state(workdir, epoch):
   """The train state of a run's checkpoint as numpy leaves {path: array}, whatever wrote it."""
   import jax
   import numpy as np
-  from convjax.train import checkpoint
+  from convjax import run
 
-  state = checkpoint.read_state(os.path.join(os.path.abspath(workdir), "checkpoints", str(epoch), "state"))
+  state = run.read_state(os.path.join(os.path.abspath(workdir), "checkpoints", str(epoch), "state"))
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
 

@@ -19,7 +19,7 @@ def test_short_real_run_learns(tmp_path):
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 300, "validation": 500})
   workdir = tmp_path / "run"
   result = run_binary("experiments.train", "--config=configs/cats_dogs.py", f"--workdir={workdir}",
-                      f"--config.data.folder={data}", "--config.test_split=",
+                      f"--config.data.folder={data}", "--config.data.test_split=",
                       "--config.data.image_size=(64, 64)", "--config.num_epochs=8",
                       "--config.steps_per_epoch=30", "--config.learning_rate=3e-4")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -48,13 +48,13 @@ def test_tfds_route_gives_balanced_subsets_and_trains_with_augmentation(tmp_path
   _mock_cats_vs_dogs_metadata(tmp_path / "tfds", 300)
   config = get_config()
   config.data.folder = ""
-  config.data_dir = str(tmp_path / "tfds")
+  config.data.data_dir = str(tmp_path / "tfds")
   config.data.per_class = (40, 20, 20)
   config.data.image_size = (48, 48)
   config.num_epochs, config.steps_per_epoch, config.batch_size, config.eval_batch_size = 1, 2, 8, 8
   with tfds.testing.mock_data(num_examples=300, data_dir=str(tmp_path / "tfds"),
                               policy=tfds.testing.MockPolicy.USE_FILES):
-    opened = splits.open_splits(config)
+    opened = splits.open_source(config.data).splits()
     assert {k: s.size for k, s in opened.items()} == {"train": 80, "validation": 40, "test": 40}
     train = opened["train"].read(0, 80)
     assert train["image"].shape == (80, 48, 48, 3) and train["image"].dtype == np.uint8
@@ -124,7 +124,7 @@ def test_prepare_data_builds_the_layout_and_never_overwrites(tmp_path):
 def test_bad_file_in_a_folder_is_one_error_or_skipped_with_the_flag(tmp_path):
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 20, "validation": 10})
   (data / "train" / "dogs" / "dog.broken.jpg").write_bytes(b"\xff\xd8 truncated")
-  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.test_split=",
+  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
           "--config.data.image_size=(48, 48)", "--config.num_epochs=1", "--config.steps_per_epoch=1"]
   failed = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'a'}")
   assert failed.returncode == 1

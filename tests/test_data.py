@@ -3,7 +3,7 @@ import pytest
 
 from convjax.data import tfds as tfds_data
 from convjax.errors import UserError
-from convjax.train.loop import eval_index_table, train_index_table
+from convjax.data.pipeline import eval_index_table, train_index_table
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,18 @@ def test_validation_is_carved_from_the_end_of_train(mnist):
   sliced = tfds_data.resolve_splits(mnist, "train[1000:5000]", "", 1000, "")
   assert sliced == {"train": tfds_data.RowRange("train", 1000, 4000),
                     "validation": tfds_data.RowRange("train", 4000, 5000)}
+
+
+def test_validation_size_is_a_count_or_a_fraction_of_train():
+  from convjax.config import default_config
+  from convjax.data.splits import open_source
+  data = default_config().data
+  data.train_split = "train[:1000]"
+  for size, expected in ((0.1, 100), (0.25, 250), (300, 300)):
+    data.validation_size = size
+    splits = open_source(data).splits()
+    assert (splits["train"].size, splits["validation"].size) == (1000 - expected, expected)
+    assert splits["validation"].spec == f"train[{1000 - expected}:1000]"
 
 
 def test_read_rows_gives_uint8_images_in_split_order(mnist):

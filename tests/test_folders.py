@@ -9,7 +9,7 @@ from PIL import Image
 from convjax.data import folders, splits
 from convjax.data.preprocess import resize_bilinear
 from convjax.errors import UserError
-from convjax.train.config import default_config
+from convjax.config import default_config
 from tests.conftest import SHARED
 
 CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
@@ -118,22 +118,22 @@ def test_config_splits_from_a_folder(tmp_path):
   config = default_config()
   config.data.folder = str(root)
   config.data.image_size = (8, 12)
-  config.validation_split = "validation"
-  config.test_split = ""
-  opened = splits.open_splits(config)
+  config.data.validation_split = "validation"
+  config.data.test_split = ""
+  opened = splits.open_source(config.data).splits()
   assert {k: s.size for k, s in opened.items()} == {"train": 6, "validation": 6}
   rows = opened["train"].read(2, 5)
   assert rows["image"].shape == (3, 8, 12, 3) and rows["label"].tolist() == [0, 1, 1]
   assert opened["train"].read(6, 6)["image"].shape == (0, 8, 12, 3)
   # Without a validation folder, a seeded random fraction of train is held out.
-  config.validation_split = ""
-  config.data.validation_fraction = 0.34
-  held = splits.open_splits(config)
+  config.data.validation_split = ""
+  config.data.validation_size = 0.34
+  held = splits.open_source(config.data).splits()
   assert {k: s.size for k, s in held.items()} == {"train": 3, "validation": 3}
   assert sorted(np.concatenate([held[k].read(0, 3)["label"] for k in held]).tolist()) == [0, 0, 0, 1, 1, 1]
-  config.data.validation_fraction = 0.0
+  config.data.validation_size = 0.0
   with pytest.raises(UserError, match="leaves 0 of 6 training images for validation"):
-    splits.open_splits(config)
+    splits.open_source(config.data).splits()
 
 
 def test_an_archive_is_extracted_once_into_the_cache(tmp_path):
@@ -165,10 +165,10 @@ def test_a_folder_without_splits_is_split_at_random_with_a_seed(tmp_path):
     for i in range(10):
       Image.fromarray(rng.integers(0, 255, (6, 6, 3), np.uint8)).save(root / str(c) / f"{i}.png")
   config = default_config()
-  config.data.folder, config.train_split = str(root), ""
-  config.data.test_fraction, config.data.validation_fraction, config.data.split_seed = 0.2, 0.1, 8
+  config.data.folder, config.data.train_split = str(root), ""
+  config.data.test_size, config.data.validation_size, config.data.split_seed = 0.2, 0.1, 8
   config.data.channels = 1
-  opened = splits.open_splits(config)
+  opened = splits.open_source(config.data).splits()
   # 30 images: 6 test (20%), 3 validation (10% of 24, rounded up), 21 train.
   assert {k: s.size for k, s in opened.items()} == {"train": 21, "validation": 3, "test": 6}
   assert opened["train"].classes == ("0", "1", "2")
@@ -176,7 +176,7 @@ def test_a_folder_without_splits_is_split_at_random_with_a_seed(tmp_path):
   assert images["test"].shape == (6, 6, 6, 1)
   every = np.concatenate([x.reshape(len(x), -1) for x in images.values()])
   assert len({row.tobytes() for row in every}) == 30  # disjoint, nothing lost
-  again = splits.open_splits(config)["test"].read(0, 6)["image"]
+  again = splits.open_source(config.data).splits()["test"].read(0, 6)["image"]
   np.testing.assert_array_equal(again, images["test"])
   config.data.split_seed = 9
-  assert not np.array_equal(splits.open_splits(config)["test"].read(0, 6)["image"], images["test"])
+  assert not np.array_equal(splits.open_source(config.data).splits()["test"].read(0, 6)["image"], images["test"])

@@ -17,8 +17,8 @@ from tests.conftest import REPO, kill_after_first_checkpoint, restore_state, run
 
 EPOCHS = 3
 ARGS = ["--config=configs/mnist.py", f"--config.num_epochs={EPOCHS}", "--config.steps_per_epoch=10",
-        "--config.train_split=train[:2048]", "--config.validation_size=512",
-        "--config.test_split=test[:500]", "--config.eval_batch_size=128",
+        "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
+        "--config.data.test_split=test[:500]", "--config.eval_batch_size=128",
         "--config.model_kwargs.dropout_rate=0.25", "--config.optimizer=sgd",
         "--config.learning_rate=0.01"]
 # Runs on different device counts differ only by float reduction order. RMSprop's
@@ -91,8 +91,8 @@ def test_num_devices_limits_the_mesh_and_batch_must_divide(tmp_path):
 SINGLE_PROGRAM = """
 import jax, jax.numpy as jnp, optax
 from convjax.models import get_model
-from convjax.train import parallel
-from convjax.train.loop import jit_steps
+from convjax import parallel
+from convjax.train.steps import jit_steps
 from convjax.train.state import create_train_state
 mesh = parallel.make_mesh()
 model, tx = get_model("mnist_convnet"), optax.rmsprop(1e-3)
@@ -159,8 +159,8 @@ def test_batch_norm_statistics_are_global_over_eight_devices(tmp_path):
   noise (amplified by BatchNorm over many steps) stays far below the tolerance.
   """
   args = ["--config=configs/mnist.py", "--config.model=resnet18", "--config.data.image_size=(32, 32)",
-          "--config.num_epochs=1", "--config.steps_per_epoch=1", "--config.train_split=train[:1024]",
-          "--config.validation_size=256", "--config.test_split=", "--config.eval_batch_size=128",
+          "--config.num_epochs=1", "--config.steps_per_epoch=1", "--config.data.train_split=train[:1024]",
+          "--config.data.validation_size=256", "--config.data.test_split=", "--config.eval_batch_size=128",
           "--config.optimizer=sgd", "--config.learning_rate=0.01"]
   runs = {}
   for n in (1, 8):

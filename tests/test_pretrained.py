@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from convjax.data.folders import decode_image
+from convjax.data.preprocess import preprocess_input
 from convjax.errors import UserError
 from convjax.models import apply_features, get_model
 from convjax.models.summary import layer_table
@@ -98,12 +99,12 @@ def test_conv_base_equals_keras_on_real_images(size, highest_precision):
   model = get_model("vgg16", include_top=False)
   params = keras_h5.load_into(_params(model, size), str(NOTOP), under="features")
   photos = _photos(size)
-  ours = np.asarray(apply_features(model, {"params": params}, imagenet.preprocess_input(jnp.asarray(photos))))
+  ours = np.asarray(apply_features(model, {"params": params}, preprocess_input(jnp.asarray(photos))))
   reference = keras.applications.VGG16(weights=str(NOTOP), include_top=False, input_shape=(size, size, 3))
   theirs = reference.predict(keras.applications.vgg16.preprocess_input(photos.copy()), verbose=0)
   assert ours.shape == theirs.shape == (3, size // 32, size // 32, 512)
   assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
-  np.testing.assert_allclose(imagenet.preprocess_input(jnp.asarray(photos)),
+  np.testing.assert_allclose(preprocess_input(jnp.asarray(photos)),
                              keras.applications.vgg16.preprocess_input(photos.copy()), atol=1e-4)
 
 
@@ -120,7 +121,7 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   model = get_model("vgg16")
   params = keras_h5.load_into(_params(model, 224), str(full))
   photos = _photos(224)
-  logits = model.apply({"params": params}, imagenet.preprocess_input(jnp.asarray(photos)))
+  logits = model.apply({"params": params}, preprocess_input(jnp.asarray(photos)))
   ours = np.asarray(jax.nn.softmax(logits))
   theirs = keras.applications.VGG16(weights=str(full)).predict(
       keras.applications.vgg16.preprocess_input(photos.copy()), verbose=0)
@@ -211,7 +212,7 @@ def test_feature_extraction_run_on_a_small_slice(tmp_path):
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 60, "validation": 50})
   workdir = tmp_path / "run"
   args = ["--config=configs/cats_dogs_vgg16_features.py", f"--workdir={workdir}",
-          f"--config.data.folder={data}", "--config.test_split=", "--config.num_epochs=6",
+          f"--config.data.folder={data}", "--config.data.test_split=", "--config.num_epochs=6",
           "--config.learning_rate=1e-4", "--config.eval_batch_size=20"]
   env = {"CONVJAX_WEIGHTS_DIR": str(NOTOP.parent)}
   result = run_binary("experiments.train", *args, env=env)
@@ -232,10 +233,11 @@ def test_frozen_recipe_starts_from_the_imagenet_notop_weights():
   under features/; the head keeps its fresh init."""
   from configs import cats_dogs_vgg16_frozen
   from convjax.pretrained import transfer
+  from convjax.train.state import starting_params
   config = cats_dogs_vgg16_frozen.get_config()
   model = get_model(config.model, **config.model_kwargs)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 150, 150, 3)))["params"]
-  loaded, _ = transfer.starting_params(config, params, {})
+  loaded, _ = starting_params(config, params, {})
   stored = keras_h5.read(transfer.imagenet_weights("vgg16", include_top=False))
   for layer in ("block1_conv1", "block5_conv3"):
     np.testing.assert_array_equal(np.asarray(loaded["features"][layer]["kernel"]), stored[layer]["kernel"])

@@ -5,7 +5,7 @@ import pytest
 
 from convjax.errors import UserError
 from convjax.models import get_model
-from convjax.train.config import default_config
+from convjax.config import default_config
 from convjax.train.optim import make_optimizer
 from convjax.train.state import create_train_state
 from convjax.train.steps import loss_and_correct, make_eval_step, make_train_step

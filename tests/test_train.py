@@ -11,8 +11,8 @@ from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
 from tests.conftest import kill_after_first_checkpoint, restore_state, run_binary
 
-SMALL = ["--config.train_split=train[:6144]", "--config.validation_size=1024",
-         "--config.test_split=test[:1000]", "--config.eval_batch_size=256",
+SMALL = ["--config.data.train_split=train[:6144]", "--config.data.validation_size=1024",
+         "--config.data.test_split=test[:1000]", "--config.eval_batch_size=256",
          "--config.model_kwargs.dropout_rate=0.25"]
 
 
@@ -60,7 +60,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from the checkpoint of epoch" in result.stderr
   config = json.loads((killed / "config.json").read_text())
-  assert config["model_kwargs"] == {"dropout_rate": 0.25} and config["train_split"] == "train[:6144]"
+  assert config["model_kwargs"] == {"dropout_rate": 0.25, "num_classes": 10}
+  assert config["data"]["train_split"] == "train[:6144]"
   assert _history_without_seconds(killed) == _history_without_seconds(straight)
   a, b = restore_state(straight, 3), restore_state(killed, 3)
   assert a.keys() == b.keys() and any("opt_state" in k for k in a)
@@ -76,6 +77,11 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
   assert last.startswith("error: bad config override: 'num_epoch'") and "num_epochs" in last
   assert "Traceback" not in result.stderr
   assert not any(tmp_path.iterdir())
+  moved = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
+                     "--config.train_split=train[:100]")
+  assert moved.returncode == 1 and moved.stderr.strip().splitlines()[-1] == (
+      "error: bad config override: config.train_split is now config.data.train_split "
+      "(--config.data.train_split=...)")
 
 
 def test_compiles_once_whatever_the_number_of_epochs(tmp_path, mnist_small):
@@ -119,18 +125,36 @@ def no_compilation(monkeypatch):
   monkeypatch.setattr(jax, "jit", refuse)
 
 
+@pytest.fixture
+def no_data_read(monkeypatch):
+  """Fails any test whose error comes only after a split's rows were read or decoded."""
+  from convjax.data import folders
+  from convjax.data import tfds as tfds_data
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("data was read before the error")
+  for module, name in ((tfds_data, "read_rows"), (tfds_data, "balanced_positions"),
+                       (folders, "decode_split")):
+    monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("batch_size", 0, "config.batch_size must be positive, got 0"),
     ("learning_rate", -1e-3, "config.learning_rate must be positive"),
     ("num_epochs", 0, "config.num_epochs must be positive"),
     ("model", "mnist_convent", "unknown model 'mnist_convent'; valid models: .*mnist_convnet"),
     ("optimizer", "adamw", "unknown optimizer 'adamw'; valid: rmsprop, adam, sgd"),
-    ("dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
+    ("data.dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
     ("batch_size", 10_000, "batch_size=10000 exceeds the 3072 training examples"),
     ("test_weights", "final", "config.test_weights must be 'last' or 'best', got 'final'"),
 ])
-def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, field, value, message):
-  mnist_small[field] = value
+def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, no_data_read, field, value,
+                                       message):
+  *parents, leaf = field.split(".")
+  node = mnist_small
+  for name in parents:
+    node = node[name]
+  node[leaf] = value
   with pytest.raises(UserError, match=message):
     train_and_evaluate(mnist_small, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
@@ -139,7 +163,7 @@ def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, fi
 def test_dataset_missing_offline_says_to_set_tfds_data_dir(tmp_path, mnist_small, no_compilation,
                                                           monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
-  mnist_small.download = False
+  mnist_small.data.download = False
   with pytest.raises(UserError, match=r"'mnist' is not prepared in .*empty.*set TFDS_DATA_DIR"):
     train_and_evaluate(mnist_small, str(tmp_path / "run"))
 
@@ -169,7 +193,8 @@ def test_binary_prints_one_error_line(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_small, no_compilation):
+def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_small, no_compilation,
+                                                               no_data_read):
   (tmp_path / "config.json").write_text("{not json")
   (tmp_path / "history.json").write_text('[{"epoch": 1}]')
   before = _tree_digest(tmp_path)
@@ -201,15 +226,26 @@ def test_early_stopping_stops_the_run_and_resume_keeps_it_stopped(tmp_path, mnis
 
 
 def test_a_stored_config_predating_new_fields_reads_with_defaults():
-  from convjax.train import config as config_lib
+  from convjax import config as config_lib
   stored = config_lib.to_dict(config_lib.default_config())
-  del stored["preprocess"], stored["data"]["per_class"]
+  del stored["data"]["preprocess"], stored["data"]["per_class"]
   stored["data"]["image_size"] = [150, 150]
   stored["model_kwargs"] = {"dropout_rate": 0.5}
   config = config_lib.from_stored(stored)
-  assert config.preprocess == "" and config.data.per_class == ()
+  assert config.data.preprocess == "" and config.data.per_class == ()
   assert config.data.image_size == (150, 150) and dict(config.model_kwargs) == {"dropout_rate": 0.5}
   assert config_lib.differences(stored, config_lib.to_dict(config)) == []
+  # A run of an earlier convjax: data fields at the top level, a hold-out per source.
+  old = {"dataset": "mnist", "train_split": "train[:6144]", "validation_size": 1024, "rescale": 0.5,
+         "data": {"folder": "", "validation_fraction": 0.3, "test_fraction": 0.25}}
+  config = config_lib.from_stored(old)
+  assert (config.data.dataset, config.data.train_split, config.data.rescale) == ("mnist", "train[:6144]", 0.5)
+  assert (config.data.validation_size, config.data.test_size) == (1024, 0.25)  # TFDS: its row count
+  old["data"]["folder"] = "/images"
+  assert config_lib.from_stored(old).data.validation_size == 0.3  # a folder: its fraction
+  current = config_lib.to_dict(config_lib.from_stored(old))
+  current["model_kwargs"]["num_classes"] = 10  # recorded now; the old run took the dataset's too
+  assert config_lib.differences(config_lib.to_dict(config_lib.from_stored(old)), current) == []
 
 
 def test_time_to_accuracy_stops_at_the_first_epoch_reaching_the_target(tmp_path, mnist_small):
@@ -251,9 +287,9 @@ def test_test_weights_best_evaluates_the_best_validation_checkpoint(tmp_path, mn
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]  # best, latest
 
 
-def test_target_split_must_exist(tmp_path, mnist_small):
+def test_target_split_must_exist(tmp_path, mnist_small, no_compilation, no_data_read):
   mnist_small.target_accuracy = 0.9
-  mnist_small.test_split = ""
+  mnist_small.data.test_split = ""
   with pytest.raises(UserError, match="config.target_split='test', but this run has no test split"):
     train_and_evaluate(mnist_small, str(tmp_path))
 
@@ -261,7 +297,7 @@ def test_target_split_must_exist(tmp_path, mnist_small):
 def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, mnist_small):
   import jax.numpy as jnp
   from convjax.models import get_model
-  from convjax.pretrained import transfer
+  from convjax.train.state import starting_params
   mnist_small.num_epochs = 1
   mnist_small.steps_per_epoch = 8
   train_and_evaluate(mnist_small, str(tmp_path / "first"))
@@ -269,14 +305,14 @@ def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, m
   config = mnist_small.copy_and_resolve_references()
   config.init_from = str(tmp_path / "first")
   fresh = get_model("mnist_convnet").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]
-  params, _ = transfer.starting_params(config, fresh, {})
+  params, _ = starting_params(config, fresh, {})
   got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
   assert got.keys() == {k[len("['params']"):] for k in stored if k.startswith("['params']")}
   for key, value in got.items():
     np.testing.assert_array_equal(value, stored["['params']" + key])
   other = get_model("mnist_dense").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]
   with pytest.raises(UserError, match="init_from=.*does not fit the model"):
-    transfer.starting_params(config, other, {})
+    starting_params(config, other, {})
   config.init_from = str(tmp_path / "nothing")
   with pytest.raises(UserError, match="has no checkpoints"):
-    transfer.starting_params(config, fresh, {})
+    starting_params(config, fresh, {})

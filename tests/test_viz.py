@@ -223,17 +223,17 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   workdir = tmp_path / "run"
   trained = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
                        "--config.num_epochs=1", "--config.steps_per_epoch=100",
-                       "--config.train_split=train[:8192]", "--config.validation_size=1024",
-                       "--config.test_split=")
+                       "--config.data.train_split=train[:8192]", "--config.data.validation_size=1024",
+                       "--config.data.test_split=")
   assert trained.returncode == 0, trained.stderr[-3000:]
   builder = tfds_data.get_builder("mnist", download=False)
   digit = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 1))["image"][0, ..., 0]
   Image.fromarray(digit).save(tmp_path / "digit.png")
   result = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
-                      "--config.viz.filter_size=28", "--config.viz.num_filters=8", "--config.viz.steps=10",
-                      "--config.viz.step_size=10", "--config.viz.occlusion_patch=6",
-                      "--config.viz.occlusion_stride=3", "--config.viz.smoothgrad_samples=4",
-                      "--config.viz.ig_steps=8")
+                      "--config.viz.filters.size=28", "--config.viz.filters.num_filters=8", "--config.viz.filters.steps=10",
+                      "--config.viz.filters.step_size=10", "--config.viz.occlusion.patch=6",
+                      "--config.viz.occlusion.stride=3", "--config.viz.saliency.smoothgrad_samples=4",
+                      "--config.viz.saliency.ig_steps=8")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Metadata file does not exist" not in result.stderr  # the run's checkpoint read cleanly
   viz = workdir / "viz"
@@ -247,12 +247,12 @@ def test_visualize_binary_writes_every_figure(tmp_path):
                                      "saliency", "occlusion"}
   for flag, message in (("--config.viz.methods=gradcam,dreams", "unknown config.viz.methods ['dreams']"),
                         ("--config.viz.layers=conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
-                        ("--config.viz.gradcam_layer=max_pooling2d", "gradcam_layer='max_pooling2d' is not a "
+                        ("--config.viz.gradcam.layer=max_pooling2d", "gradcam.layer='max_pooling2d' is not a "
                          "Conv2D layer"),
                         ("--config.viz.class_index=10", "config.viz.class_index=10: mnist_convnet has 10 classes"),
-                        ("--config.viz.ig_steps=0", "config.viz.ig_steps must be >= 1, got 0"),
-                        ("--config.viz.occlusion_patch=40", "occlusion_patch=40 is larger than the 28x28 input"),
-                        ("--config.viz.top_split=train2", "config.viz.top_split='train2': the run has")):
+                        ("--config.viz.saliency.ig_steps=0", "config.viz.saliency.ig_steps must be >= 1, got 0"),
+                        ("--config.viz.occlusion.patch=40", "occlusion.patch=40 is larger than the 28x28 input"),
+                        ("--config.viz.top_images.split=train2", "config.viz.top_images.split='train2': the run has")):
     bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}", flag)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 1 and last.startswith("error: ") and message in last, bad.stderr[-2000:]
@@ -266,8 +266,8 @@ def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
   common = [f"--workdir={tmp_path}", f"--image={image}", "--config.viz.model=vgg16_base",
             "--config.viz.image_size=32"]
   result = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,first_layer,filters",
-                      "--config.viz.layers=block1_conv1,block3_pool,block5_conv1", "--config.viz.num_filters=4",
-                      "--config.viz.filter_size=32", "--config.viz.steps=5")
+                      "--config.viz.layers=block1_conv1,block3_pool,block5_conv1", "--config.viz.filters.num_filters=4",
+                      "--config.viz.filters.size=32", "--config.viz.filters.steps=5")
   assert result.returncode == 0, result.stderr[-3000:]
   assert {p.name for p in (tmp_path / "viz").iterdir()} == {
       "activations_block1_conv1.png", "activations_block3_pool.png", "activations_block5_conv1.png",

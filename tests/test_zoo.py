@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from convjax.models import get_model
 from convjax.models.lenet import C3_TABLE, PartialConv
 from convjax.models.summary import summary
+from convjax.run import load_run
+from convjax.train.state import starting_params
 from tests.conftest import run_binary
 
 # name, native input, params (trainable) at 1000 classes, other variables (BatchNorm
@@ -107,12 +110,13 @@ def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
 
 
 def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
-  """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated."""
+  """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated;
+  the run is read back (load_run, init_from, the visualisation binary) with those 10 classes."""
   workdir = tmp_path / "run"
   result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
                       "--config.model=resnet18", "--config.data.image_size=(32, 32)",
-                      "--config.train_split=train[:2048]", "--config.validation_size=512",
-                      "--config.test_split=test[:512]", "--config.num_epochs=2",
+                      "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
+                      "--config.data.test_split=test[:512]", "--config.num_epochs=2",
                       "--config.steps_per_epoch=24", "--config.optimizer=adam",
                       "--config.eval_batch_size=256")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -120,6 +124,27 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   history = json.loads((workdir / "history.json").read_text())
   assert history[-1]["test_accuracy"] > 0.5, history
   assert "Non-trainable params: 9,600" in (workdir / "summary.txt").read_text()  # BN statistics
+
+  # The run records the class count it trained with, so every reader rebuilds the same model.
+  assert json.loads((workdir / "config.json").read_text())["model_kwargs"]["num_classes"] == 10
+  model, variables, config = load_run(str(workdir))
+  assert model.num_classes == 10 and config.model == "resnet18"
+  assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
+      np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))))
+  config.init_from = str(workdir)
+  fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
+  params, model_state = starting_params(config, fresh["params"], {"batch_stats": fresh["batch_stats"]})
+  np.testing.assert_array_equal(params["head"]["fc"]["kernel"], variables["params"]["head"]["fc"]["kernel"])
+  assert model_state.keys() == {"batch_stats"}
+  digit = tmp_path / "digit.png"
+  Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
+  viz = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={digit}",
+                   "--config.viz.methods=activations,gradcam,saliency,occlusion",
+                   "--config.viz.saliency.smoothgrad_samples=2", "--config.viz.saliency.ig_steps=4",
+                   "--config.viz.occlusion.patch=8", "--config.viz.occlusion.stride=8")
+  assert viz.returncode == 0, viz.stderr[-3000:]
+  assert 0 <= json.loads((workdir / "viz" / "timings.json").read_text())["class"] < 10
+  assert {"gradcam.png", "saliency.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
 
 
 def test_notes_networks_have_the_notes_parameter_counts():

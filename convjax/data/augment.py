@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+from convjax.config import AUGMENT_RANGES, FILL_MODES, augments
 
 
 class AugmentParams(NamedTuple):
@@ -129,3 +129,12 @@ def make_augment(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0
     return jax.vmap(augment_one)(jax.random.split(rng, images.shape[0]), images)
 
   return augment
+
+
+def from_config(augment_config):
+  """The `augment(rng, images)` that config.augment describes, or None when it changes nothing."""
+  if not augments(augment_config):
+    return None
+  a = augment_config
+  return make_augment(**{k: a[k] for k in AUGMENT_RANGES}, horizontal_flip=a.horizontal_flip,
+                      fill_mode=a.fill_mode, cval=a.cval)

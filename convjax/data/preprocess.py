@@ -1,10 +1,18 @@
-"""Image preprocessing on the host: decoding-side resize and channel conversion.
+"""Pixel preprocessing: the host-side resize of decoding, and the model-input transform.
 
 `resize_bilinear` is `tf.image.resize(method='bilinear')` (half-pixel centres,
 no antialiasing): what Keras' `image_dataset_from_directory` does, written in
 numpy so that loading folders needs no TensorFlow.
+
+`input_transform(rescale, preprocess)` maps float pixels (0-255) to the model's
+input inside the jitted steps: rescaling, and ImageNet VGG's 'caffe'
+preprocessing (`preprocess_input`, as keras.applications.vgg16 does it).
 """
+import jax.numpy as jnp
 import numpy as np
+
+# ImageNet channel means in BGR order, as Keras' 'caffe' mode subtracts them.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def _axis_weights(in_size: int, out_size: int):
@@ -32,3 +40,17 @@ def resize_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
 def to_uint8(image: np.ndarray) -> np.ndarray:
   """Rounds float pixels in [0, 255] to uint8 (half a grey level at most from the float)."""
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def preprocess_input(x):
+  """ImageNet VGG's input ('caffe' mode): RGB pixels in [0, 255] -> BGR minus the channel means."""
+  return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
+
+
+def input_transform(rescale: float = 1 / 255, preprocess: str = ""):
+  """float pixels (0-255) -> model input: x * rescale, then `preprocess` ('' or 'caffe')."""
+  if preprocess == "caffe":
+    return lambda x: preprocess_input(x * rescale)
+  if preprocess:
+    raise ValueError(f"unknown preprocess {preprocess!r}; valid: '', 'caffe'")
+  return lambda x: x * rescale

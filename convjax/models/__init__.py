@@ -3,9 +3,12 @@
 Every model maps images (B, H, W, C) to logits (B, num_classes); a model with
 num_classes=1 is a binary classifier (one sigmoid logit). Each model is
 `head(features(x))` with its params under 'features/...' and 'head/...';
-`apply_features` and `apply_head` run either half alone.
+`apply_features` and `apply_head` run either half alone. `with_num_classes` fits a
+model's class count to a dataset's.
 """
 import functools
+
+from absl import logging
 
 from convjax.errors import UserError
 from convjax.models.alexnet import AlexNet
@@ -67,3 +70,21 @@ def get_model(name: str, **overrides):
     return MODELS[name](**overrides)
   except TypeError as e:
     raise UserError(f"model {name!r}: bad model_kwargs {sorted(overrides)}: {e}") from None
+
+
+def with_num_classes(name: str, kwargs: dict, num_classes: int) -> dict:
+  """`kwargs` for model `name` with num_classes set: the dataset's `num_classes`, unless
+  kwargs set it (then it must cover the dataset). A model with one output (a sigmoid binary
+  classifier) fits two classes. Models without num_classes (a conv base) are left as they are."""
+  current = getattr(get_model(name, **kwargs), "num_classes", None)
+  if current is None or not num_classes:
+    return dict(kwargs)
+  if current == num_classes or (current == 1 and num_classes == 2):
+    return {**kwargs, "num_classes": current}
+  if "num_classes" in kwargs:
+    if current < num_classes:
+      raise UserError(f"config.model_kwargs.num_classes={current} but the dataset has "
+                      f"{num_classes} classes")
+    return dict(kwargs)
+  logging.info("model %s: num_classes %d -> %d, the dataset's", name, current, num_classes)
+  return {**kwargs, "num_classes": num_classes}

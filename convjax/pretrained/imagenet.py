@@ -1,19 +1,12 @@
-"""ImageNet conventions of keras.applications: 'caffe' preprocessing and decoded predictions."""
+"""ImageNet's class names as keras.applications gives them: `decode_predictions`.
+
+(The 'caffe' input preprocessing is data: convjax.data.preprocess.preprocess_input.)"""
 import json
 from typing import Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 from convjax.pretrained import fetch
-
-# ImageNet channel means in BGR order, as Keras' 'caffe' mode subtracts them.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-def preprocess_input(x):
-  """RGB pixels in [0, 255] -> BGR minus the ImageNet channel means (no scaling)."""
-  return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
 
 
 def class_index(path: Optional[str] = None) -> dict:

@@ -1,11 +1,10 @@
-"""Transfer learning glue: ImageNet weights by model name, starting params, feature extraction.
+"""Transfer learning glue: ImageNet weights by model name, and feature extraction.
 
   imagenet_weights(model_name, include_top) -> path of Keras' .h5 for it
   weights_file(weights, model_name, model)  -> the .h5 that config weights name for a model
-  starting_params(config, params)           -> params from config.pretrained / config.init_from
-  make_extractor(config, image_shape)       -> (extract(images uint8) -> features, feature shape)
-  feature_split(split, extract, cache_dir)  -> the split with features instead of pixels,
-                                               computed once and cached on disk
+  feature_source(source, extractor, data, cache_dir)
+                                            -> the data source with the frozen base's outputs
+                                               instead of pixels, computed once, cached on disk
 """
 import os
 
@@ -14,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from convjax.data.splits import Split
+from convjax.data.preprocess import input_transform
+from convjax.data.splits import Source, Split
 from convjax.errors import UserError
 from convjax.models import apply_features, get_model
 from convjax.models.vgg import VGG, VGGClassifier
@@ -40,54 +40,21 @@ def weights_file(weights: str, model_name: str, model) -> str:
   return imagenet_weights(name, include_top=getattr(model, "include_top", False))
 
 
-def latest_params(workdir: str) -> dict:
-  """{'params': ..., 'model_state': ...} (numpy) of a run's latest checkpoint."""
-  from convjax.train import checkpoint
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
-    raise UserError(f"config.init_from={workdir!r} has no checkpoints")
-  path = os.path.join(directory, str(steps[-1]), "state")
-  state = checkpoint.read_state(path)
-  logging.info("starting from %s (epoch %d)", path, steps[-1])
-  return jax.device_get({"params": state["params"], "model_state": state["model_state"]})
-
-
-def _same_structure(a, b, what: str):
-  sa = jax.tree_util.tree_map(lambda x: tuple(x.shape), a)
-  sb = jax.tree_util.tree_map(lambda x: tuple(x.shape), b)
-  if sa != sb:
-    raise UserError(f"{what} does not fit the model (different parameter names or shapes)")
-
-
-def starting_params(config, params, model_state):
-  """(params, model_state) to start a fresh run from, after config.pretrained / init_from."""
-  if config.init_from:
-    start = latest_params(config.init_from)
-    _same_structure(start["params"], jax.device_get(params), f"config.init_from={config.init_from!r}")
-    return start["params"], start["model_state"] or model_state
-  if config.pretrained.weights:
-    path = weights_file(config.pretrained.weights, config.model,
-                        get_model(config.model, **config.model_kwargs))
-    return keras_h5.load_into(params, path, under=config.pretrained.under), model_state
-  return params, model_state
-
-
-def make_extractor(config, image_shape: tuple, batch: int = 50):
-  """The frozen conv base of config.feature_extractor with its weights, as a host function."""
-  from convjax.train.config import input_transform
-  name = config.feature_extractor.model
+def make_extractor(extractor, data, image_shape: tuple, batch: int = 50):
+  """The frozen conv base of config.feature_extractor with its weights, as a host function
+  of uint8 images (config.data's preprocessing applied), and its output shape."""
+  name = extractor.model
   base = get_model(name)
   if getattr(base, "include_top", False):  # a VGG with Keras' top: its conv base
     base = base.clone(include_top=False)
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: base.init(jax.random.key(0), x))
   shape = jax.eval_shape(lambda v: apply_features(base, v, x), variables).shape[1:]
-  prepare = input_transform(config)
+  prepare = input_transform(data.rescale, data.preprocess)
 
   def extract(images: np.ndarray) -> np.ndarray:
     params = base.init(jax.random.key(0), x)["params"]
-    weights = config.feature_extractor.weights
+    weights = extractor.weights
     if weights:
       params = keras_h5.load_into(params, weights_file(weights, name, base), under="features",
                                   strict=False)
@@ -120,3 +87,15 @@ def feature_split(name: str, split: Split, extract, cache_dir: str) -> Split:
     return {"image": features, "label": rows["label"]}
 
   return split._replace(read=read, spec=f"features of {split.spec}")
+
+
+def feature_source(source: Source, extractor, data, cache_dir: str) -> Source:
+  """`source` as the frozen base of config.feature_extractor sees it: each split's images
+  replaced by the base's outputs, extracted once per split and cached in `cache_dir`."""
+  extract, shape = make_extractor(extractor, data, source.image_shape)
+
+  def splits():
+    return {name: feature_split(name, split, extract, cache_dir) for name, split in source.splits().items()}
+
+  return source._replace(description=f"{extractor.model} features of {source.description}",
+                         image_shape=shape, splits=splits)

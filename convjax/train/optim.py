@@ -3,11 +3,9 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from convjax.config import OPTIMIZERS, SCHEDULES
 from convjax.errors import UserError
 from convjax.models.summary import trainable_mask
-
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
-SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate_schedule(config: ConfigDict, steps_per_epoch: int):

@@ -1,4 +1,4 @@
-"""Pure train and eval steps. `loop.py` jits them once with explicit shardings.
+"""Pure train and eval steps, and `jit_steps`: both jitted once over the mesh.
 
 A batch is {'image': uint8 or float (B, H, W, C), 'label': int (B,),
 'mask': float (B,)}: mask 0 marks padding rows, which add nothing to the loss,
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convjax import parallel
 from convjax.train.state import TrainState
 
 
@@ -77,3 +78,16 @@ def make_eval_step(model: nn.Module, prepare: Callable):
     return _metrics(loss, correct, batch["mask"])
 
   return eval_step
+
+
+def jit_steps(model, tx, prepare, mesh, augment=None):
+  """The train and eval steps, each one SPMD program over the whole mesh.
+
+  State and metrics are replicated, batches sharded over 'data'; XLA inserts
+  the gradient all-reduce. The state is donated: the step updates it in place.
+  """
+  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
+  train_step = jax.jit(make_train_step(model, tx, prepare, augment), in_shardings=(repl, shard, repl),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, prepare), in_shardings=(repl, shard), out_shardings=repl)
+  return train_step, eval_step

@@ -1,0 +1,178 @@
+"""A run on disk: its files, its identity, its history, its checkpoints, and `load_run`.
+
+  <workdir>/config.json    the resolved config (model_kwargs include num_classes)
+            history.json   one record per epoch, then the test record
+            summary.txt, plots/, tensorboard/, features/
+            checkpoints/<epoch>/  orbax: the latest (for resume) and the best by val_accuracy
+
+A checkpoint holds the train state and the history up to its epoch, so a run
+resumed from it rewrites history.json consistently whatever was killed when.
+Everything that reads a run (the trainer resuming it, init_from, visualisation,
+benchmarks) goes through this module: `load_run(workdir)` is the one reader.
+"""
+import json
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from ml_collections import ConfigDict
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from convjax import config as config_lib
+from convjax.errors import UserError
+from convjax.models import get_model, with_num_classes
+
+# What a run owns in its workdir; `overwrite` removes exactly these.
+RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard",
+             "features")
+
+
+def write_json(path: str, value) -> None:
+  """Atomic: a reader (or a kill) never sees half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def check_identity(workdir: str, config: ConfigDict) -> list:
+  """The fields in which the run in `workdir` differs from `config` ([] for none or no run).
+
+  Read-only and cheap: set-up calls it before reading any data. A difference is
+  a UserError unless config.overwrite.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    diff = config_lib.differences(config_lib.read_stored(config_path), config_lib.to_dict(config))
+  elif os.path.exists(os.path.join(workdir, "checkpoints")):
+    diff = ["<no config.json beside checkpoints/>"]
+  else:
+    diff = []
+  if diff and not config.overwrite:
+    raise UserError(f"{workdir} holds a run of a different config (differs in: {', '.join(diff)}); "
+                    "use another --workdir, or --config.overwrite=True to replace that run")
+  return diff
+
+
+def claim(workdir: str, config: ConfigDict) -> None:
+  """Makes `workdir` this config's run: removes another config's run files (checked to be
+  allowed by check_identity), writes config.json. Process 0 writes; all call it."""
+  replace = check_identity(workdir, config)
+  if jax.process_index() == 0:
+    if replace:  # overwrite=True: remove the old run, nothing else in the workdir
+      for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+
+
+def write_history(workdir: str, history: list) -> None:
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "history.json"), history)
+
+
+# Checkpoints.
+
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+  """The orbax manager of <workdir>/checkpoints: keeps the latest and the best by val_accuracy."""
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=1),
+      pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state, history: list) -> None:
+  """Saves after `epoch` (1-based); metrics for the best-checkpoint policy come from history."""
+  manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              history=ocp.args.JsonSave(history)),
+               metrics={"val_accuracy": history[-1]["val_accuracy"]})
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+  """(epoch, state, history) from the latest checkpoint, or None when there is none.
+
+  abstract_state: ShapeDtypeStructs with shardings; the restored arrays get
+  them, whatever device count wrote the checkpoint.
+  """
+  epoch = manager.latest_step()
+  return None if epoch is None else restore(manager, epoch, abstract_state)
+
+
+def restore(manager: ocp.CheckpointManager, epoch: int, abstract_state):
+  """(epoch, state, history) from the checkpoint of `epoch`."""
+  restored = manager.restore(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()))
+  return epoch, restored["state"], list(restored["history"])
+
+
+def best_epoch(manager: ocp.CheckpointManager, history: list) -> int:
+  """The kept checkpoint of highest val_accuracy (the earliest of equals)."""
+  val = {r["epoch"]: r["val_accuracy"] for r in history if "val_accuracy" in r}
+  kept = [e for e in manager.all_steps() if e in val]
+  return max(sorted(kept), key=val.__getitem__)
+
+
+def abstract(state, sharding):
+  """ShapeDtypeStructs of `state` placed with `sharding`: what restore fills in."""
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def read_state(path: str):
+  """The train state saved at `path` (<run>/checkpoints/<epoch>/state) as stored, on one
+  local device, whatever model, optimizer or device count wrote it."""
+  # The item's tree metadata, from its handler: the checkpointer's metadata() would also
+  # look for step metadata, which lives one level up (<epoch>/), and warn.
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, target)
+
+
+# Reading a run.
+
+def read_config(workdir: str) -> ConfigDict:
+  """The run's config.json as a ConfigDict (fields it predates take their defaults)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir!r} has no config.json: not a training run")
+  return config_lib.from_stored(config_lib.read_stored(path))
+
+
+def latest_variables(workdir: str, what: str = "config.init_from") -> tuple:
+  """(epoch, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []  # finalized only
+  if not steps:
+    raise UserError(f"{what}={workdir!r} has no checkpoints")
+  path = os.path.join(directory, str(max(steps)), "state")
+  state = read_state(path)
+  logging.info("read %s (epoch %d)", path, max(steps))
+  return max(steps), jax.device_get({"params": state["params"], **(state["model_state"] or {})})
+
+
+def model_of(config: ConfigDict):
+  """The run's model as it trained: its config's model and model_kwargs (num_classes
+  included; a run of an earlier convjax that did not record it takes its dataset's)."""
+  kwargs = dict(config.model_kwargs)
+  if "num_classes" not in kwargs:
+    from convjax.data.splits import open_source
+    kwargs = with_num_classes(config.model, kwargs, len(open_source(config.data).classes))
+  return get_model(config.model, **kwargs)
+
+
+def load_run(workdir: str):
+  """(model, variables, config) of the run in `workdir`: the model it trained, the variables
+  of its latest checkpoint (params and e.g. BatchNorm statistics) and its config."""
+  config = read_config(workdir)
+  _, variables = latest_variables(workdir, "workdir")
+  return model_of(config), variables, config
