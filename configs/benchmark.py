@@ -21,7 +21,11 @@ def get_config():
   # The same rows in Keras 3 and PyTorch (convjax/peers.py), each in its own process:
   # keras_jax, keras_tensorflow, torch_eager, torch_compile (where installed); '' -> none.
   config.peers = "keras_jax,keras_tensorflow,torch_eager,torch_compile"
-  # Input-pipeline cost: MODEL:TFDS_DATASET pairs trained through the real loop's input
-  # path vs a batch already on the device, at each batch size; '' -> skip.
+  # Input-pipeline cost: MODEL:DATA pairs trained through the training loop's real input path
+  # (each of pipeline_modes; streaming with each count of grain workers) vs a batch already on
+  # the devices, at each batch size; '' -> skip. DATA: a TFDS name (TFDS_DATA_DIR), NAME@DIR
+  # (e.g. an ArrayRecord copy, which streams), or folder:PATH[@HxW] (class folders, resized).
   config.pipeline = "mnist_convnet:mnist"
+  config.pipeline_modes = ("device", "stream")
+  config.workers = (0,)
   return config

@@ -146,48 +146,77 @@ def environment() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count()}
 
 
-def pipeline_overhead(model_name: str, dataset: str, batch: int, steps: int = 20, warmup: int = 3) -> dict:
-  """The training loop's real input path against a batch already on the device.
+def data_config(spec: str):
+  """config.data for a benchmark source: 'NAME' or 'NAME@DIR' (TFDS, TFDS_DATA_DIR or DIR), or
+  'folder:PATH[@HxW]' (a folder of class folders, resized to HxW)."""
+  from convjax.config import default_config
+  data = default_config().data
+  data.train_split, data.validation_split, data.test_split, data.validation_size = "train", "", "", 1
+  kind, _, rest = spec.rpartition(":") if spec.startswith("folder:") else ("", "", spec)
+  where, _, extra = rest.partition("@")
+  if kind == "folder":
+    data.folder, data.train_split = where, ""
+    data.test_size = 0
+    if extra:
+      data.image_size = tuple(int(d) for d in extra.split("x"))
+  else:
+    data.dataset, data.data_dir, data.download = where, extra, False
+  return data
 
-  Real: each step gathers its batch from the dataset's uint8 rows on the devices
-  (convjax.data.pipeline.OnDevice) and runs the jitted train step, exactly as
-  `train_and_evaluate` does. Synthetic: the same compiled step on one fixed
-  batch. Both block on every step. Overhead = real / synthetic - 1.
+
+def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, batch: int, steps: int = 20,
+                      warmup: int = 3) -> dict:
+  """A train step fed by the training loop's real input path against one on a batch already
+  on the devices, and what the input path alone delivers.
+
+  Real: each step takes its feed from the pipeline (convjax.data.pipeline: 'device'
+  gathers the batch from the dataset's rows on the devices inside the step; 'stream'
+  decodes it with grain, `workers` processes, and puts it on the devices ahead), exactly
+  as `train_and_evaluate` does. Synthetic: the same step without the gather, on one fixed
+  batch. Both block on every step; overhead = real / synthetic - 1. Input: images/s of
+  the pipeline's batches alone, each waited for (streaming only).
   """
   from convjax import parallel
-  from convjax.data import tfds as tfds_data
-  from convjax.data.pipeline import OnDevice
-  from convjax.data.splits import Split
-  from convjax.train.steps import jit_steps
+  from convjax.data import pipeline as pipelines
+  from convjax.data.splits import fit_for, open_source
+  from convjax.train.steps import jit_steps, zero_metrics
 
   mesh = parallel.make_mesh()
-  builder = tfds_data.get_builder(dataset, download=False)
-  rows = tfds_data.row_range(builder, "train")
-  split = Split(rows.size, rows.spec(), lambda a, b: tfds_data.read_rows(builder, rows.sub(a, b)))
-  data = OnDevice({"train": split}, mesh, seed=0, batch_size=batch, eval_batch_size=batch,
-                  steps_per_epoch=warmup + steps)
+  data_cfg = data_config(spec)
+  source = open_source(data_cfg)
+  train = {"train": source.splits(stream=pipeline == "stream")["train"]}
+  args = (train, mesh, 0, batch, batch, warmup + steps)
+  data = (pipelines.Stream(*args, source.image_shape, fit_for(data_cfg), workers) if pipeline == "stream"
+          else pipelines.OnDevice(*args))
   model = get_model(model_name)
   tx = optax.rmsprop(1e-3)
-  input_shape = data.rows["train"]["image"].shape[1:]
-  state = jax.jit(lambda: create_train_state(model, tx, input_shape, jax.random.key(0)),
+  state = jax.jit(lambda: create_train_state(model, tx, source.image_shape, jax.random.key(0)),
                   out_shardings=parallel.replicated(mesh))()
-  train_step, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
+  gathering, _ = jit_steps(model, tx, lambda x: x / 255, mesh, take=data.take)
+  given, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
   rng = jax.random.key(1)
-  fixed = next(data.train_batches(1))
-  batches = data.train_batches(1)
+  fixed = jax.jit(data.take)(next(data.train_batches(1)))
+  sums = parallel.put_replicated_tree(mesh, zero_metrics())
 
-  def timed(make_batch, state):
+  def timed(train_step, feeds, state):
     times = []
     for i in range(warmup + steps):
       t = time.perf_counter()
-      state, metrics = train_step(state, make_batch(i), rng)
+      state, metrics = train_step(state, next(feeds), rng, sums)
       jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - t)
     return statistics.median(times), state
 
-  real, state = timed(lambda i: next(batches), state)
-  synthetic, state = timed(lambda i: fixed, state)
-  return {"model": model_name, "dataset": dataset, "batch": batch, "steps_timed": steps,
-          "real_step_seconds_median": real, "synthetic_step_seconds_median": synthetic,
-          "overhead_percent": 100 * (real / synthetic - 1)}
+  real, state = timed(gathering, data.train_batches(1), state)
+  synthetic, state = timed(given, iter(lambda: fixed, None), state)
+  input_rate = None
+  if pipeline == "stream":
+    t = time.perf_counter()
+    for n, feed in enumerate(data.train_batches(2), start=1):
+      jax.block_until_ready(feed)
+    input_rate = n * batch / (time.perf_counter() - t)
+  data.close()
+  return {"model": model_name, "data": spec, "pipeline": pipeline, "workers": workers, "batch": batch,
+          "steps_timed": steps, "real_step_seconds_median": real, "synthetic_step_seconds_median": synthetic,
+          "overhead_percent": 100 * (real / synthetic - 1), "input_images_per_second": input_rate}

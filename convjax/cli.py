@@ -17,12 +17,18 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.DEFINE_bool("distributed", False, "Start jax.distributed with cluster auto-detection.")
 flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CPU runs (gloo, mpi).")
 
-QUIET_LIBRARIES = ("/orbax/", "/etils/", "/tensorflow_datasets/", "/clu/", "/jax/_src/xla_bridge.py")
+QUIET_LIBRARIES = ("/orbax/", "/etils/", "/tensorflow_datasets/", "/grain/", "/jax/_src/xla_bridge.py")
+
+
+# Library warnings that say nothing to a convjax user (TFDS suggests OpenCV for decoding).
+QUIET_WARNINGS = ("OpenCV is not installed",)
 
 
 class _LibraryInfoFilter(py_logging.Filter):
 
   def filter(self, record):
+    if any(record.getMessage().startswith(w) for w in QUIET_WARNINGS):
+      return False
     return record.levelno >= py_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
 
 

@@ -26,7 +26,9 @@ AUGMENT_RANGES = ("rotation_range", "width_shift_range", "height_shift_range", "
 
 # Fields that change how a run executes, not what it computes: a workdir may be
 # resumed with other values (e.g. a checkpoint written on 8 devices, resumed on 1).
-RUNTIME_FIELDS = ("overwrite", "num_devices", "data.data_dir", "data.download")
+RUNTIME_FIELDS = ("overwrite", "num_devices", "data.data_dir", "data.download", "data.pipeline",
+                  "data.device_fraction", "data.workers", "data.prefetch")
+PIPELINES = ("auto", "device", "stream")
 
 # Fields that moved, old dotted name -> new one: a run's stored config.json of an
 # earlier convjax is read with them moved; on the command line the old name is refused
@@ -70,6 +72,22 @@ def default_config() -> ConfigDict:
   d.skip_bad_files = False         # folders: skip (and log) unreadable files instead of failing
   d.cache_dir = ""                 # where a folder archive (.tar.gz, .zip) is extracted once;
                                    # '' -> ~/.cache/convjax
+  d.arrays = ""                    # a folder of <split>.npz (or <split>_image.npy + _label.npy): the
+                                   # source instead of TFDS (convjax/data/arrays.py)
+  # Crops (with image_size): training takes torchvision's RandomResizedCrop of (min, max) of the
+  # area, e.g. (0.08, 1.0), aspect ratio log-uniform in crop_ratio (streaming only); evaluation
+  # a centred crop of center_crop of the shorter side (ImageNet: 0.875). Then the resize.
+  d.random_resized_crop = ()
+  d.crop_ratio = (3 / 4, 4 / 3)
+  d.center_crop = 0.0              # 0 -> no crop: the whole image is resized
+  # The input pipeline: 'device' decodes every split once and keeps it on the devices; 'stream'
+  # reads, decodes and batches rows with grain as training goes (host memory bounded); 'auto'
+  # picks 'device' when the images fit device_fraction of the smallest device's free memory
+  # (on CPU of free host RAM). Both give the same batches in the same order.
+  d.pipeline = "auto"
+  d.device_fraction = 0.25
+  d.workers = 0                    # stream: grain worker processes decoding; 0 -> threads of this one
+  d.prefetch = 2                   # stream: batches put on the devices ahead of the step
   # Pixels (0-255) -> model input, inside the step: x * rescale, then preprocess.
   d.rescale = 1 / 255
   d.preprocess = ""                # '' or 'caffe' (ImageNet VGG: RGB->BGR minus channel means,
@@ -181,6 +199,26 @@ def validate_data(data: ConfigDict) -> None:
     raise UserError(f"config.data.image_size must be (height, width) > 0 or (), got {size}")
   if data.channels not in (1, 3):
     raise UserError(f"config.data.channels must be 1 or 3, got {data.channels!r}")
+  if data.pipeline not in PIPELINES:
+    raise UserError(f"unknown config.data.pipeline {data.pipeline!r}; valid: {', '.join(PIPELINES)}")
+  if not 0 < data.device_fraction <= 1:
+    raise UserError(f"config.data.device_fraction must be in (0, 1], got {data.device_fraction!r}")
+  for key in ("workers", "prefetch"):
+    if data[key] < 0:
+      raise UserError(f"config.data.{key} must be >= 0, got {data[key]!r}")
+  crop = tuple(data.random_resized_crop)
+  if crop and not (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1):
+    raise UserError(f"config.data.random_resized_crop must be (min, max) area fractions in (0, 1], got {crop}")
+  ratio = tuple(data.crop_ratio)
+  if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+    raise UserError(f"config.data.crop_ratio must be (min, max) aspect ratios > 0, got {ratio}")
+  if not 0 <= data.center_crop <= 1:
+    raise UserError(f"config.data.center_crop must be in [0, 1], got {data.center_crop!r}")
+  if (crop or data.center_crop) and not size:
+    raise UserError("config.data.random_resized_crop and center_crop need config.data.image_size")
+  if crop and data.pipeline == "device":
+    raise UserError("config.data.random_resized_crop draws a new crop every epoch: it needs "
+                    "config.data.pipeline='stream' (or 'auto'), not 'device'")
   if data.preprocess not in PREPROCESSING:
     raise UserError(f"unknown config.data.preprocess {data.preprocess!r}; valid: '', 'caffe'")
   if data.preprocess == "caffe" and data.rescale != 1:

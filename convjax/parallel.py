@@ -44,3 +44,8 @@ def put_replicated(mesh: Mesh, value: np.ndarray) -> jax.Array:
   """A global replicated array; every process must pass the same value."""
   value = np.asarray(value)
   return jax.make_array_from_callback(value.shape, replicated(mesh), lambda idx: value[idx])
+
+
+def put_replicated_tree(mesh: Mesh, tree):
+  """put_replicated of every leaf of a pytree."""
+  return jax.tree_util.tree_map(lambda x: put_replicated(mesh, x), tree)

@@ -78,6 +78,33 @@ def write_history(workdir: str, history: list) -> None:
     write_json(os.path.join(workdir, "history.json"), history)
 
 
+class TensorBoard:
+  """Scalars for TensorBoard in <workdir>/tensorboard (process 0; elsewhere nothing).
+
+  Written through tensorboardX's event-file writer, which needs no TensorFlow (clu's
+  SummaryWriter writes through tf.summary, so it cannot run where TensorFlow is absent).
+  """
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if self._writer:
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, float(value), step)
+
+  def flush(self) -> None:
+    if self._writer:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer:
+      self._writer.close()
+
+
 # Checkpoints.
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:

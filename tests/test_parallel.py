@@ -102,7 +102,9 @@ train_step, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
 batch = {"image": jax.ShapeDtypeStruct((64, 28, 28, 1), jnp.uint8, sharding=parallel.sharded(mesh)),
          "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=parallel.sharded(mesh)),
          "mask": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=parallel.sharded(mesh))}
-compiled = train_step.lower(state, batch, jax.random.key(1)).compile()
+from convjax.train.steps import zero_metrics
+sums = parallel.put_replicated_tree(mesh, zero_metrics())
+compiled = train_step.lower(state, batch, jax.random.key(1), sums).compile()
 text = compiled.as_text()
 header = next(l for l in text.splitlines() if l.startswith("HloModule "))
 print("modules", text.count("HloModule "), "partitions", header.split("num_partitions=")[1].split(",")[0],

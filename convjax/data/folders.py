@@ -116,19 +116,41 @@ def decode_image(path: str, channels: int, image_size: Optional[Sequence[int]]) 
   return array
 
 
+class FolderRows:
+  """Random access to a listing's files for streaming: rows[i] is {'image': uint8 (H, W,
+  channels) as stored, 'label'}. An unreadable file is a UserError naming it, or with
+  `skip_bad_files` None (the pipeline masks the row out and counts it)."""
+
+  def __init__(self, files: Sequence[str], labels: np.ndarray, channels: int, skip_bad_files: bool = False):
+    self.files, self.labels = tuple(files), np.asarray(labels, np.int32)
+    self.channels, self.skip_bad_files = channels, skip_bad_files
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int):
+    try:
+      return {"image": decode_image(self.files[i], self.channels, None), "label": int(self.labels[i])}
+    except UserError:
+      if not self.skip_bad_files:
+        raise
+      return None
+
+
 def decode_split(split: FolderSplit, channels: int = 3, image_size: Optional[Sequence[int]] = None,
-                 skip_bad_files: bool = False, num_threads: int = 8) -> dict:
+                 skip_bad_files: bool = False, num_threads: int = 8, fit=None) -> dict:
   """{'image': uint8 (n, H, W, channels), 'label': int32 (n,)} for every readable file.
 
-  Without `image_size` all images must share one size. Unreadable files are an
-  error, or with `skip_bad_files` dropped and counted in the log.
+  Without `image_size` all images must share one size; `fit` (convjax.data.preprocess.Fit:
+  a centre crop, then the resize) replaces the plain resize to image_size. Unreadable
+  files are an error, or with `skip_bad_files` dropped and counted in the log.
   """
   if channels not in PIL_MODES:
     raise UserError(f"channels must be 1 or 3, got {channels}")
 
   def decode(path):
     try:
-      return decode_image(path, channels, image_size)
+      return fit(decode_image(path, channels, None)) if fit else decode_image(path, channels, image_size)
     except UserError:
       if not skip_bad_files:
         raise

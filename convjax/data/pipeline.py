@@ -1,26 +1,45 @@
-"""The input pipeline: what the training loop asks of its data, and the on-device path.
+"""The input pipeline: what the training loop asks of its data, and its two implementations.
 
-The loop asks an input pipeline for the splits' sizes, the batches of training
-epoch e (1-based) and the batches of an evaluation pass over a split. A batch is
-{'image': uint8 (B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)}, global
-arrays sharded over the mesh's 'data' axis; mask 0 marks padding rows.
+The loop asks a pipeline for the splits' sizes, the feeds of training epoch e
+(1-based, from step `start` on) and the feeds of an evaluation pass over a split,
+and passes each feed to the jitted step, which turns it into a batch with
+`pipeline.take(feed)` inside the same program. A batch is {'image': uint8
+(B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)}, sharded over the mesh's
+'data' axis; mask 0 marks padding rows.
 
-`OnDevice` holds every split on the devices as uint8 rows sharded over the mesh,
-so each process holds (and loads) only its own rows. An epoch is a table of
-global row indices drawn on the host from (seed, epoch), so the data order
-depends on nothing else: not on device or process count, and not on whether
-the run was interrupted. A batch is gathered by global example index: every
-device picks the rows it owns and a reduce-scatter hands each device its slice.
+Both pipelines draw every epoch from the same table of global row indices,
+computed on the host from (seed, epoch), so they see the same batches in the same
+order, whatever the device or process count and whether the run was interrupted:
+
+`OnDevice` holds every split on the devices as uint8 rows sharded over the mesh
+(each process loads only its own rows). A feed is (rows, index table, step); the
+step gathers its batch: every device picks the rows it owns and a reduce-scatter
+hands each device its slice. One program per step, so no other collective
+program is ever in flight beside it.
+
+`Stream` reads rows as training goes (grain: decoding, crops and batching in
+worker processes or threads), each process only the rows of its own devices,
+and puts a few batches on the devices ahead of the step
+(`jax.make_array_from_process_local_data`: no collective). Host memory stays
+bounded by the prefetch buffers, whatever the dataset's size.
+
+`choose(config.data, source, mesh)` picks one: 'device' when the images fit
+`device_fraction` of the smallest device's free memory (on CPU of free host RAM).
 """
+import collections
+import math
+import os
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from convjax import parallel
-from convjax.data.splits import Split
+from convjax.data.splits import Source, Split, image_bytes
+from convjax.errors import UserError
 
 
 def train_index_table(seed: int, epoch: int, steps: int, batch: int, n: int) -> np.ndarray:
@@ -80,11 +99,11 @@ def load_split(split: Split, mesh: Mesh) -> dict:
   return {k: put_rows(mesh, v, total) for k, v in local.items()}
 
 
-def make_get_batch(mesh: Mesh):
-  """Returns jitted `get_batch(rows, index_table, i) -> batch`.
+def make_gather(mesh: Mesh):
+  """`gather(rows, indices) -> batch`, traced inside a jitted step.
 
   rows: dict of (R, ...) arrays sharded over 'data' (one dataset split).
-  index_table: replicated (num_batches, B) int32 of global row indices; -1 pads.
+  indices: replicated (B,) int32 global row indices; -1 pads.
   Returns dict of (B, ...) arrays sharded over 'data', plus 'mask' (float32,
   0 where the index was -1).
   """
@@ -106,17 +125,11 @@ def make_get_batch(mesh: Mesh):
     out["mask"] = (mine >= 0).astype(jnp.float32)
     return out
 
-  gather = jax.shard_map(gather_local, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis))
-
-  @jax.jit
-  def get_batch(rows, index_table, i):
-    return gather(rows, index_table[i])
-
-  return get_batch
+  return jax.shard_map(gather_local, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis))
 
 
 class OnDevice:
-  """Every split's rows on the devices; batches gathered from them by index tables.
+  """Every split's rows on the devices; each step gathers its batch by an index table.
 
   splits: {'train', 'validation'[, 'test']}: Split. An epoch is `steps_per_epoch`
   batches of `batch_size` from the (seed, epoch) stream of permutations; an
@@ -130,15 +143,172 @@ class OnDevice:
     self.rows = {name: load_split(split, mesh) for name, split in splits.items()}
     self.eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(split.size, eval_batch_size))
                         for name, split in splits.items() if name != "train"}
-    self.get_batch = make_get_batch(mesh)
+    self._gather = make_gather(mesh)
 
-  def train_batches(self, epoch: int) -> Iterator[dict]:
+  def take(self, feed) -> dict:
+    """The batch of a feed, inside the jitted step."""
+    rows, table, i = feed
+    return self._gather(rows, table[i])
+
+  def train_batches(self, epoch: int, start: int = 0) -> Iterator:
     table = parallel.put_replicated(self.mesh, train_index_table(
         self.seed, epoch, self.steps_per_epoch, self.batch_size, self.sizes["train"]))
-    for i in range(self.steps_per_epoch):
-      yield self.get_batch(self.rows["train"], table, i)
+    for i in range(start, self.steps_per_epoch):
+      yield self.rows["train"], table, np.int32(i)
 
-  def eval_batches(self, split: str) -> Iterator[dict]:
+  def eval_batches(self, split: str) -> Iterator:
     table = self.eval_tables[split]
     for i in range(table.shape[0]):
-      yield self.get_batch(self.rows[split], table, i)
+      yield self.rows[split], table, np.int32(i)
+
+  def close(self) -> None:
+    pass
+
+
+class _TableRows:
+  """A grain source: element k is row table[k // b, k % b] of `rows`, fitted to the image size.
+
+  table: (steps, b) this process's part of an index table (-1: padding); a row that is
+  padding or unreadable (None, a skipped bad file) becomes zeros with mask 0. Training
+  crops draw from (seed, epoch, the row's global position), so they do not depend on the
+  process count or on where a resumed run restarts.
+  """
+
+  def __init__(self, rows, table: np.ndarray, fit, shape: tuple, first: tuple, rng_key=None):
+    """first: (the table's first step in its epoch, global batch size, this process's first column)."""
+    self.rows, self.table, self.fit, self.shape = rows, table, fit, tuple(shape)
+    self.first, self.rng_key = first, rng_key
+
+  def __len__(self) -> int:
+    return self.table.size
+
+  def __getitem__(self, k: int) -> dict:
+    step, j = divmod(int(k), self.table.shape[1])
+    index = int(self.table[step, j])
+    row = self.rows[index] if index >= 0 else None
+    if row is None:
+      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.float32(0)}
+    rng = None
+    if self.rng_key is not None:
+      first_step, batch, column = self.first
+      rng = np.random.default_rng([*self.rng_key, (first_step + step) * batch + column + j])
+    image = self.fit(row["image"], rng)
+    if image.shape != self.shape:
+      where = self.rows.files[index] if hasattr(self.rows, "files") else f"row {index}"
+      raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, the data "
+                      f"{self.shape[1]}x{self.shape[0]}x{self.shape[2]}: set config.data.image_size to "
+                      "resize every image")
+    return {"image": image, "label": np.int32(row["label"]), "mask": np.float32(1)}
+
+
+class Stream:
+  """Rows read, decoded and batched by grain as training goes (see the module docstring).
+
+  splits: Splits with random-access `rows`; fit_train / fit_eval: convjax.data.preprocess.Fit
+  (training crops are drawn per row; evaluation's are fixed); workers: grain worker
+  processes (0: threads of this process); prefetch: batches put on the devices ahead.
+  """
+
+  def __init__(self, splits: dict, mesh: Mesh, seed: int, batch_size: int, eval_batch_size: int,
+               steps_per_epoch: int, image_shape: tuple, fit, workers: int = 0, prefetch: int = 2):
+    missing = [name for name, split in splits.items() if split.rows is None]
+    if missing:
+      raise ValueError(f"splits {missing} have no row access to stream from")
+    self.splits, self.mesh, self.seed = splits, mesh, seed
+    self.batch_size, self.eval_batch_size, self.steps_per_epoch = batch_size, eval_batch_size, steps_per_epoch
+    self.image_shape, self.fit, self.workers, self.prefetch = tuple(image_shape), fit, workers, prefetch
+    self.sizes = {name: split.size for name, split in splits.items()}
+    self._open = []
+
+  @staticmethod
+  def take(feed) -> dict:
+    return feed
+
+  def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+    table = train_index_table(self.seed, epoch, self.steps_per_epoch, self.batch_size, self.sizes["train"])
+    return self._batches(self.splits["train"].rows, table, start, rng_key=(self.seed, epoch))
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    table = eval_index_table(self.sizes[split], self.eval_batch_size)
+    return self._batches(self.splits[split].rows, table, 0)
+
+  def _batches(self, rows, table: np.ndarray, start: int, rng_key=None) -> Iterator[dict]:
+    import grain  # only the streaming path needs it
+    global_batch = table.shape[1]
+    lo, hi = local_row_range(self.mesh, global_batch)
+    source = _TableRows(rows, table[start:, lo:hi], self.fit, self.image_shape, (start, global_batch, lo),
+                        rng_key)
+    dataset = grain.MapDataset.source(source).batch(hi - lo).to_iter_dataset(
+        grain.ReadOptions(num_threads=0 if self.workers else 16, prefetch_buffer_size=max(2 * self.prefetch, 1)))
+    if self.workers:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+    iterator = iter(dataset)
+    self._open.append(iterator)
+    sharding = parallel.sharded(self.mesh)
+    ahead, skipped = collections.deque(), 0
+    try:
+      for step, local in enumerate(iterator):
+        skipped += int(np.sum(source.table[step] >= 0) - np.sum(local["mask"]))  # unreadable, masked out
+        ahead.append({k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
+                      for k, v in local.items()})
+        if len(ahead) > self.prefetch:
+          yield ahead.popleft()
+      while ahead:
+        yield ahead.popleft()
+    finally:
+      self._close(iterator)
+      if skipped:
+        logging.warning("skipped %d unreadable file(s) in this pass (masked out of their batches)", skipped)
+
+  def _close(self, iterator) -> None:
+    if iterator in self._open:
+      self._open.remove(iterator)
+      close = getattr(iterator, "close", None)
+      if close:
+        close()
+
+  def close(self) -> None:
+    """Stops grain's worker processes of iterations left unfinished (an interrupted run)."""
+    for iterator in list(self._open):
+      self._close(iterator)
+
+
+def free_memory(mesh: Mesh) -> tuple:
+  """(bytes free on the smallest of this process's devices, what that is); on CPU free host RAM."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  stats = [d.memory_stats() for d in local] if local[0].platform != "cpu" else []
+  if stats and all(s and "bytes_limit" in s for s in stats):
+    return (min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats),
+            f"free memory of the smallest {local[0].device_kind}")
+  free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  try:  # MemAvailable counts reclaimable caches too, as the kernel would free them
+    with open("/proc/meminfo") as f:
+      free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    pass
+  return free, "free host RAM"
+
+
+def choose(data, source: Source, mesh: Mesh) -> str:
+  """'device' or 'stream' for config.data.pipeline, logging the numbers behind the choice;
+  a forced 'device' that cannot fit, or a stream the source cannot give, is one UserError."""
+  needed = image_bytes(source)
+  free, what = free_memory(mesh)
+  per_device = needed if what == "free host RAM" else math.ceil(needed / mesh.size)
+  budget = data.device_fraction * free
+  fits = per_device <= budget
+  mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
+  numbers = (f"{source.num_rows:,} images {'x'.join(map(str, source.image_shape))} = {mb(needed)}"
+             f"{'' if what == 'free host RAM' else f' ({mb(per_device)} a device)'}; budget "
+             f"{data.device_fraction:g} x {what} {mb(free)} = {mb(budget)}")
+  wants_stream = bool(tuple(data.random_resized_crop))
+  kind = data.pipeline if data.pipeline != "auto" else ("device" if fits and not wants_stream else "stream")
+  if kind == "device" and not fits:
+    raise UserError(f"config.data.pipeline='device': the data does not fit ({numbers}); use "
+                    "config.data.pipeline='stream' (or 'auto'), or raise config.data.device_fraction")
+  if kind == "stream" and not source.streams:
+    raise UserError(f"the data cannot stream ({numbers}): {source.description} is prepared as TFRecord, "
+                    "which reads only in ranges; prepare it as ArrayRecord: tfds.builder(NAME, "
+                    "file_format='array_record').download_and_prepare()")
+  logging.info("input pipeline: %s (%s)", kind, numbers)
+  return kind

@@ -1,18 +1,37 @@
-"""TFDS splits as numpy arrays, read by absolute row range.
+"""TFDS splits as numpy arrays, read by absolute row range or row by row.
 
 The data directory is the caller's, else TFDS_DATA_DIR (read on each call),
 else TFDS' default. Offline, point it at a directory holding the prepared
 dataset (here: TFDS_DATA_DIR=../shared/datasets/tfds). Online, a missing
 dataset is downloaded and prepared by TFDS itself.
+
+A dataset prepared in ArrayRecord format (`tfds.builder(name,
+file_format='array_record').download_and_prepare()`; offline here
+../shared/datasets/tfds_array_record) is read through `as_data_source`: random
+access to every row, no TensorFlow needed, and it streams. One prepared in TFRecord
+format (TFDS' default) is read through `as_dataset`, which needs TensorFlow, and
+only in row ranges (the on-device pipeline). tensorflow-datasets itself is
+imported only when a TFDS dataset is used (`pip install 'convjax[tfds]'`).
 """
 import difflib
+import importlib.util
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from convjax.data.preprocess import resize_bilinear, to_uint8
 from convjax.errors import UserError
+
+
+def tfds_module():
+  """tensorflow_datasets, or one UserError saying what to install."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise UserError(f"TFDS datasets need tensorflow-datasets ({e}): pip install 'convjax[tfds]', or "
+                    "train from an image folder (config.data.folder) or arrays (config.data.arrays)") from None
+  return tfds
 
 
 class RowRange(NamedTuple):
@@ -41,6 +60,7 @@ def data_dir_in_use(data_dir: Optional[str]) -> Optional[str]:
 
 def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True):
   """The prepared TFDS builder for `name`, or one clear UserError."""
+  tfds = tfds_module()
   data_dir = data_dir_in_use(data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -66,15 +86,75 @@ def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True
   return builder
 
 
+def random_access(builder) -> bool:
+  """Whether the prepared dataset is in ArrayRecord format (row access, no TensorFlow)."""
+  return str(builder.info.file_format).lower().endswith("array_record")
+
+
+def _as_dataset(builder, **kwargs):
+  """builder.as_dataset(**kwargs) as numpy."""
+  _require_tensorflow(builder)
+  return tfds_module().as_numpy(builder.as_dataset(**kwargs))
+
+
+def _require_tensorflow(builder) -> None:
+  """TFRecord needs TensorFlow: one UserError saying so, and how to do without, if it is missing."""
+  if importlib.util.find_spec("tensorflow") is None:
+    raise UserError(f"dataset {builder.name!r} in {builder.data_dir} is prepared as TFRecord, which needs "
+                    "TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
+                    f"TensorFlow needed): tfds.builder({builder.name!r}, "
+                    "file_format='array_record').download_and_prepare()")
+
+
 def row_range(builder, spec: str) -> RowRange:
   """The absolute rows of a TFDS split spec such as 'train', 'train[:50000]', 'test[-10%:]'."""
   try:
-    (instr,) = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+    (instr,) = tfds_module().core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
   except (ValueError, KeyError) as e:
     raise UserError(f"bad split {spec!r} for dataset {builder.name!r} (splits: "
                     f"{', '.join(builder.info.splits)}): {e}") from None
   n = builder.info.splits[instr.splitname].num_examples
   return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
+
+
+class Rows:
+  """Random access to rows of a split in ArrayRecord format: `rows[i]` is {'image': uint8
+  (H, W, C) as stored, 'label': int} of absolute row positions[i]. Picklable: streaming
+  workers open the files themselves."""
+
+  def __init__(self, builder, split: str, positions: np.ndarray, image_key: str = "image",
+               label_key: str = "label"):
+    self.name, self.data_dir, self.split = builder.name, str(builder.data_dir), split
+    self.positions, self.keys = np.asarray(positions, np.int64), (image_key, label_key)
+    self._source = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def _open(self):
+    if self._source is None:
+      self._source = tfds_module().builder_from_directory(self.data_dir).as_data_source(self.split)
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def __getitem__(self, i: int) -> dict:
+    example = self._open()[int(self.positions[i])]
+    return {"image": np.asarray(example[self.keys[0]]), "label": int(example[self.keys[1]])}
+
+  def read(self, indices: Sequence[int]) -> list:
+    """Many rows at once (ArrayRecord reads them in parallel)."""
+    examples = self._open().__getitems__([int(self.positions[i]) for i in indices])
+    return [{"image": np.asarray(e[self.keys[0]]), "label": int(e[self.keys[1]])} for e in examples]
+
+
+def stack_rows(rows: list, image_size: tuple = ()) -> dict:
+  """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} of row dicts, resized bilinearly to
+  image_size (as tf.image.resize) when given."""
+  images = [r["image"] if not image_size or r["image"].shape[:2] == tuple(image_size)
+            else to_uint8(resize_bilinear(r["image"], tuple(image_size))) for r in rows]
+  return {"image": np.stack(images), "label": np.asarray([r["label"] for r in rows], np.int32)}
 
 
 def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str = "label",
@@ -84,14 +164,21 @@ def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str 
   With `image_size` (height, width), images are resized bilinearly (tf.image.resize)
   and rounded back to uint8, so datasets of mixed image sizes can be batched.
   """
+  n = rows.size
+  if random_access(builder):
+    source = Rows(builder, rows.split, np.arange(rows.start, rows.stop), image_key, label_key)
+    if n:
+      return stack_rows(source.read(range(n)), image_size)
+    first = stack_rows(Rows(builder, rows.split, [0], image_key, label_key).read([0]), image_size)
+    return {k: v[:0] for k, v in first.items()}
   # An empty range (a process whose rows are all padding) reads one row for the shapes.
   spec = rows.spec() if rows.size else f"{rows.split}[0:1]"
-  n = rows.size
   if not image_size:
-    arrays = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1, shuffle_files=False))
+    arrays = _as_dataset(builder, split=spec, batch_size=-1, shuffle_files=False)
     return {"image": np.asarray(arrays[image_key])[:n],
             "label": np.asarray(arrays[label_key], np.int32)[:n]}
-  import tensorflow as tf  # TFDS' own dependency; only this path needs it directly
+  _require_tensorflow(builder)
+  import tensorflow as tf  # TFDS' own dependency for TFRecord; only this path needs it directly
 
   def resize(example):
     image = tf.image.resize(example[image_key], image_size, method="bilinear")
@@ -99,8 +186,20 @@ def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str 
             "label": tf.cast(example[label_key], tf.int32)}
 
   ds = builder.as_dataset(split=spec, shuffle_files=False).map(resize).batch(1024)
-  parts = list(tfds.as_numpy(ds))
+  parts = list(tfds_module().as_numpy(ds))
   return {k: np.concatenate([p[k] for p in parts])[:n] for k in ("image", "label")}
+
+
+def labels_of(builder, rows: RowRange, label_key: str = "label") -> np.ndarray:
+  """The labels of `rows` without decoding images."""
+  tfds = tfds_module()
+  skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != label_key}
+  if random_access(builder):
+    source = builder.as_data_source(rows.split, decoders=skip)
+    return np.asarray([e[label_key] for e in source.__getitems__(list(range(rows.start, rows.stop)))],
+                      np.int64)
+  ds = _as_dataset(builder, split=rows.spec(), shuffle_files=False, decoders=skip)
+  return np.fromiter((ex[label_key] for ex in ds), np.int64, count=rows.size)
 
 
 def balanced_positions(builder, spec: str, per_class: tuple, label_key: str = "label") -> list:
@@ -112,10 +211,7 @@ def balanced_positions(builder, spec: str, per_class: tuple, label_key: str = "l
   Returns one sorted int64 array of absolute rows per subset.
   """
   rows = row_range(builder, spec)
-  ds = builder.as_dataset(split=rows.spec(), shuffle_files=False,
-                          decoders={k: tfds.decode.SkipDecoding() for k in builder.info.features
-                                    if k != label_key})
-  labels = np.fromiter((ex[label_key] for ex in tfds.as_numpy(ds)), np.int64, count=rows.size)
+  labels = labels_of(builder, rows, label_key)
   bounds = np.cumsum((0,) + tuple(per_class))
   subsets = [[] for _ in per_class]
   for c in np.unique(labels):
@@ -131,6 +227,8 @@ def balanced_positions(builder, spec: str, per_class: tuple, label_key: str = "l
 def read_positions(builder, spec: str, positions: np.ndarray, image_size: tuple = ()) -> dict:
   """read_rows for arbitrary sorted rows of `spec`'s split (reads the range that covers them)."""
   split = row_range(builder, spec).split
+  if random_access(builder) and len(positions):
+    return stack_rows(Rows(builder, split, positions).read(range(len(positions))), image_size)
   if len(positions) == 0:
     first = read_rows(builder, RowRange(split, 0, 1), image_size=image_size)
     return {k: v[:0] for k, v in first.items()}

@@ -94,8 +94,8 @@ def feature_source(source: Source, extractor, data, cache_dir: str) -> Source:
   replaced by the base's outputs, extracted once per split and cached in `cache_dir`."""
   extract, shape = make_extractor(extractor, data, source.image_shape)
 
-  def splits():
+  def splits(stream: bool = False):
     return {name: feature_split(name, split, extract, cache_dir) for name, split in source.splits().items()}
 
   return source._replace(description=f"{extractor.model} features of {source.description}",
-                         image_shape=shape, splits=splits)
+                         image_shape=shape, splits=splits, streams=False)

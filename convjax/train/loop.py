@@ -10,10 +10,12 @@ fit:    the epoch loop. Each epoch trains, validates, checkpoints (with the
 test:   the final test evaluation, with the last epoch's or the best
         validation checkpoint's weights.
 
-Each step is three asynchronous dispatches (gather, step, metric sum); the
-host waits once per epoch. The input pipeline (convjax.data.pipeline) decides
+Each step is one asynchronous dispatch (the batch's gather, the step and the
+metric sums in one program); the host runs at most MAX_IN_FLIGHT steps ahead
+and reads the metrics once per epoch. The input pipeline (convjax.data.pipeline) decides
 the data order, the run on disk (convjax.run) owns the workdir's files.
 """
+import collections
 import hashlib
 import os
 import time
@@ -23,22 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from ml_collections import ConfigDict
 
 from convjax import parallel, run
 from convjax import config as config_lib
 from convjax.data import augment as augment_lib
-from convjax.data.pipeline import OnDevice
+from convjax.data import pipeline
 from convjax.data.preprocess import input_transform
-from convjax.data.splits import open_source
+from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
 from convjax.models import get_model, with_num_classes
 from convjax.models.summary import summary
 from convjax.pretrained import transfer
 from convjax.train.optim import make_optimizer
 from convjax.train.state import create_from, create_train_state, starting_params
-from convjax.train.steps import jit_steps
+from convjax.train.steps import jit_steps, zero_metrics
 from convjax.viz.plots import learning_curves
 
 
@@ -87,12 +88,12 @@ class Trainer(NamedTuple):
   config: ConfigDict
   workdir: str
   mesh: Any
-  data: OnDevice
+  data: Any                    # the input pipeline: pipeline.OnDevice or pipeline.Stream
   train_step: Any
   eval_step: Any
   dropout_rng: jax.Array
   manager: Any                 # the run's orbax checkpoint manager
-  writer: Any                  # TensorBoard (process 0), else a no-op
+  writer: run.TensorBoard
   steps_per_epoch: int
   started: float               # perf_counter at the start of the run
 
@@ -139,9 +140,11 @@ def check(config: ConfigDict, workdir: str):
 
 
 def load_data(config: ConfigDict, workdir: str, mesh, source) -> tuple:
-  """(input pipeline, steps per epoch): the splits read (folders decoded) and put on the
-  devices. The workdir becomes this config's run once the data is known to fit it."""
-  splits = source.splits()
+  """(input pipeline, steps per epoch): on the devices (splits read, folders decoded, put
+  there) or streamed, as pipeline.choose decides. The workdir becomes this config's run
+  once the data is known to fit it."""
+  kind = pipeline.choose(config.data, source, mesh)
+  splits = source.splits(stream=kind == "stream")
   n_train = splits["train"].size
   steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
   if steps_per_epoch == 0:
@@ -151,8 +154,12 @@ def load_data(config: ConfigDict, workdir: str, mesh, source) -> tuple:
   logging.info("mesh: %d x %s over %d process(es); splits: %s", mesh.size,
                mesh.devices.flat[0].device_kind, jax.process_count(),
                {k: s.spec for k, s in splits.items()})
-  data = OnDevice(splits, mesh, config.seed, config.batch_size, config.eval_batch_size or config.batch_size,
-                  steps_per_epoch)
+  eval_batch = config.eval_batch_size or config.batch_size
+  if kind == "stream":
+    data = pipeline.Stream(splits, mesh, config.seed, config.batch_size, eval_batch, steps_per_epoch,
+                           source.image_shape, fit_for(config.data), config.data.workers, config.data.prefetch)
+  else:
+    data = pipeline.OnDevice(splits, mesh, config.seed, config.batch_size, eval_batch, steps_per_epoch)
   return data, steps_per_epoch
 
 
@@ -190,9 +197,9 @@ def set_up(config: ConfigDict, workdir: str, started: float):
   state, dropout_rng, history = start_state(config, workdir, mesh, model, source.image_shape, tx, manager)
   prepare = (input_transform(config.data.rescale, config.data.preprocess)
              if not config.feature_extractor.model else lambda x: x)
-  train_step, eval_step = jit_steps(model, tx, prepare, mesh, augment_lib.from_config(config.augment))
-  writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0
-            else metric_writers.MultiWriter([]))
+  train_step, eval_step = jit_steps(model, tx, prepare, mesh, augment_lib.from_config(config.augment),
+                                    data.take)
+  writer = run.TensorBoard(workdir)
   trainer = Trainer(config, workdir, mesh, data, train_step, eval_step, dropout_rng, manager, writer,
                     steps_per_epoch, started)
   return trainer, state, history
@@ -200,7 +207,23 @@ def set_up(config: ConfigDict, workdir: str, started: float):
 
 # Fit.
 
-_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+# Steps the host dispatches ahead of the devices. Bounded: XLA:CPU deadlocks (a collective's
+# rendezvous times out and aborts the process) once about 32 programs with collectives are
+# in flight per device, which 8 host-platform devices reach within an epoch; on accelerators
+# a few steps ahead are all that async dispatch needs.
+MAX_IN_FLIGHT = 8
+
+
+class InFlight:
+  """Outputs of dispatched steps; holding more than MAX_IN_FLIGHT waits for the oldest."""
+
+  def __init__(self):
+    self.outputs = collections.deque()
+
+  def add(self, output) -> None:
+    self.outputs.append(output)
+    if len(self.outputs) > MAX_IN_FLIGHT:
+      jax.block_until_ready(self.outputs.popleft())
 
 
 def _metric_record(prefix: str, sums: dict) -> dict:
@@ -212,20 +235,20 @@ def _metric_record(prefix: str, sums: dict) -> dict:
 
 def evaluate(t: Trainer, state, split: str) -> dict:
   """Metric sums of `state` over every row of `split` (asynchronous: nothing is read back)."""
-  sums = None
-  for batch in t.data.eval_batches(split):
-    metrics = t.eval_step(state, batch)
-    sums = metrics if sums is None else _add(sums, metrics)
+  sums, in_flight = parallel.put_replicated_tree(t.mesh, zero_metrics()), InFlight()
+  for feed in t.data.eval_batches(split):
+    sums = t.eval_step(state, feed, sums)
+    in_flight.add(sums)
   return sums
 
 
 def train_epoch(t: Trainer, state, epoch: int) -> tuple:
   """(state, record) after training epoch `epoch` and evaluating it."""
   t0 = time.perf_counter()
-  sums = None
-  for batch in t.data.train_batches(epoch):
-    state, metrics = t.train_step(state, batch, t.dropout_rng)
-    sums = metrics if sums is None else _add(sums, metrics)
+  sums, in_flight = parallel.put_replicated_tree(t.mesh, zero_metrics()), InFlight()
+  for feed in t.data.train_batches(epoch):
+    state, sums = t.train_step(state, feed, t.dropout_rng, sums)
+    in_flight.add(sums)
   record = {"epoch": epoch, **_metric_record("train", sums)}
   train_seconds = time.perf_counter() - t0
   record.update(_metric_record("val", evaluate(t, state, "validation")))
@@ -320,6 +343,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       test_epoch, state = test_weights(t, state, history)
   finally:
     t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
+    t.data.close()
     t.writer.flush()
   history = final_test(t, state, history, test_epoch)
   t.writer.close()

@@ -80,14 +80,31 @@ def make_eval_step(model: nn.Module, prepare: Callable):
   return eval_step
 
 
-def jit_steps(model, tx, prepare, mesh, augment=None):
-  """The train and eval steps, each one SPMD program over the whole mesh.
+def zero_metrics() -> dict:
+  """Metric sums before the first batch."""
+  return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
 
-  State and metrics are replicated, batches sharded over 'data'; XLA inserts
-  the gradient all-reduce. The state is donated: the step updates it in place.
+
+def jit_steps(model, tx, prepare, mesh, augment=None, take=lambda feed: feed):
+  """`train_step(state, feed, rng, sums) -> (state, sums)` and `eval_step(state, feed, sums)
+  -> sums`, each one SPMD program over the whole mesh.
+
+  Each takes a feed of the input pipeline and makes its batch inside the program
+  (`take`: convjax.data.pipeline), and adds its metrics to the running sums it is
+  given, so a step is one program with its collectives and one dispatch. State and
+  sums are replicated, batches sharded over 'data'; XLA inserts the gradient
+  all-reduce. The state is donated: the step updates it in place.
   """
-  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, prepare, augment), in_shardings=(repl, shard, repl),
-                       out_shardings=(repl, repl), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, prepare), in_shardings=(repl, shard), out_shardings=repl)
-  return train_step, eval_step
+  repl = parallel.replicated(mesh)
+  train, evaluate = make_train_step(model, tx, prepare, augment), make_eval_step(model, prepare)
+  add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
+
+  def train_step(state, feed, rng, sums):
+    state, metrics = train(state, take(feed), rng)
+    return state, add(sums, metrics)
+
+  def eval_step(state, feed, sums):
+    return add(sums, evaluate(state, take(feed)))
+
+  return (jax.jit(train_step, out_shardings=(repl, repl), donate_argnums=0),
+          jax.jit(eval_step, out_shardings=repl))

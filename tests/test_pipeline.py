@@ -1,0 +1,257 @@
+"""The input pipelines: on-device vs streamed (same batches), any device or process count, no
+TensorFlow needed, crops for images of any size, and the choice between the two."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, SHARED, kill_after_first_checkpoint, restore_state, run_binary
+
+ARRAY_RECORD = SHARED / "datasets" / "tfds_array_record"
+STREAM = ["--config.data.pipeline=stream", f"--config.data.data_dir={ARRAY_RECORD}"]
+
+# Runs a binary with TensorFlow and TFDS absent: their imports fail as if not installed.
+WITHOUT_TENSORFLOW = """
+import importlib.machinery, runpy, sys
+class Hide(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Hide
+module = sys.argv.pop(1)
+sys.argv[0] = module
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_without_tensorflow(module, *args, timeout=900):
+  return subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, module, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"})
+
+
+def history(workdir):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
+
+
+def assert_close_histories(a, b, tol):
+  assert [sorted(r) for r in a] == [sorted(r) for r in b]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      assert abs(ra[key] - rb[key]) <= tol, (key, ra, rb)
+
+
+def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_device(tmp_path):
+  """README's 'Scaling out' command as written (a full MNIST epoch, the project's default XLA
+  settings) on 8 devices, against the same command on 1."""
+  runs = {}
+  for n in (1, 8):
+    workdir = tmp_path / str(n)
+    result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
+                        "--config.num_epochs=1", "--config.batch_size=128",
+                        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"mesh: {n} x cpu" in result.stderr and "input pipeline: device" in result.stderr
+    runs[n] = history(workdir)
+  assert [r.get("epoch") for r in runs[8]] == [1, None] and runs[8][-1]["test_accuracy"] > 0.97
+  # The same batches and dropout masks; only the float summation order differs (XLA's CPU
+  # convolutions split work by the per-device batch).
+  assert_close_histories(runs[1], runs[8], tol=2e-3)
+
+
+def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
+  """The streamed pipeline (grain over TFDS' ArrayRecord copy) sees the batches the on-device
+  one (TFRecord copy) does: the same history, bit for bit on one device."""
+  common = ["--config=configs/mnist.py", "--config.num_epochs=1", "--config.model_kwargs.dropout_rate=0.25"]
+  device = run_binary("experiments.train", *common, f"--workdir={tmp_path / 'device'}")
+  assert device.returncode == 0, device.stderr[-3000:]
+  assert "input pipeline: device (70,000 images 28x28x1 = 54.9 MB; budget 0.25 x free host RAM" in device.stderr
+  stream = run_binary("experiments.train", *common, *STREAM, f"--workdir={tmp_path / 'stream'}")
+  assert stream.returncode == 0, stream.stderr[-3000:]
+  assert "input pipeline: stream" in stream.stderr
+  assert_close_histories(history(tmp_path / "device"), history(tmp_path / "stream"), tol=1e-4)
+  a, b = restore_state(tmp_path / "device", 1), restore_state(tmp_path / "stream", 1)
+  assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-4
+
+
+SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
+         "--config.data.test_split=test[:512]", "--config.eval_batch_size=128", "--config.batch_size=64",
+         "--config.num_epochs=3", "--config.steps_per_epoch=10", "--config.model_kwargs.dropout_rate=0.25",
+         "--config.optimizer=sgd", "--config.learning_rate=0.01", *STREAM]
+
+
+def test_a_killed_streaming_run_resumes_to_the_uninterrupted_run(tmp_path):
+  straight = run_binary("experiments.train", *SMALL, f"--workdir={tmp_path / 'straight'}")
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  done = kill_after_first_checkpoint(tmp_path / "killed", *SMALL)
+  assert 1 <= max(done) < 3, "no mid-run checkpoint to resume from"
+  resumed = run_binary("experiments.train", *SMALL, f"--workdir={tmp_path / 'killed'}")
+  assert resumed.returncode == 0 and "resumed from the checkpoint of epoch" in resumed.stderr
+  assert history(tmp_path / "straight") == history(tmp_path / "killed")
+  a, b = restore_state(tmp_path / "straight", 3), restore_state(tmp_path / "killed", 3)
+  for k in a:
+    assert np.array_equal(a[k], b[k]), k
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_streaming_processes_match_one(tmp_path):
+  """Each process streams only its own devices' rows; together they train what one process does."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "CONVJAX_XLA_DEFAULTS": "0"}
+  one = subprocess.run([sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'two'}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  assert "mesh: 4 x cpu over 2 process(es)" in errs[0] and "input pipeline: stream" in errs[0]
+  assert_close_histories(history(tmp_path / "one"), history(tmp_path / "two"), tol=1e-5)
+
+
+def _mixed_size_folder(root, per_class=12):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", per_class), ("validation", 4)):
+    for c, colour in (("reds", 0), ("blues", 2)):
+      os.makedirs(root / split / c)
+      for i in range(n):
+        h, w = rng.integers(20, 90, 2)
+        pixels = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+        pixels[..., colour] = rng.integers(150, 255, (h, w))
+        Image.fromarray(pixels).save(root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+  return root
+
+
+def test_a_folder_of_mixed_image_sizes_trains_with_random_resized_crops(tmp_path):
+  data = _mixed_size_folder(tmp_path / "data")
+  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
+          "--config.data.image_size=(32, 32)", "--config.data.random_resized_crop=(0.3, 1.0)",
+          "--config.data.center_crop=0.875", "--config.model=mnist_convnet", "--config.batch_size=8",
+          "--config.eval_batch_size=8", "--config.num_epochs=2", "--config.steps_per_epoch=6",
+          "--config.learning_rate=1e-3"]
+  result = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "input pipeline: stream" in result.stderr  # random crops are drawn as the epoch goes
+  records = history(tmp_path / "run")
+  assert len(records) == 2 and all(np.isfinite(r["train_loss"]) for r in records)
+  assert records[-1]["val_accuracy"] >= 0.75, records  # red vs blue: easy once it sees the images
+  forced = run_binary("experiments.train", *args, "--config.data.pipeline=device", f"--workdir={tmp_path / 'x'}")
+  assert forced.returncode == 1 and "random_resized_crop draws a new crop every epoch" in forced.stderr
+  (data / "train" / "reds" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  broken = run_binary("experiments.train", *args, "--config.num_epochs=1", f"--workdir={tmp_path / 'z'}")
+  assert broken.returncode == 1
+  assert broken.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.jpg" in broken.stderr
+  skipped = run_binary("experiments.train", *args, "--config.num_epochs=1", "--config.data.skip_bad_files=True",
+                       f"--workdir={tmp_path / 'w'}")
+  assert skipped.returncode == 0, skipped.stderr[-3000:]
+  assert "unreadable file(s) in this pass (masked out of their batches)" in skipped.stderr
+  (data / "train" / "reds" / "broken.jpg").unlink()
+  plain = run_binary("experiments.train", *args[:3], "--config.data.image_size=()", "--config.model=mnist_convnet",
+                     "--config.num_epochs=1", "--config.steps_per_epoch=6", "--config.data.pipeline=stream",
+                     f"--workdir={tmp_path / 'y'}")
+  assert plain.returncode == 1
+  assert "set config.data.image_size to resize every image" in plain.stderr.strip().splitlines()[-1]
+
+
+def test_random_resized_crop_draws_as_torchvision_and_center_crop_is_centred():
+  from convjax.data.preprocess import Fit, center_crop_box, random_resized_crop_box
+  rng = np.random.default_rng(0)
+  boxes = [random_resized_crop_box(rng, 100, 200, (0.25, 0.5), (0.5, 2.0)) for _ in range(500)]
+  for top, left, h, w in boxes:
+    assert 0 <= top <= 100 - h and 0 <= left <= 200 - w
+    assert 0.24 <= h * w / 20000 <= 0.51 and 0.45 <= w / h <= 2.2
+  assert center_crop_box(100, 200, 0.5) == (25, 75, 50, 50)
+  image = np.arange(100 * 200 * 3, dtype=np.uint8).reshape(100, 200, 3)
+  out = Fit((32, 32), (0.08, 1.0), center_crop=0.875)(image, np.random.default_rng(1))
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(Fit((50, 50), center_crop=0.5)(image), image[25:75, 75:125])
+
+
+def test_the_pipeline_choice_is_logged_and_a_device_that_cannot_hold_the_data_is_one_error(tmp_path):
+  args = ["--config=configs/mnist.py", "--config.data.train_split=train[:1024]", "--config.data.validation_size=256",
+          "--config.data.test_split=", "--config.num_epochs=1", "--config.steps_per_epoch=2",
+          f"--config.data.data_dir={ARRAY_RECORD}"]
+  small = run_binary("experiments.train", *args, "--config.data.device_fraction=1e-6", f"--workdir={tmp_path / 'a'}")
+  assert small.returncode == 0, small.stderr[-3000:]
+  assert "input pipeline: stream (1,024 images 28x28x1 = 0.8 MB; budget 1e-06 x free host RAM" in small.stderr
+  forced = run_binary("experiments.train", *args, "--config.data.device_fraction=1e-6",
+                      "--config.data.pipeline=device", f"--workdir={tmp_path / 'b'}")
+  assert forced.returncode == 1 and not (tmp_path / "b").exists()
+  assert forced.stderr.strip().splitlines()[-1].startswith(
+      "error: config.data.pipeline='device': the data does not fit (1,024 images 28x28x1 = 0.8 MB; budget 1e-06")
+  tfrecord = run_binary("experiments.train", *args[:-1], "--config.data.pipeline=stream", f"--workdir={tmp_path / 'c'}")
+  assert tfrecord.returncode == 1 and "prepared as TFRecord" in tfrecord.stderr
+  assert "file_format='array_record'" in tfrecord.stderr.strip().splitlines()[-1]
+
+
+def _digit_arrays(directory, n_train=3072, n_test=256):
+  """Real MNIST digits written as the arrays a user brings (.npz and .npy pairs)."""
+  from convjax.data import tfds as tfds_data
+  builder = tfds_data.get_builder("mnist", str(ARRAY_RECORD), download=False)
+  train = tfds_data.read_rows(builder, tfds_data.RowRange("train", 0, n_train))
+  test = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, n_test))
+  os.makedirs(directory)
+  np.savez(directory / "train.npz", image=train["image"], label=train["label"])
+  np.save(directory / "test_image.npy", test["image"])
+  np.save(directory / "test_label.npy", test["label"])
+  (directory / "classes.txt").write_text("\n".join(f"digit {i}" for i in range(10)))
+  return directory
+
+
+def test_training_without_tensorflow_from_a_folder_and_from_arrays(tmp_path):
+  """Neither tensorflow nor tensorflow_datasets importable: a folder run trains, checkpoints,
+  resumes, writes history, plots and TensorBoard files; arrays train too; visualisation and
+  the benchmark run; a TFDS dataset is one error naming the extra to install."""
+  data = _mixed_size_folder(tmp_path / "folder")
+  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
+          "--config.data.image_size=(32, 32)", "--config.model=mnist_convnet", "--config.batch_size=8",
+          "--config.eval_batch_size=8", "--config.steps_per_epoch=3", "--config.learning_rate=1e-3"]
+  workdir = tmp_path / "run"
+  first = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=1", f"--workdir={workdir}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "plots" / "learning_curves.png").exists()
+  straight = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", "--config.overwrite=True",
+                                    f"--workdir={tmp_path / 'straight'}")
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  # The same run, resumed from the first one's checkpoint: a kill between epochs, as far as it knows.
+  (workdir / "config.json").write_text((tmp_path / "straight" / "config.json").read_text())
+  resumed = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", f"--workdir={workdir}")
+  assert resumed.returncode == 0 and "resumed from the checkpoint of epoch 1" in resumed.stderr, resumed.stderr[-3000:]
+  assert history(workdir) == history(tmp_path / "straight")
+
+  arrays = _digit_arrays(tmp_path / "arrays")
+  on_arrays = run_without_tensorflow(
+      "experiments.train", "--config=configs/mnist.py", f"--config.data.arrays={arrays}",
+      "--config.data.validation_size=0.25", "--config.num_epochs=2", f"--workdir={tmp_path / 'arrays_run'}")
+  assert on_arrays.returncode == 0, on_arrays.stderr[-3000:]
+  records = history(tmp_path / "arrays_run")
+  assert records[-1]["test_accuracy"] > 0.85, records  # 72 steps of real digits
+  assert "2304 of 3072 rows" in on_arrays.stderr  # 25% of the training arrays held out
+
+  image = data / "validation" / "reds" / "0.jpg"
+  viz = run_without_tensorflow("experiments.visualize", f"--workdir={workdir}", f"--image={image}",
+                               "--config.viz.methods=activations,gradcam")
+  assert viz.returncode == 0, viz.stderr[-3000:]
+  bench = run_without_tensorflow("experiments.benchmark", f"--workdir={tmp_path / 'bench'}",
+                                 "--config.models=mnist_convnet@28x28x1", "--config.batch_sizes=(8,)",
+                                 "--config.precisions=('float32',)", "--config.modes=('inference',)",
+                                 "--config.peers=", "--config.pipeline=")
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  tfds = run_without_tensorflow("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path / 'tfds'}")
+  assert tfds.returncode == 1 and "pip install 'convjax[tfds]'" in tfds.stderr.strip().splitlines()[-1]
