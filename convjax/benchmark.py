@@ -208,8 +208,10 @@ def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, b
         times.append(time.perf_counter() - t)
     return statistics.median(times), state
 
-  real, state = timed(gathering, data.train_batches(1), state)
   synthetic, state = timed(given, iter(lambda: fixed, None), state)
+  feeds = data.train_batches(1)
+  real, state = timed(gathering, feeds, state)
+  feeds.close()  # stops reading ahead (streaming), so the next measurement runs alone
   input_rate = None
   if pipeline == "stream":
     t = time.perf_counter()

@@ -203,8 +203,9 @@ def main(argv):
   _write_json(os.path.join(f.workdir, "benchmark.json"), result)
   with open(os.path.join(f.workdir, "benchmark.md"), "w") as out:
     out.write(markdown(result))
-  bar_chart([_label(r) for r in rows], [r["images_per_second"] for r in rows],
-            os.path.join(f.workdir, "benchmark.png"), ylabel="images/s", title=env["device_kind"])
+  if rows:
+    bar_chart([_label(r) for r in rows], [r["images_per_second"] for r in rows],
+              os.path.join(f.workdir, "benchmark.png"), ylabel="images/s", title=env["device_kind"])
   print(markdown(result))
 
 

@@ -1,5 +1,6 @@
 """What convnets learn: correctness of Grad-CAM, saliency, occlusion and filter maximisation."""
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -245,17 +246,33 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   timings = json.loads((viz / "timings.json").read_text())
   assert set(timings["seconds"]) == {"activations", "first_layer", "filters", "top_images", "gradcam",
                                      "saliency", "occlusion"}
-  for flag, message in (("--config.viz.methods=gradcam,dreams", "unknown config.viz.methods ['dreams']"),
-                        ("--config.viz.layers=conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
-                        ("--config.viz.gradcam.layer=max_pooling2d", "gradcam.layer='max_pooling2d' is not a "
-                         "Conv2D layer"),
-                        ("--config.viz.class_index=10", "config.viz.class_index=10: mnist_convnet has 10 classes"),
-                        ("--config.viz.saliency.ig_steps=0", "config.viz.saliency.ig_steps must be >= 1, got 0"),
-                        ("--config.viz.occlusion.patch=40", "occlusion.patch=40 is larger than the 28x28 input"),
-                        ("--config.viz.top_images.split=train2", "config.viz.top_images.split='train2': the run has")):
-    bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}", flag)
-    last = bad.stderr.strip().splitlines()[-1]
-    assert bad.returncode == 1 and last.startswith("error: ") and message in last, bad.stderr[-2000:]
+  bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
+                   "--config.viz.methods=gradcam,dreams")
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+      "error: unknown config.viz.methods ['dreams']; valid: activations, first_layer, filters, top_images, "
+      "gradcam, saliency, occlusion")
+  # The binary's other checks, in this process (each a run of the binary would only add start-up time).
+  from configs.visualize import get_config
+  from convjax.errors import UserError
+  from experiments import visualize
+  model, variables, prepare, (size, channels), config = visualize.trained(str(workdir))
+  image = np.asarray(Image.open(tmp_path / "digit.png"))[..., None]
+  from convjax.viz import figures
+  subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None, prepare)
+  for field, value, message in (("layers", "conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
+                                ("gradcam.layer", "max_pooling2d", "gradcam.layer='max_pooling2d' is not a Conv2D layer"),
+                                ("class_index", 10, "config.viz.class_index=10: mnist_convnet has 10 classes"),
+                                ("saliency.ig_steps", 0, "config.viz.saliency.ig_steps must be >= 1, got 0"),
+                                ("occlusion.patch", 40, "occlusion.patch=40 is larger than the 28x28 input"),
+                                ("top_images.split", "train2", "config.viz.top_images.split='train2': the run has")):
+    viz = get_config().viz
+    *group, key = field.split(".")
+    (viz[group[0]] if group else viz)[key] = value
+    with pytest.raises(UserError, match=re.escape(message)):
+      methods = visualize.check_options(viz)
+      _, _, draw = visualize.figure_functions(viz, methods, subject, config.model, True, config.data,
+                                              str(tmp_path / "checks"))
+      draw["top_images"]()
 
 
 def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):

@@ -115,6 +115,8 @@ class ArrayRows:
     j = int(self.index[i])
     return {"image": np.asarray(self.split.images[j]), "label": int(self.split.labels[j])}
 
-  def read(self, a: int, b: int) -> dict:
-    rows = self.index[a:b]
-    return {"image": np.asarray(self.split.images[rows]), "label": self.split.labels[rows]}
+  def read(self, indices) -> list:
+    """Many rows at once (a range of the file is one read)."""
+    rows = self.index[np.asarray(indices, np.int64)]
+    images = np.asarray(self.split.images[rows])
+    return [{"image": image, "label": int(label)} for image, label in zip(images, self.split.labels[rows])]

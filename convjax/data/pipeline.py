@@ -165,48 +165,129 @@ class OnDevice:
     pass
 
 
-class _TableRows:
-  """A grain source: element k is row table[k // b, k % b] of `rows`, fitted to the image size.
+class _Batches:
+  """A grain source: element k is this process's part of batch `first + k` of an endless
+  sequence, read, fitted to the image size and stacked: {'image', 'label', 'mask'}.
 
-  table: (steps, b) this process's part of an index table (-1: padding); a row that is
-  padding or unreadable (None, a skipped bad file) becomes zeros with mask 0. Training
-  crops draw from (seed, epoch, the row's global position), so they do not depend on the
-  process count or on where a resumed run restarts.
+  table(position) -> (global row indices of that batch (-1: padding), rng key or None).
+  A row that is padding or unreadable (None, a skipped bad file) becomes zeros with mask 0.
+  Rows are read together where the source can (`rows.read(indices)`: ArrayRecord, arrays).
+  A training crop draws from (rng key, the row's position in the batch), so it depends
+  neither on the process count nor on where a resumed run restarts.
   """
 
-  def __init__(self, rows, table: np.ndarray, fit, shape: tuple, first: tuple, rng_key=None):
-    """first: (the table's first step in its epoch, global batch size, this process's first column)."""
-    self.rows, self.table, self.fit, self.shape = rows, table, fit, tuple(shape)
-    self.first, self.rng_key = first, rng_key
+  def __init__(self, rows, table, columns: tuple, first: int, fit, shape: tuple):
+    self.rows, self.table, self.columns, self.first = rows, table, columns, first
+    self.fit, self.shape = fit, tuple(shape)
 
   def __len__(self) -> int:
-    return self.table.size
+    return 2 ** 40  # endless: the pipeline takes as many batches as it needs
 
   def __getitem__(self, k: int) -> dict:
-    step, j = divmod(int(k), self.table.shape[1])
-    index = int(self.table[step, j])
-    row = self.rows[index] if index >= 0 else None
-    if row is None:
-      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.float32(0)}
-    rng = None
-    if self.rng_key is not None:
-      first_step, batch, column = self.first
-      rng = np.random.default_rng([*self.rng_key, (first_step + step) * batch + column + j])
-    image = self.fit(row["image"], rng)
-    if image.shape != self.shape:
-      where = self.rows.files[index] if hasattr(self.rows, "files") else f"row {index}"
-      raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, the data "
-                      f"{self.shape[1]}x{self.shape[0]}x{self.shape[2]}: set config.data.image_size to "
-                      "resize every image")
-    return {"image": image, "label": np.int32(row["label"]), "mask": np.float32(1)}
+    row_indices, rng_key = self.table(self.first + int(k))
+    lo, hi = self.columns
+    indices = row_indices[lo:hi]
+    columns = np.flatnonzero(indices >= 0)
+    read = getattr(self.rows, "read", None)
+    got = read(indices[columns]) if read else [self.rows[int(i)] for i in indices[columns]]
+    out = {"image": np.zeros((len(indices), *self.shape), np.uint8), "label": np.zeros(len(indices), np.int32),
+           "mask": np.zeros(len(indices), np.float32), "wanted": np.float32(len(columns))}
+    for j, row in zip(columns, got):
+      if row is None:
+        continue
+      rng = None if rng_key is None or not self.fit.random else np.random.default_rng([*rng_key, lo + j])
+      image = self.fit(row["image"], rng)
+      if image.shape != self.shape:
+        index = int(indices[j])
+        where = self.rows.files[index] if hasattr(self.rows, "files") else f"row {index}"
+        raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, the data "
+                        f"{self.shape[1]}x{self.shape[0]}x{self.shape[2]}: set config.data.image_size to "
+                        "resize every image")
+      out["image"][j], out["label"][j], out["mask"][j] = image, row["label"], 1
+    return out
+
+
+class _TrainTable:
+  """Batch k of the endless training sequence: epoch k // steps + 1's table, row k % steps.
+  Picklable; each worker keeps the table of the epoch it is in."""
+
+  def __init__(self, seed: int, steps: int, batch: int, n: int):
+    self.seed, self.steps, self.batch, self.n = seed, steps, batch, n
+    self._epoch, self._table = None, None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_epoch": None, "_table": None}
+
+  def __call__(self, k: int):
+    epoch, step = k // self.steps + 1, k % self.steps
+    if epoch != self._epoch:
+      self._epoch, self._table = epoch, train_index_table(self.seed, epoch, self.steps, self.batch, self.n)
+    return self._table[step], (self.seed, epoch, step)
+
+
+class _EvalTable:
+  """Batch k of an endless repetition of an evaluation pass (every row once, padded)."""
+
+  def __init__(self, n: int, batch: int):
+    self.table = eval_index_table(n, batch)
+
+  def __call__(self, k: int):
+    return self.table[k % len(self.table)], None
+
+
+# Batches read concurrently by threads of this process when there are no grain workers.
+READ_THREADS = 4
+
+
+class _Reader:
+  """One grain iterator over an endless batch sequence, from position `first` on, with up to
+  `prefetch` batches already put on the devices. Kept open across epochs and evaluation
+  passes, so worker processes start once."""
+
+  def __init__(self, stream: "Stream", rows, table, first: int, global_batch: int):
+    import grain  # only the streaming path needs it
+    self.position, self.global_batch = first, global_batch
+    columns = local_row_range(stream.mesh, global_batch)
+    dataset = grain.MapDataset.source(_Batches(rows, table, columns, first, stream.fit, stream.image_shape))
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=0 if stream.workers else READ_THREADS, prefetch_buffer_size=max(2 * stream.prefetch, 2)))
+    if stream.workers:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=stream.workers))
+    self.iterator, self.sharding, self.prefetch = iter(dataset), parallel.sharded(stream.mesh), stream.prefetch
+    self.ahead = collections.deque()
+    self.skipped = 0
+
+  def _pull(self) -> None:
+    local = self.iterator.__next__()
+    self.skipped += int(local.pop("wanted") - np.sum(local["mask"]))  # unreadable rows, masked out
+    self.ahead.append({k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
+                       for k, v in local.items()})
+
+  def take(self, count: int) -> Iterator[dict]:
+    """The next `count` batches."""
+    for _ in range(count):
+      while len(self.ahead) <= self.prefetch:
+        self._pull()
+      self.position += 1
+      yield self.ahead.popleft()
+    if self.skipped:
+      logging.warning("skipped %d unreadable file(s) (masked out of their batches)", self.skipped)
+      self.skipped = 0
+
+  def close(self) -> None:
+    close = getattr(self.iterator, "close", None)
+    if close:
+      close()
 
 
 class Stream:
   """Rows read, decoded and batched by grain as training goes (see the module docstring).
 
-  splits: Splits with random-access `rows`; fit_train / fit_eval: convjax.data.preprocess.Fit
-  (training crops are drawn per row; evaluation's are fixed); workers: grain worker
-  processes (0: threads of this process); prefetch: batches put on the devices ahead.
+  splits: Splits with random-access `rows`; fit: convjax.data.preprocess.Fit (training
+  crops are drawn per row, evaluation's are fixed); workers: grain worker processes
+  (0: threads of this process); prefetch: batches put on the devices ahead. Training is
+  one endless sequence of batches over the epochs, each evaluation split one endless
+  repetition of its pass: each is read by one iterator for the whole run.
   """
 
   def __init__(self, splits: dict, mesh: Mesh, seed: int, batch_size: int, eval_batch_size: int,
@@ -218,59 +299,36 @@ class Stream:
     self.batch_size, self.eval_batch_size, self.steps_per_epoch = batch_size, eval_batch_size, steps_per_epoch
     self.image_shape, self.fit, self.workers, self.prefetch = tuple(image_shape), fit, workers, prefetch
     self.sizes = {name: split.size for name, split in splits.items()}
-    self._open = []
+    self._readers = {}
 
   @staticmethod
   def take(feed) -> dict:
     return feed
 
+  def _reader(self, name: str, position: int, table, global_batch: int) -> _Reader:
+    reader = self._readers.get(name)
+    if reader is None or reader.position != position:  # first use, or a jump (a resumed run)
+      if reader is not None:
+        reader.close()
+      reader = self._readers[name] = _Reader(self, self.splits[name].rows, table, position, global_batch)
+    return reader
+
   def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
-    table = train_index_table(self.seed, epoch, self.steps_per_epoch, self.batch_size, self.sizes["train"])
-    return self._batches(self.splits["train"].rows, table, start, rng_key=(self.seed, epoch))
+    table = _TrainTable(self.seed, self.steps_per_epoch, self.batch_size, self.sizes["train"])
+    reader = self._reader("train", (epoch - 1) * self.steps_per_epoch + start, table, self.batch_size)
+    return reader.take(self.steps_per_epoch - start)
 
   def eval_batches(self, split: str) -> Iterator[dict]:
-    table = eval_index_table(self.sizes[split], self.eval_batch_size)
-    return self._batches(self.splits[split].rows, table, 0)
-
-  def _batches(self, rows, table: np.ndarray, start: int, rng_key=None) -> Iterator[dict]:
-    import grain  # only the streaming path needs it
-    global_batch = table.shape[1]
-    lo, hi = local_row_range(self.mesh, global_batch)
-    source = _TableRows(rows, table[start:, lo:hi], self.fit, self.image_shape, (start, global_batch, lo),
-                        rng_key)
-    dataset = grain.MapDataset.source(source).batch(hi - lo).to_iter_dataset(
-        grain.ReadOptions(num_threads=0 if self.workers else 16, prefetch_buffer_size=max(2 * self.prefetch, 1)))
-    if self.workers:
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
-    iterator = iter(dataset)
-    self._open.append(iterator)
-    sharding = parallel.sharded(self.mesh)
-    ahead, skipped = collections.deque(), 0
-    try:
-      for step, local in enumerate(iterator):
-        skipped += int(np.sum(source.table[step] >= 0) - np.sum(local["mask"]))  # unreadable, masked out
-        ahead.append({k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
-                      for k, v in local.items()})
-        if len(ahead) > self.prefetch:
-          yield ahead.popleft()
-      while ahead:
-        yield ahead.popleft()
-    finally:
-      self._close(iterator)
-      if skipped:
-        logging.warning("skipped %d unreadable file(s) in this pass (masked out of their batches)", skipped)
-
-  def _close(self, iterator) -> None:
-    if iterator in self._open:
-      self._open.remove(iterator)
-      close = getattr(iterator, "close", None)
-      if close:
-        close()
+    table = _EvalTable(self.sizes[split], self.eval_batch_size)
+    reader = self._reader(split, self._readers[split].position if split in self._readers else 0, table,
+                          self.eval_batch_size)
+    return reader.take(len(table.table))
 
   def close(self) -> None:
-    """Stops grain's worker processes of iterations left unfinished (an interrupted run)."""
-    for iterator in list(self._open):
-      self._close(iterator)
+    """Stops grain's threads and worker processes."""
+    for reader in self._readers.values():
+      reader.close()
+    self._readers = {}
 
 
 def free_memory(mesh: Mesh) -> tuple:

@@ -97,6 +97,7 @@ class Fit:
                center_crop: float = 0.0):
     self.image_size, self.scale, self.ratio = tuple(image_size), tuple(random_crop_scale), tuple(random_crop_ratio)
     self.center_crop = center_crop
+    self.random = bool(self.scale)  # whether training draws from an rng
 
   def __call__(self, image: np.ndarray, rng=None) -> np.ndarray:
     h, w = image.shape[:2]

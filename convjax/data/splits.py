@@ -48,12 +48,16 @@ def _in_memory(arrays: dict, rows: np.ndarray, spec: str, classes: tuple) -> Spl
   return Split(len(rows), spec, lambda a, b: {k: v[a:b] for k, v in subset.items()}, classes)
 
 
-def _from_rows(rows, fit: Fit, spec: str, classes: tuple) -> Split:
-  """A Split over random-access `rows`; `read` decodes a range at the image size."""
+def _from_rows(rows, fit: Fit, spec: str, classes: tuple, shape: tuple) -> Split:
+  """A Split over random-access `rows` of images of `shape` (fitted); `read` decodes a range."""
 
   def read(a: int, b: int) -> dict:
-    got = [rows[i] for i in range(a, min(b, len(rows)))]
-    return tfds_data.stack_rows([{**r, "image": fit(r["image"])} for r in got if r is not None])
+    indices = range(a, min(b, len(rows)))
+    got = rows.read(indices) if hasattr(rows, "read") else [rows[i] for i in indices]
+    got = [r for r in got if r is not None]
+    if not got:
+      return {"image": np.zeros((0, *shape), np.uint8), "label": np.zeros(0, np.int32)}
+    return tfds_data.stack_rows([{**r, "image": fit(r["image"])} for r in got])
 
   return Split(len(rows), spec, read, classes, rows)
 
@@ -134,7 +138,8 @@ def folder_source(data) -> Source:
         for part, rows in parts_of(key, n).items():
           source_rows = folders.FolderRows([listing.files[i] for i in rows], listing.labels[rows],
                                            data.channels, data.skip_bad_files)
-          out[part] = _from_rows(source_rows, fit_for(data), spec(key, part, listing, rows, n), classes)
+          out[part] = _from_rows(source_rows, fit_for(data), spec(key, part, listing, rows, n), classes,
+                                 image_shape)
       else:
         arrays = decode(listing)
         n = len(arrays["label"])
@@ -170,7 +175,7 @@ def tfds_source(data) -> Source:
       out = {}
       for key, pos in zip(SPLITS, positions):
         spec = f"{data.train_split} balanced rows {pos[0]}..{pos[-1]}"
-        out[key] = (_from_rows(tfds_data.Rows(builder, split, pos), fit, spec, classes) if streams else
+        out[key] = (_from_rows(tfds_data.Rows(builder, split, pos), fit, spec, classes, image_shape) if streams else
                     Split(len(pos), spec, lambda a, b, pos=pos: tfds_data.read_positions(
                         builder, data.train_split, pos[a:b], size), classes))
       return out
@@ -183,7 +188,7 @@ def tfds_source(data) -> Source:
                                     data.test_split)
   if streams:
     out = {key: _from_rows(tfds_data.Rows(builder, rows.split, np.arange(rows.start, rows.stop)), fit,
-                           rows.spec(), classes) for key, rows in ranges.items()}
+                           rows.spec(), classes, image_shape) for key, rows in ranges.items()}
   else:
     out = {key: Split(rows.size, rows.spec(), lambda a, b, rows=rows: tfds_data.read_rows(
         builder, rows.sub(a, b), image_size=size), classes) for key, rows in ranges.items()}
@@ -214,7 +219,8 @@ def array_source(data) -> Source:
   for key, split_parts in parts.items():
     for part, rows in split_parts.items():
       spec = f"{opened[key].path} ({len(rows)} of {len(opened[key].labels)} rows)"
-      out[part] = _from_rows(arrays_lib.ArrayRows(opened[key], rows), fit_for(data), spec, classes)
+      out[part] = _from_rows(arrays_lib.ArrayRows(opened[key], rows), fit_for(data), spec, classes,
+                             tuple(image_shape))
   out = {key: out[key] for key in SPLITS if key in out}
   return Source(data.arrays, classes, tuple(image_shape), sum(s.size for s in out.values()),
                 lambda stream=False: out)
