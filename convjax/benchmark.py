@@ -4,8 +4,10 @@ For one (model, input, batch, precision, mode): compile once (timed), warm up,
 then time >= `steps` steps one by one with `block_until_ready`; report the
 median and spread of the step time, images/s, the FLOPs per image from XLA's
 cost analysis of the compiled step, achieved TFLOP/s and the share of the
-device's peak. Precision 'bfloat16' computes in bfloat16 with float32 params
-(the optimizer updates float32 master weights).
+device's peak. A train row times the train binary's own step (convjax.train.steps:
+what `experiments.train` runs, with its optimizer wrapping and metric sums), so
+precision 'bfloat16' is `config.compute_dtype=bfloat16`: bfloat16 compute with
+float32 params, optimizer state, loss and BatchNorm statistics.
 """
 import os
 import statistics
@@ -17,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from convjax import parallel
 from convjax.models import get_model
-from convjax.train.state import create_train_state
-from convjax.train.steps import loss_and_correct
+from convjax.train.optim import make_optimizer
+from convjax.train.state import create_train_state, eval_params
+from convjax.train.steps import cast_floats, jit_steps, zero_metrics
 
 # Dense peak FLOP/s by device kind and compute precision (vendor data sheets, no sparsity).
 # On NVIDIA GPUs JAX's default float32 matmul/conv precision runs as TF32 on tensor cores.
@@ -64,57 +68,51 @@ def peak_flops(device, precision: str) -> Optional[float]:
   return table[key]
 
 
-def _cast(tree, dtype):
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+def make_step(model, tx, mode: str, precision: str, mesh):
+  """The step a row times. train: the train binary's own step (convjax.train.steps.jit_steps:
+  uint8 images rescaled inside it, the compute dtype, optax.apply_if_finite, the metric sums),
+  `(state, batch, rng, sums) -> (state, sums)`; inference: the model's forward pass in the
+  compute dtype, `(state, batch) -> logits`."""
+  dtype = jnp.dtype(precision)
+  if mode == "train":
+    return jit_steps(model, tx, lambda x: x / 255, mesh, compute_dtype=dtype)[0]
 
+  def infer(state, batch):
+    variables = {"params": cast_floats(eval_params(state), dtype), **state.model_state}
+    return model.apply(variables, (batch["image"].astype(jnp.float32) / 255).astype(dtype)).astype(jnp.float32)
 
-def make_step(model, tx, mode: str, precision: str):
-  dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-
-  def forward(params, model_state, x, train, rng):
-    variables = {"params": _cast(params, dtype), **model_state}
-    mutable = list(model_state) if train else False
-    out = model.apply(variables, x.astype(dtype), train=train, rngs={"dropout": rng}, mutable=mutable)
-    logits, new_state = out if train else (out, model_state)
-    return logits.astype(jnp.float32), new_state
-
-  if mode == "inference":
-    def infer(state, x, y, rng):
-      return forward(state.params, state.model_state, x, False, rng)[0]
-    return jax.jit(infer)
-
-  def train(state, x, y, rng):
-    def loss_fn(params):
-      logits, new_state = forward(params, state.model_state, x, True, rng)
-      return jnp.mean(loss_and_correct(logits, y)[0]), new_state
-    grads, new_state = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         model_state=dict(new_state), opt_state=opt_state)
-  return jax.jit(train, donate_argnums=0)
+  return jax.jit(infer)
 
 
 def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch: int, precision: str,
                   mode: str, steps: int = 20, warmup: int = 3, cpu_peak: Optional[float] = None) -> dict:
+  from convjax.config import default_config
+  config = default_config()
+  config.learning_rate = 1e-4  # RMSprop, as the peers train
   model = get_model(model_name, **model_kwargs)
-  tx = optax.rmsprop(1e-4)
-  state = create_train_state(model, tx, input_shape, jax.random.key(0))
-  x = jax.random.uniform(jax.random.key(1), (batch, *input_shape), jnp.float32)
-  outputs = jax.eval_shape(lambda v: model.apply(v, x), {"params": state.params, **state.model_state}).shape[-1]
-  y = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
-  rng = jax.random.key(3)
-  step = make_step(model, tx, mode, precision)
+  mesh = parallel.make_mesh(1)
+  repl = parallel.replicated(mesh)
+  tx, _ = make_optimizer(config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                                      jnp.zeros((1, *input_shape))))["params"])
+  state = jax.jit(lambda: create_train_state(model, tx, input_shape, jax.random.key(0)), out_shardings=repl)()
+  images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
+  outputs = jax.eval_shape(lambda v: model.apply(v, images / 255.0), {"params": state.params,
+                                                                      **state.model_state}).shape[-1]
+  labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
+  data = {"image": images, "label": labels, "mask": jnp.ones((batch,), jnp.float32)}
+  args = (data, jax.random.key(3), parallel.put_replicated_tree(mesh, zero_metrics())) if mode == "train" else (data,)
+  step = make_step(model, tx, mode, precision, mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(state, x, y, rng).compile()
+  compiled = step.lower(state, *args).compile()
   compile_seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
   def run(state):
-    out = compiled(state, x, y, rng)
+    out = compiled(state, *args)
     jax.block_until_ready(out)
-    return out if mode == "train" else state
+    return out[0] if mode == "train" else state
 
   for _ in range(warmup):
     state = run(state)
@@ -176,10 +174,8 @@ def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, b
   batch. Both block on every step; overhead = real / synthetic - 1. Input: images/s of
   the pipeline's batches alone, each waited for (streaming only).
   """
-  from convjax import parallel
   from convjax.data import pipeline as pipelines
   from convjax.data.splits import fit_for, open_source
-  from convjax.train.steps import jit_steps, zero_metrics
 
   mesh = parallel.make_mesh()
   data_cfg = data_config(spec)

@@ -1,12 +1,27 @@
-"""What every convjax binary shares: one-line errors and quiet library logs."""
+"""What every convjax binary shares: one-line errors and interrupts, quiet library logs, and the
+command-line rules of a training config.
+
+A training config's model fields are all settable, `--config.model_kwargs.NAME=VALUE`,
+whatever the config file set (a locked ConfigDict would accept only those): values are
+read as Python literals and checked against the model's fields. `--config.model=NAME`
+naming another model than the file's drops the file's model_kwargs (they belong to its
+model): the new model starts from its own defaults. `--config.help` lists every field
+of the config with its value and meaning, and the model's fields, then exits.
+"""
+import ast
+import dataclasses
+import functools
 import logging as py_logging
+import re
 import sys
 
 import jax
 from absl import app, flags, logging
+from ml_collections import ConfigDict
 
+from convjax import config as config_lib
 from convjax.config import RENAMED
-from convjax.errors import UserError
+from convjax.errors import Interrupted, UserError
 
 # Multi-host: one process per host, all started with the same flags but their own process_id.
 # Without --coordinator_address, jax.distributed is not started (one process, all local devices);
@@ -20,8 +35,9 @@ flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CP
 QUIET_LIBRARIES = ("/orbax/", "/etils/", "/tensorflow_datasets/", "/grain/", "/jax/_src/xla_bridge.py")
 
 
-# Library warnings that say nothing to a convjax user (TFDS suggests OpenCV for decoding).
-QUIET_WARNINGS = ("OpenCV is not installed",)
+# Library warnings that say nothing to a convjax user (TFDS suggests OpenCV for decoding;
+# orbax notes a checkpoint saved without a metric: convjax's mid-epoch ones have none).
+QUIET_WARNINGS = ("OpenCV is not installed", "Requested `tracked_metric`")
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -37,10 +53,127 @@ def _one_line_error(message) -> None:
   sys.exit("error: " + " ".join(str(message).split()))
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag or config override (unknown key, wrong type) is one line."""
+def model_fields(name: str) -> dict:
+  """{field: default} of model `name` (convjax.models.MODELS), the registry's presets included."""
+  from convjax.models import MODELS
+  if name not in MODELS:
+    raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+  factory = MODELS[name]
+  presets = factory.keywords if isinstance(factory, functools.partial) else {}
+  cls = factory.func if isinstance(factory, functools.partial) else factory
+  return {f.name: presets.get(f.name, f.default) for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name")}
+
+
+def _literal(raw: str, default):
+  """A command-line value for a field whose default is `default`."""
+  if raw.lower() in ("true", "false"):
+    return raw.lower() == "true"
   try:
-    return flags.FLAGS(argv)
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+  if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  return tuple(value) if isinstance(value, list) else value
+
+
+def apply_model_arguments(config: ConfigDict, model, kwargs: dict) -> None:
+  """--config.model and --config.model_kwargs.* (see the module docstring), applied to config."""
+  if model is not None and model != config.model:
+    if config.model_kwargs:
+      logging.info("--config.model=%s: the config's model_kwargs %s (for %s) are dropped", model,
+                   dict(config.model_kwargs), config.model)
+    config.model, config.model_kwargs = model, ConfigDict()
+  fields = model_fields(config.model)
+  merged = dict(config.model_kwargs)
+  for name, raw in kwargs.items():
+    if name not in fields:
+      raise UserError(f"model {config.model!r} has no field {name!r} (--config.model_kwargs.{name}); "
+                      f"its fields: {', '.join(fields)}")
+    merged[name] = _literal(raw, fields[name])
+  config.model_kwargs = ConfigDict(merged)
+
+
+def _meanings() -> dict:
+  """{dotted field: its comment} from convjax/config.py's default_config."""
+  import inspect
+  out, last = {}, None
+  prefixes = {"c": "", "d": "data."}
+  for line in inspect.getsource(config_lib.default_config).splitlines():
+    match = re.match(r"\s*(c|d)\.([\w.]+) = [^#]*?(?:#\s*(.*))?$", line)
+    if match:
+      last = prefixes[match.group(1)] + match.group(2)
+      if match.group(3):
+        out[last] = match.group(3)
+    elif last and re.match(r"\s{20,}#", line):  # a comment continued on the next line
+      out[last] = out.get(last, "") + " " + line.strip().lstrip("# ")
+    else:
+      last = None
+  return {k: v for k, v in out.items() if v}
+
+
+def describe(config: ConfigDict) -> str:
+  """Every field of a training config: value, default where it differs, meaning."""
+  meanings, defaults = _meanings(), config_lib.to_dict(config_lib.default_config())
+  lines = []
+
+  def walk(values: dict, defaults: dict, prefix: str):
+    for key, value in values.items():
+      name = prefix + key
+      if isinstance(value, dict) and key != "model_kwargs":
+        walk(value, defaults.get(key, {}), name + ".")
+        continue
+      default = defaults.get(key, "<none>")
+      note = "" if default == value else f" (default {default!r})"
+      lines.append(f"{name} = {value!r}{note}" + (f"  # {meanings[name]}" if name in meanings else ""))
+
+  walk(config_lib.to_dict(config), defaults, "")
+  lines.append(f"\nmodel_kwargs: the fields of {config.model!r} (--config.model_kwargs.NAME=VALUE):")
+  lines += [f"  {k} = {v!r}" for k, v in model_fields(config.model).items()]
+  return "\n".join(lines)
+
+
+def _split_model_arguments(argv: list) -> tuple:
+  """(argv without them, --config.model value or None, {model_kwargs field: raw value}, help?)."""
+  rest, model, kwargs, wants_help = [], None, {}, False
+  for arg in argv:
+    key, _, value = arg.partition("=")
+    if key == "--config.model":
+      model = value
+    elif key.startswith("--config.model_kwargs."):
+      kwargs[key.removeprefix("--config.model_kwargs.")] = value
+    elif key == "--config.help":
+      wants_help = True
+    else:
+      rest.append(arg)
+  return rest, model, kwargs, wants_help
+
+
+def _is_training_config(config) -> bool:
+  return isinstance(config, ConfigDict) and "model" in config and "model_kwargs" in config
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or config override (unknown key, wrong type) is one line,
+  and a training config takes the model arguments of the module docstring."""
+  rest, model, kwargs, wants_help = _split_model_arguments(argv)
+  if rest != argv and argv is sys.argv:
+    sys.argv = rest  # config_flags reads its overrides from sys.argv
+  try:
+    parsed = flags.FLAGS(rest)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if _is_training_config(config):
+      apply_model_arguments(config, model, kwargs)
+      if wants_help:
+        print(describe(config))
+        sys.exit(0)
+    elif model is not None or kwargs or wants_help:  # not a training config: absl's own error
+      sys.argv = argv
+      return flags.FLAGS(argv)
+    return parsed
+  except UserError as e:
+    _one_line_error(e)
   except flags.Error as e:
     _one_line_error(e)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags overrides
@@ -66,7 +199,8 @@ def initialize_distributed() -> None:
 
 
 def run(main) -> None:
-  """`app.run(main)`; a UserError from main ends the binary with one `error: ...` line, exit 1."""
+  """`app.run(main)`; a UserError from main ends the binary with one `error: ...` line, exit 1;
+  an Interrupted run with its line and 128 + the signal; a Ctrl-C with one line."""
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
@@ -75,5 +209,11 @@ def run(main) -> None:
       main(argv)
     except UserError as e:
       _one_line_error(e)
+    except Interrupted as e:  # saved; one line, and the signal's exit status
+      logging.warning("%s", e)
+      logging.flush()
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      _one_line_error("interrupted (Ctrl-C); nothing was saved since the last checkpoint")
 
   app.run(guarded, flags_parser=_parse_flags)

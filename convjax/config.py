@@ -12,14 +12,16 @@ implement them import them from here.
 """
 import json
 import math
+import re
 from typing import Optional
 
 from ml_collections import ConfigDict
 
 from convjax.errors import UserError
 
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 PREPROCESSING = ("", "caffe")
 AUGMENT_RANGES = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range")
@@ -27,7 +29,11 @@ AUGMENT_RANGES = ("rotation_range", "width_shift_range", "height_shift_range", "
 # Fields that change how a run executes, not what it computes: a workdir may be
 # resumed with other values (e.g. a checkpoint written on 8 devices, resumed on 1).
 RUNTIME_FIELDS = ("overwrite", "num_devices", "data.data_dir", "data.download", "data.pipeline",
-                  "data.device_fraction", "data.workers", "data.prefetch")
+                  "data.device_fraction", "data.workers", "data.prefetch", "log_every_steps",
+                  "log_every_seconds", "checkpoint_every_steps", "profile_steps", "plot_smoothing",
+                  "eval_batch_size", "test_weights")
+# Fields a run may raise when it is resumed: it continues (a finished run too).
+EXTENDABLE_FIELDS = ("num_epochs",)
 PIPELINES = ("auto", "device", "stream")
 
 # Fields that moved, old dotted name -> new one: a run's stored config.json of an
@@ -39,6 +45,7 @@ RENAMED = {
     "test_split": "data.test_split", "validation_size": "data.validation_size",
     "rescale": "data.rescale", "preprocess": "data.preprocess",
     "data.validation_fraction": "data.validation_size", "data.test_fraction": "data.test_size",
+    "warmup_epochs": "warmup_steps",
 }
 
 
@@ -61,7 +68,7 @@ def default_config() -> ConfigDict:
   # The validation hold-out when validation_split is '': a count (>= 1) or a fraction (< 1) of
   # train_split. TFDS takes its last rows (TFDS shuffles at preparation); a folder a seeded
   # random subset (its files are in class order). Fractions round up, as sklearn's do.
-  d.validation_size = 0.1
+  d.validation_size = 0.1           # the validation hold-out (above)
   d.test_size = 0.2                # a folder with no split sub-folders: the test hold-out, likewise
   d.split_seed = 0                 # the seed of the folder hold-outs
   d.per_class = ()                 # TFDS: class-balanced (train, validation[, test]) subsets, taken
@@ -77,40 +84,56 @@ def default_config() -> ConfigDict:
   # Crops (with image_size): training takes torchvision's RandomResizedCrop of (min, max) of the
   # area, e.g. (0.08, 1.0), aspect ratio log-uniform in crop_ratio (streaming only); evaluation
   # a centred crop of center_crop of the shorter side (ImageNet: 0.875). Then the resize.
-  d.random_resized_crop = ()
-  d.crop_ratio = (3 / 4, 4 / 3)
+  d.random_resized_crop = ()       # training: (min, max) area fraction; () -> off
+  d.crop_ratio = (3 / 4, 4 / 3)    # training: (min, max) aspect ratio of the random crop
   d.center_crop = 0.0              # 0 -> no crop: the whole image is resized
   # The input pipeline: 'device' decodes every split once and keeps it on the devices; 'stream'
   # reads, decodes and batches rows with grain as training goes (host memory bounded); 'auto'
   # picks 'device' when the images fit device_fraction of the smallest device's free memory
   # (on CPU of free host RAM). Both give the same batches in the same order.
-  d.pipeline = "auto"
-  d.device_fraction = 0.25
+  d.pipeline = "auto"              # auto, device, stream (above)
+  d.device_fraction = 0.25         # auto: of the smallest device's free memory (CPU: host RAM)
   d.workers = 0                    # stream: grain worker processes decoding; 0 -> threads of this one
   d.prefetch = 2                   # stream: batches put on the devices ahead of the step
   # Pixels (0-255) -> model input, inside the step: x * rescale, then preprocess.
-  d.rescale = 1 / 255
+  d.rescale = 1 / 255              # pixels * rescale
   d.preprocess = ""                # '' or 'caffe' (ImageNet VGG: RGB->BGR minus channel means,
                                    # on 0-255 pixels: set rescale=1)
   # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
   # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
   c.augment = ConfigDict()
-  for key in AUGMENT_RANGES:
-    c.augment[key] = 0.0
-  c.augment.horizontal_flip = False
+  c.augment.rotation_range = 0.0   # degrees
+  c.augment.width_shift_range = 0.0  # fraction of the width (>= 1: pixels)
+  c.augment.height_shift_range = 0.0  # fraction of the height (>= 1: pixels)
+  c.augment.shear_range = 0.0      # degrees
+  c.augment.zoom_range = 0.0       # zoom in [1 - z, 1 + z]
+  c.augment.horizontal_flip = False  # mirror half the images
   c.augment.fill_mode = "nearest"  # nearest, constant, reflect, wrap
-  c.augment.cval = 0.0
+  c.augment.cval = 0.0             # fill value of fill_mode 'constant'
   # Training.
-  c.batch_size = 64                # global, over all devices
+  c.batch_size = 64                # global, over all devices (with grad_accum_steps: per micro-step)
   c.eval_batch_size = 0            # 0 -> batch_size
   c.steps_per_epoch = 0            # 0 -> one pass: train size // batch_size
-  c.num_epochs = 5
-  c.optimizer = "rmsprop"
-  c.learning_rate = 1e-3
-  c.momentum = 0.9                 # sgd only
-  c.schedule = "constant"
-  c.warmup_epochs = 0.0            # cosine only
-  c.trainable = ""                 # regex over param paths; '' -> all train
+  c.num_epochs = 5                 # raise it to extend a finished or interrupted run
+  c.optimizer = "rmsprop"          # rmsprop, adam, adamw, sgd (optax; Keras' epsilon 1e-7)
+  c.learning_rate = 1e-3           # the peak learning rate of the schedule
+  c.momentum = 0.9                 # sgd
+  c.nesterov = False               # sgd
+  c.weight_decay = 0.0             # adamw: decoupled; other optimizers: L2 added to the gradient
+  c.weight_decay_mask = ".*/kernel"  # regex over param paths that decay (not biases, BatchNorm)
+  c.schedule = "constant"          # constant, cosine (to 0 at the last step), step (piecewise)
+  c.warmup_steps = 0               # linear warmup from 0 over this many optimizer steps
+  c.schedule_boundaries = ()       # step: optimizer steps at which the rate is multiplied ...
+  c.schedule_factor = 0.1          # ... by this factor
+  c.label_smoothing = 0.0          # of the cross-entropy targets
+  c.grad_clip_norm = 0.0           # clip gradients to this global norm; 0 -> off
+  c.grad_accum_steps = 1           # average gradients over k micro-batches per update (optax.MultiSteps)
+  c.ema_decay = 0.0                # keep an exponential moving average of the params, evaluated and
+                                   # tested instead of them; 0 -> off
+  c.compute_dtype = "float32"      # float32 or bfloat16 (params, optimizer state, loss, softmax and
+                                   # BatchNorm statistics stay float32)
+  c.trainable = ""                 # regex over param paths; '' -> all train (BatchNorm layers whose
+                                   # params are frozen run in inference mode, as Keras does)
   # Starting weights (a fresh run only; a resumed run continues from its checkpoint).
   c.pretrained = ConfigDict()
   c.pretrained.weights = ""        # '' | 'imagenet' | a Keras .h5 file
@@ -120,24 +143,28 @@ def default_config() -> ConfigDict:
   # (cached in <workdir>/features); `model` then trains on its outputs.
   c.feature_extractor = ConfigDict()
   c.feature_extractor.model = ""   # e.g. 'vgg16'; '' -> off
-  c.feature_extractor.weights = "imagenet"
-  c.seed = 0
+  c.feature_extractor.weights = "imagenet"  # 'imagenet' or a Keras .h5 file
+  c.seed = 0                       # params' init, data order, dropout, augmentation
   # Keras' EarlyStopping(monitor='val_loss'): stop after `patience` epochs without a
   # val_loss improvement greater than min_delta; 0 -> off. Evaluates the last weights.
-  c.early_stopping_patience = 0
-  c.early_stopping_min_delta = 0.0
+  c.early_stopping_patience = 0    # epochs without improvement before stopping; 0 -> off
+  c.early_stopping_min_delta = 0.0  # the smallest val_loss decrease that counts
   # Time to accuracy (the benchmark's, MLPerf-style): after each epoch evaluate
   # `target_split` ('validation' | 'test'), log the wall seconds since the run
   # started (loading and compilation included) and stop once its accuracy reaches
   # `target_accuracy`; 0 -> off.
-  c.target_accuracy = 0.0
-  c.target_split = "test"
+  c.target_accuracy = 0.0          # stop once target_split reaches it; 0 -> off
+  c.target_split = "test"          # validation or test
   # Which weights the final test evaluation uses: 'last' (the final epoch's) or 'best'
   # (the kept checkpoint of highest val_accuracy: model selection on validation, as
   # Keras' ModelCheckpoint(save_best_only=True) then load). The test record names the epoch.
-  c.test_weights = "last"
+  c.test_weights = "last"          # last or best
   # Execution.
   c.num_devices = 0                # 0 -> all devices of all processes
+  c.log_every_steps = 100          # a progress line (and TensorBoard scalars) every N steps ...
+  c.log_every_seconds = 60.0       # ... or every this many seconds, whichever comes first
+  c.checkpoint_every_steps = 0     # 0 -> at epoch ends only (and on SIGTERM/SIGINT, always)
+  c.profile_steps = ()             # (start, stop): a jax.profiler trace of these steps in tensorboard/
   c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
   c.overwrite = False              # replace a workdir that holds a run of another config
   return c
@@ -157,10 +184,29 @@ def validate(config: ConfigDict) -> None:
   for key in ("batch_size", "num_epochs", "learning_rate"):
     if not config[key] > 0:
       raise UserError(f"config.{key} must be positive, got {config[key]!r}")
-  for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "warmup_epochs", "plot_smoothing",
-              "early_stopping_patience", "early_stopping_min_delta", "target_accuracy"):
+  for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "warmup_steps", "plot_smoothing",
+              "early_stopping_patience", "early_stopping_min_delta", "target_accuracy", "weight_decay",
+              "label_smoothing", "grad_clip_norm", "ema_decay", "checkpoint_every_steps", "log_every_seconds"):
     if config[key] < 0:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
+  for key in ("grad_accum_steps", "log_every_steps"):
+    if not config[key] >= 1:
+      raise UserError(f"config.{key} must be >= 1, got {config[key]!r}")
+  for key in ("label_smoothing", "ema_decay"):
+    if not config[key] < 1:
+      raise UserError(f"config.{key} must be in [0, 1), got {config[key]!r}")
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise UserError(f"unknown config.compute_dtype {config.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 0 <= profile[0] < profile[1]):
+    raise UserError(f"config.profile_steps must be (start, stop) steps with start < stop, got {profile}")
+  if config.schedule == "step" and not tuple(config.schedule_boundaries):
+    raise UserError("config.schedule='step' needs config.schedule_boundaries, e.g. '(3000, 6000)' optimizer steps")
+  for pattern in ("trainable", "weight_decay_mask"):
+    try:
+      re.compile(config[pattern])
+    except re.error as e:
+      raise UserError(f"config.{pattern}={config[pattern]!r} is not a regular expression: {e}") from None
   if not config.plot_smoothing < 1:
     raise UserError(f"config.plot_smoothing must be in [0, 1), got {config.plot_smoothing!r}")
   if not config.target_accuracy <= 1:
@@ -247,10 +293,18 @@ def _move_renamed(stored: dict) -> dict:
       node = node.get(p, {})
     if leaf not in node:
       continue
+    if old == "warmup_epochs" and node[leaf]:
+      continue  # in epochs, not steps: left as it is, so that the run is refused naming it
     value = node.pop(leaf)
     if new == "data.validation_size" and (old == "validation_size") == bool(folder):
       continue  # the other source's hold-out field
-    data[new.split(".", 1)[1]] = value
+    if old == "warmup_epochs":
+      continue  # 0: no warmup either way
+    *new_parents, new_leaf = new.split(".")
+    target = stored
+    for p in new_parents:
+      target = target.setdefault(p, {})
+    target[new_leaf] = value
   return stored
 
 
@@ -294,7 +348,9 @@ def differences(stored: dict, current: dict, defaults: Optional[dict] = None, pr
   """Dotted keys whose values differ, ignoring RUNTIME_FIELDS.
 
   A key missing from `stored` whose current value is its default (a field added
-  to convjax after the run began) is no difference, so such runs still resume;
+  to convjax after the run began) is no difference, so such runs still resume; nor
+  is a raised EXTENDABLE_FIELDS value (the run continues), unless a cosine schedule
+  depends on it;
   so is a model_kwargs.num_classes that a run of an earlier convjax did not record
   (it took the dataset's, as the current config does).
   """
@@ -310,6 +366,9 @@ def differences(stored: dict, current: dict, defaults: Optional[dict] = None, pr
     if isinstance(a, dict) and isinstance(b, dict):
       sub_defaults = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
       out += differences(a, b, sub_defaults, name + ".")
+    elif name in EXTENDABLE_FIELDS and a != "<missing>" and b != "<missing>" and b > a:
+      if stored.get("schedule") == "cosine":  # its decay spans the run: a longer run is another schedule
+        out.append(f"{name} (the cosine schedule decays over it)")
     elif a != b:
       out.append(name)
   return out

@@ -3,16 +3,19 @@
   <workdir>/config.json    the resolved config (model_kwargs include num_classes)
             history.json   one record per epoch, then the test record
             summary.txt, plots/, tensorboard/, features/
-            checkpoints/<epoch>/  orbax: the latest (for resume) and the best by val_accuracy
+            checkpoints/<step>/   orbax, by train steps taken: the latest (for resume) and the
+                                  best epoch-end one by val_accuracy
 
-A checkpoint holds the train state and the history up to its epoch, so a run
-resumed from it rewrites history.json consistently whatever was killed when.
+A checkpoint holds the train state, the history of the epochs completed and the
+running metric sums of the epoch in progress, so a run resumed from it (mid-epoch
+too) rewrites history.json consistently whatever was killed when.
 Everything that reads a run (the trainer resuming it, init_from, visualisation,
 benchmarks) goes through this module: `load_run(workdir)` is the one reader.
 """
 import json
 import os
 import shutil
+from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -107,45 +110,85 @@ class TensorBoard:
 
 # Checkpoints.
 
+class Restored(NamedTuple):
+  step: int            # train steps taken (the checkpoint's orbax step)
+  state: object        # TrainState
+  history: list        # the records of the epochs completed
+  sums: object         # the train metric sums of the epoch in progress (zeros at an epoch's end)
+
+
+def _val_accuracy(metrics) -> float:
+  return metrics["val_accuracy"]
+
+
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-  """The orbax manager of <workdir>/checkpoints: keeps the latest and the best by val_accuracy."""
+  """The orbax manager of <workdir>/checkpoints/<step>/ (step: train steps taken): keeps the
+  latest checkpoint and the best epoch-end one by val_accuracy, also across resumes (the
+  metric is stored with each epoch-end checkpoint; mid-epoch ones have none)."""
   policy = pp.AnyPreservationPolicy([
       pp.LatestN(n=1),
-      pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1),
+      pp.BestN(get_metric_fn=_val_accuracy, n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_val_accuracy, best_mode="max",
+                                         create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state, history: list) -> None:
-  """Saves after `epoch` (1-based); metrics for the best-checkpoint policy come from history."""
-  manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                              history=ocp.args.JsonSave(history)),
-               metrics={"val_accuracy": history[-1]["val_accuracy"]})
+def save(manager: ocp.CheckpointManager, step: int, state, history: list, sums, epoch_end: bool) -> None:
+  """Saves the state after `step` train steps, the history of the epochs completed and the
+  running train sums of the epoch in progress; an epoch-end checkpoint carries its val_accuracy."""
+  progress = {"step": step, "epochs": len(history), "epoch_end": epoch_end}
+  metrics = {"val_accuracy": history[-1]["val_accuracy"], "epoch": len(history)} if epoch_end else None
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), sums=ocp.args.StandardSave(sums),
+      history=ocp.args.JsonSave(history), progress=ocp.args.JsonSave(progress)), metrics=metrics)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-  """(epoch, state, history) from the latest checkpoint, or None when there is none.
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, abstract_sums):
+  """Restored from the latest checkpoint, or None when there is none.
 
-  abstract_state: ShapeDtypeStructs with shardings; the restored arrays get
-  them, whatever device count wrote the checkpoint.
+  abstract_state/abstract_sums: ShapeDtypeStructs with shardings; the restored arrays
+  get them, whatever device count wrote the checkpoint.
   """
-  epoch = manager.latest_step()
-  return None if epoch is None else restore(manager, epoch, abstract_state)
+  step = manager.latest_step()
+  return None if step is None else restore(manager, step, abstract_state, abstract_sums)
 
 
-def restore(manager: ocp.CheckpointManager, epoch: int, abstract_state):
-  """(epoch, state, history) from the checkpoint of `epoch`."""
-  restored = manager.restore(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()))
-  return epoch, restored["state"], list(restored["history"])
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_sums) -> Restored:
+  """The checkpoint of `step`. One written before the running sums were saved restores zeros."""
+  has_sums = os.path.isdir(os.path.join(str(manager.directory), str(step), "sums"))
+  items = {"state": ocp.args.StandardRestore(abstract_state), "history": ocp.args.JsonRestore()}
+  if has_sums:
+    items["sums"] = ocp.args.StandardRestore(abstract_sums)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  sums = restored["sums"] if has_sums else None
+  return Restored(step, restored["state"], list(restored["history"]), sums)
 
 
-def best_epoch(manager: ocp.CheckpointManager, history: list) -> int:
-  """The kept checkpoint of highest val_accuracy (the earliest of equals)."""
-  val = {r["epoch"]: r["val_accuracy"] for r in history if "val_accuracy" in r}
-  kept = [e for e in manager.all_steps() if e in val]
-  return max(sorted(kept), key=val.__getitem__)
+def best_checkpoint(manager: ocp.CheckpointManager) -> tuple:
+  """(step, epoch) of the kept epoch-end checkpoint of highest val_accuracy (the earliest of
+  equals), or None."""
+  scored = [(m["val_accuracy"], -m["epoch"], step) for step in manager.all_steps()
+            if (m := manager.metrics(step)) is not None]
+  if not scored:
+    return None
+  _, neg_epoch, step = max(scored)
+  return step, -neg_epoch
+
+
+def checkpoints(workdir: str) -> dict:
+  """{step: progress} of the run's committed checkpoints; progress is {'step', 'epochs' (epochs
+  completed), 'epoch_end'}, or {} for a checkpoint from before it was recorded."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  out = {}
+  for step in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
+    path = os.path.join(directory, str(step), "progress", "metadata")
+    try:
+      with open(path) as f:
+        out[step] = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      out[step] = {}
+  return dict(sorted(out.items()))
 
 
 def abstract(state, sharding):
@@ -154,10 +197,10 @@ def abstract(state, sharding):
 
 
 def read_state(path: str):
-  """The train state saved at `path` (<run>/checkpoints/<epoch>/state) as stored, on one
+  """The train state saved at `path` (<run>/checkpoints/<step>/state) as stored, on one
   local device, whatever model, optimizer or device count wrote it."""
   # The item's tree metadata, from its handler: the checkpointer's metadata() would also
-  # look for step metadata, which lives one level up (<epoch>/), and warn.
+  # look for step metadata, which lives one level up (<step>/), and warn.
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
@@ -176,15 +219,17 @@ def read_config(workdir: str) -> ConfigDict:
 
 
 def latest_variables(workdir: str, what: str = "config.init_from") -> tuple:
-  """(epoch, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy."""
+  """(step, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy; the
+  params are the EMA where the run kept one (what it evaluated)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []  # finalized only
   if not steps:
     raise UserError(f"{what}={workdir!r} has no checkpoints")
   path = os.path.join(directory, str(max(steps)), "state")
   state = read_state(path)
-  logging.info("read %s (epoch %d)", path, max(steps))
-  return max(steps), jax.device_get({"params": state["params"], **(state["model_state"] or {})})
+  logging.info("read %s (step %d)", path, max(steps))
+  params = state.get("ema_params") or state["params"]
+  return max(steps), jax.device_get({"params": params, **(state["model_state"] or {})})
 
 
 def model_of(config: ConfigDict):

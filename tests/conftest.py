@@ -36,35 +36,44 @@ def mnist_small():
   return config
 
 
+def epoch_checkpoint(workdir, epoch):
+  """The path of the run's checkpoint at the end of `epoch`."""
+  from convjax import run
+  steps = [s for s, p in run.checkpoints(workdir).items() if p.get("epoch_end") and p["epochs"] == epoch]
+  assert steps, f"no checkpoint of epoch {epoch} in {workdir}: {run.checkpoints(workdir)}"
+  return os.path.join(os.path.abspath(workdir), "checkpoints", str(steps[0]))
+
+
 def restore_state(workdir, epoch):
-  """The train state of a run's checkpoint as numpy leaves {path: array}, whatever wrote it."""
+  """The train state at the end of `epoch` as numpy leaves {path: array}, whatever wrote it."""
   import jax
   import numpy as np
   from convjax import run
 
-  state = run.read_state(os.path.join(os.path.abspath(workdir), "checkpoints", str(epoch), "state"))
+  state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def kill_after_first_checkpoint(workdir, *args, env=None):
-  """Starts `python -m experiments.train args`, kill -9s it once checkpoint 1 is committed.
+  """Starts `python -m experiments.train args`, kill -9s it once its first checkpoint is committed.
 
-  Returns the epochs checkpointed before the kill.
+  Returns the epochs completed in the checkpoints on disk after the kill.
   """
   import signal
   import time
+  from convjax import run
 
   proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
                           cwd=REPO, env={**os.environ, **(env or {})},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = pathlib.Path(workdir) / "checkpoints" / "1" / "commit_success.txt"
+  checkpoints = pathlib.Path(workdir) / "checkpoints"
   deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
+  while not list(checkpoints.glob("*/commit_success.txt")) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+  return sorted(p.get("epochs", 0) for p in run.checkpoints(workdir).values())
 
 
 def link_cats_dogs_subset(root, per_split):

@@ -148,7 +148,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
   done = kill_after_first_checkpoint(tmp_path, *ARGS, env=devices_env(8))
   assert 1 <= max(done) < EPOCHS, "no mid-run checkpoint to resume from"
   result = train(tmp_path, 1)
-  assert "resumed from the checkpoint of epoch" in result.stderr and "mesh: 1 x cpu" in result.stderr
+  assert "resumed from the checkpoint of step" in result.stderr and "mesh: 1 x cpu" in result.stderr
   assert_same_run(one_device_run, tmp_path)
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.conftest import REPO, SHARED, kill_after_first_checkpoint, restore_state, run_binary
@@ -93,7 +92,7 @@ def test_a_killed_streaming_run_resumes_to_the_uninterrupted_run(tmp_path):
   done = kill_after_first_checkpoint(tmp_path / "killed", *SMALL)
   assert 1 <= max(done) < 3, "no mid-run checkpoint to resume from"
   resumed = run_binary("experiments.train", *SMALL, f"--workdir={tmp_path / 'killed'}")
-  assert resumed.returncode == 0 and "resumed from the checkpoint of epoch" in resumed.stderr
+  assert resumed.returncode == 0 and "resumed from the checkpoint of step" in resumed.stderr
   assert history(tmp_path / "straight") == history(tmp_path / "killed")
   a, b = restore_state(tmp_path / "straight", 3), restore_state(tmp_path / "killed", 3)
   for k in a:
@@ -232,7 +231,7 @@ def test_training_without_tensorflow_from_a_folder_and_from_arrays(tmp_path):
   # The same run, resumed from the first one's checkpoint: a kill between epochs, as far as it knows.
   (workdir / "config.json").write_text((tmp_path / "straight" / "config.json").read_text())
   resumed = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", f"--workdir={workdir}")
-  assert resumed.returncode == 0 and "resumed from the checkpoint of epoch 1" in resumed.stderr, resumed.stderr[-3000:]
+  assert resumed.returncode == 0 and "resumed from the checkpoint of step 3 (epoch 2, step 0/3)" in resumed.stderr, resumed.stderr[-3000:]
   assert history(workdir) == history(tmp_path / "straight")
 
   arrays = _digit_arrays(tmp_path / "arrays")

@@ -179,7 +179,7 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   mnist_small.trainable = "head/.*"
   model = get_model("vgg16_classifier", num_classes=10)
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
-  tx = make_optimizer(mnist_small, 10, params_shape)
+  tx, _ = make_optimizer(mnist_small, 10, params_shape)
   state = create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
   before = jax.device_get(state.params)
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255))

@@ -23,7 +23,7 @@ def _setup(trainable=""):
   config.trainable = trainable
   model = get_model("mnist_convnet")
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))["params"]
-  tx = make_optimizer(config, 100, params)
+  tx, _ = make_optimizer(config, 100, params)
   return model, tx, create_train_state(model, tx, (28, 28, 1), jax.random.key(0))
 
 

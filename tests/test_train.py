@@ -42,7 +42,7 @@ def test_binary_trains_real_mnist_with_overrides(tmp_path):
   assert "Total params: 93,322" in (workdir / "summary.txt").read_text()
   assert (workdir / "plots" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["400"]  # named by train steps
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
@@ -58,7 +58,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
   result = run_binary("experiments.train", *args, f"--workdir={killed}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "resumed from the checkpoint of epoch" in result.stderr
+  assert "resumed from the checkpoint of step" in result.stderr
   config = json.loads((killed / "config.json").read_text())
   assert config["model_kwargs"] == {"dropout_rate": 0.25, "num_classes": 10}
   assert config["data"]["train_split"] == "train[:6144]"
@@ -284,7 +284,7 @@ def test_test_weights_best_evaluates_the_best_validation_checkpoint(tmp_path, mn
   epochs = {r["epoch"]: r["test_accuracy"] for r in history if "epoch" in r}
   assert epochs[3] - epochs[1] > 0.1  # the epochs' weights differ in what they score
   assert history[-1]["test_epoch"] == 1 and history[-1]["test_accuracy"] == epochs[1], history
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]  # best, latest
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["24", "8"]  # latest, best (8 steps/epoch)
 
 
 def test_target_split_must_exist(tmp_path, mnist_small, no_compilation, no_data_read):

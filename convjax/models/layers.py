@@ -4,6 +4,8 @@ Each layer owns its activation, so a captured intermediate is what Keras shows
 for that layer (post-ReLU), and parameters sit at `<layer>/kernel`,
 `<layer>/bias` exactly as in a Keras HDF5 file.
 """
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Callable, Optional
@@ -103,17 +105,35 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+_FROZEN = contextvars.ContextVar("frozen_batch_norm", default=frozenset())
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(paths):
+  """Within it, the BatchNorm layers at `paths` (module paths, e.g. ('features', 'bn1')) run in
+  inference mode even in a training apply: running averages, not updated. Keras runs a
+  BatchNormalization layer whose weights are frozen (trainable=False) this way."""
+  token = _FROZEN.set(frozenset(tuple(p) for p in paths))
+  try:
+    yield
+  finally:
+    _FROZEN.reset(token)
+
+
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` (the same variables, statistics, update and numerics up to float32
   rounding) whose training-mode sums over batch, height and width, forward and
   backward, are float32 matrix-vector products (`_column_sums`): on CPU they made
   ResNet-50's train step much faster (BENCHMARKS.md). Other uses (running averages,
   masks, axis_name, another feature axis, no scale or bias) are nn.BatchNorm's own.
+  Inside `frozen_batch_norm(paths)` a layer at one of the paths uses its running averages.
   """
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
     training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    if training and tuple(self.path) in _FROZEN.get():
+      return self._frozen(x)
     if (not training or mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
         or not (self.use_scale and self.use_bias) or self.force_float32_reductions is False):
       return super().__call__(x, use_running_average, mask=mask)
@@ -128,3 +148,14 @@ class BatchNorm(nn.BatchNorm):
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
     return y.reshape(x.shape)
+
+  def _frozen(self, x):
+    """Inference mode as nn.BatchNorm computes it: (x - mean) * rsqrt(var + eps) * scale + bias."""
+    features = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,)).value
+    var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,)).value
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    return ((x - mean) * mul + bias).astype(dtype)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from ml_collections import ConfigDict
 
 from convjax import parallel, run
@@ -35,11 +36,12 @@ from convjax.data.preprocess import input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
 from convjax.models import get_model, with_num_classes
-from convjax.models.summary import summary
+from convjax.models.summary import summary, trainable_mask
 from convjax.pretrained import transfer
 from convjax.train.optim import make_optimizer
+from convjax.train.progress import Interrupts, Progress
 from convjax.train.state import create_from, create_train_state, starting_params
-from convjax.train.steps import jit_steps, zero_metrics
+from convjax.train.steps import NO_STEP, jit_steps, zero_metrics
 from convjax.viz.plots import learning_curves
 
 
@@ -95,6 +97,7 @@ class Trainer(NamedTuple):
   manager: Any                 # the run's orbax checkpoint manager
   writer: run.TensorBoard
   steps_per_epoch: int
+  schedule: Any                # optimizer step -> learning rate
   started: float               # perf_counter at the start of the run
 
 
@@ -163,46 +166,70 @@ def load_data(config: ConfigDict, workdir: str, mesh, source) -> tuple:
   return data, steps_per_epoch
 
 
-def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tuple, tx, manager):
-  """(state, dropout rng, history): restored from the latest checkpoint, else fresh from
-  config.pretrained / config.init_from or the seed."""
+class Start(NamedTuple):
+  """Where fit begins: a fresh state, or the latest checkpoint's (mid-epoch too)."""
+  state: Any
+  dropout_rng: jax.Array
+  history: list                # the epochs completed
+  sums: Any                    # train metric sums of the epoch in progress, or None
+  position: int                # train steps of that epoch already taken
+
+
+def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tuple, tx, manager,
+                steps_per_epoch: int) -> Start:
+  """Restored from the latest checkpoint, else fresh from config.pretrained / config.init_from
+  or the seed."""
   repl = parallel.replicated(mesh)
+  ema = config.ema_decay > 0
 
   def init(seed):
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
-    return create_train_state(model, tx, input_shape, init_rng), dropout_rng
+    return create_train_state(model, tx, input_shape, init_rng, ema), dropout_rng
 
   state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.txt"), "w") as f:
       f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
-  restored = run.restore_latest(manager, run.abstract(state, repl))
+  restored = run.restore_latest(manager, run.abstract(state, repl), run.abstract(zero_metrics(), repl))
   if restored:
-    epoch, state, history = restored
-    logging.info("resumed from the checkpoint of epoch %d", epoch)
-    run.write_history(workdir, history)  # history.json may be ahead of the checkpoint after a kill
-    return state, dropout_rng, history
+    position = restored.step - len(restored.history) * steps_per_epoch
+    if not 0 <= position <= steps_per_epoch:
+      raise UserError(f"the latest checkpoint (step {restored.step}, {len(restored.history)} epochs) does "
+                      f"not fit {steps_per_epoch} steps an epoch")
+    logging.info("resumed from the checkpoint of step %d (epoch %d, step %d/%d)", restored.step,
+                 len(restored.history) + (position < steps_per_epoch), position, steps_per_epoch)
+    run.write_history(workdir, restored.history)  # history.json may be ahead of the checkpoint after a kill
+    return Start(restored.state, dropout_rng, restored.history, restored.sums if position else None, position)
   if config.pretrained.weights or config.init_from:
     params, model_state = starting_params(config, state.params, state.model_state)
-    state = jax.jit(lambda p, s: create_from(state.step, p, s, tx), out_shardings=repl)(params, model_state)
-  return state, dropout_rng, []
+    state = jax.jit(lambda p, s: create_from(state.step, p, s, tx, ema), out_shardings=repl)(params, model_state)
+  return Start(state, dropout_rng, [], None, 0)
+
+
+def frozen_batch_norms(config: ConfigDict, params_shape) -> list:
+  """Module paths whose BatchNorm scale config.trainable freezes: they run in inference mode."""
+  if not config.trainable:
+    return []
+  flat = traverse_util.flatten_dict(trainable_mask(params_shape, config.trainable))
+  return [path[:-1] for path, trains in flat.items() if path[-1] == "scale" and not trains]
 
 
 def set_up(config: ConfigDict, workdir: str, started: float):
-  """(Trainer, state, history) for the configured run in `workdir`, new or resumed."""
+  """(Trainer, Start) for the configured run in `workdir`, new or resumed."""
   config, mesh, source, model, params_shape = check(config, workdir)
   data, steps_per_epoch = load_data(config, workdir, mesh, source)
-  tx = make_optimizer(config, steps_per_epoch, params_shape)
+  tx, schedule = make_optimizer(config, steps_per_epoch, params_shape)
   manager = run.checkpoint_manager(workdir)
-  state, dropout_rng, history = start_state(config, workdir, mesh, model, source.image_shape, tx, manager)
+  start = start_state(config, workdir, mesh, model, source.image_shape, tx, manager, steps_per_epoch)
   prepare = (input_transform(config.data.rescale, config.data.preprocess)
              if not config.feature_extractor.model else lambda x: x)
-  train_step, eval_step = jit_steps(model, tx, prepare, mesh, augment_lib.from_config(config.augment),
-                                    data.take)
-  writer = run.TensorBoard(workdir)
-  trainer = Trainer(config, workdir, mesh, data, train_step, eval_step, dropout_rng, manager, writer,
-                    steps_per_epoch, started)
-  return trainer, state, history
+  train_step, eval_step = jit_steps(
+      model, tx, prepare, mesh, augment_lib.from_config(config.augment), data.take,
+      compute_dtype=jnp.dtype(config.compute_dtype), label_smoothing=config.label_smoothing,
+      ema_decay=config.ema_decay, frozen=frozen_batch_norms(config, params_shape))
+  trainer = Trainer(config, workdir, mesh, data, train_step, eval_step, start.dropout_rng, manager,
+                    run.TensorBoard(workdir), steps_per_epoch, schedule, started)
+  return trainer, start
 
 
 # Fit.
@@ -235,50 +262,110 @@ def _metric_record(prefix: str, sums: dict) -> dict:
 
 def evaluate(t: Trainer, state, split: str) -> dict:
   """Metric sums of `state` over every row of `split` (asynchronous: nothing is read back)."""
-  sums, in_flight = parallel.put_replicated_tree(t.mesh, zero_metrics()), InFlight()
+  sums, in_flight = parallel.put_replicated_tree(t.mesh, zero_metrics(train=False)), InFlight()
   for feed in t.data.eval_batches(split):
     sums = t.eval_step(state, feed, sums)
     in_flight.add(sums)
   return sums
 
 
-def train_epoch(t: Trainer, state, epoch: int) -> tuple:
-  """(state, record) after training epoch `epoch` and evaluating it."""
-  t0 = time.perf_counter()
-  sums, in_flight = parallel.put_replicated_tree(t.mesh, zero_metrics()), InFlight()
-  for feed in t.data.train_batches(epoch):
+def check_finite(t: Trainer, sums, epoch: int) -> None:
+  """One error naming the first step whose loss or gradient was not finite, if any (its update
+  was not applied, so the params stay finite, but the run cannot go on); nothing is saved."""
+  first = int(jax.device_get(sums["first_nonfinite"]))
+  if first == int(NO_STEP):
+    return
+  latest = t.manager.latest_step()
+  last_good = (f"the last good checkpoint is {os.path.join(t.workdir, 'checkpoints', str(latest))}"
+               if latest is not None else "no checkpoint was saved before it")
+  raise UserError(f"non-finite loss or gradient at epoch {epoch}, step {first % t.steps_per_epoch + 1}/"
+                  f"{t.steps_per_epoch} (train step {first + 1}); {last_good}; lower config.learning_rate "
+                  "or set config.grad_clip_norm")
+
+
+def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) -> str:
+  """Checks the run is finite, saves a checkpoint at the state's step, returns its path."""
+  check_finite(t, sums, epoch)
+  step = int(jax.device_get(state.step))
+  run.save(t.manager, step, state, history, sums, epoch_end)
+  return os.path.join(t.workdir, "checkpoints", str(step))
+
+
+def profile(t: Trainer, global_step: int, outputs) -> None:
+  """Starts or stops the jax.profiler trace of config.profile_steps (in tensorboard/)."""
+  profile_steps = tuple(t.config.profile_steps)
+  if profile_steps and global_step == profile_steps[0]:
+    jax.profiler.start_trace(os.path.join(t.workdir, "tensorboard"))
+  elif profile_steps and global_step == profile_steps[1]:
+    jax.block_until_ready(outputs)
+    jax.profiler.stop_trace()
+    logging.info("profile of steps %d-%d written to %s", *profile_steps, os.path.join(t.workdir, "tensorboard"))
+
+
+def train_epoch(t: Trainer, state, epoch: int, start: Start, interrupts: Interrupts, first: bool) -> tuple:
+  """(state, train sums) after training epoch `epoch` from step start.position on, with
+  progress lines, checkpoints every config.checkpoint_every_steps, and a save-and-stop on
+  an interrupt. first: whether it begins this process's training (its first line says so)."""
+  spe, every = t.steps_per_epoch, t.config.checkpoint_every_steps
+  sums = start.sums if start.sums is not None else parallel.put_replicated_tree(t.mesh, zero_metrics())
+  in_flight, progress = InFlight(), Progress(t, epoch, start.position, sums, first)
+  for i, feed in enumerate(t.data.train_batches(epoch, start.position), start=start.position + 1):
+    global_step = (epoch - 1) * spe + i
+    profile(t, global_step - 1, sums)
     state, sums = t.train_step(state, feed, t.dropout_rng, sums)
     in_flight.add(sums)
-  record = {"epoch": epoch, **_metric_record("train", sums)}
-  train_seconds = time.perf_counter() - t0
-  record.update(_metric_record("val", evaluate(t, state, "validation")))
-  if t.config.target_accuracy and t.config.target_split == "test":
-    record.update(_metric_record("test", evaluate(t, state, "test")))
-  record["seconds"] = time.perf_counter() - t0
-  if t.config.target_accuracy:  # since this process started the run: resumed runs count from their restart
-    record["wall_seconds"] = time.perf_counter() - t.started
-  left = (t.config.num_epochs - epoch) * record["seconds"]
+    if progress.due(i):
+      check_finite(t, progress.report(i, sums), epoch)
+    if interrupts.stop_at(global_step):
+      where = save(t, state, start.history, sums, epoch, epoch_end=False)
+      interrupts.stop(global_step, epoch, i, spe, where)
+    if every and global_step % every == 0 and i < spe:
+      save(t, state, start.history, sums, epoch, epoch_end=False)
+  return state, sums
+
+
+def fit(t: Trainer, start: Start) -> tuple:
+  """(state, history) after the epochs left, each checkpointed and recorded as it ends."""
+  config, state, history = t.config, start.state, start.history
+  with Interrupts() as interrupts:
+    for epoch in range(len(history) + 1, config.num_epochs + 1):
+      if stop_epoch(config, history):
+        break
+      t0 = time.perf_counter()
+      first = epoch == len(start.history) + 1
+      state, sums = train_epoch(t, state, epoch, start._replace(history=history), interrupts, first)
+      start = start._replace(sums=None, position=0)
+      record = {"epoch": epoch, **_metric_record("train", sums)}
+      train_seconds = time.perf_counter() - t0
+      record.update(_metric_record("val", evaluate(t, state, "validation")))
+      if config.target_accuracy and config.target_split == "test":
+        record.update(_metric_record("test", evaluate(t, state, "test")))
+      record["seconds"] = time.perf_counter() - t0
+      if config.target_accuracy:  # since this process started the run: resumed runs count from their restart
+        record["wall_seconds"] = time.perf_counter() - t.started
+      history = history + [record]
+      save(t, state, history, sums, epoch, epoch_end=True)
+      end_epoch(t, history, record, train_seconds)
+  return state, history
+
+
+def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> None:
+  """history.json, the learning curves, TensorBoard and the epoch's line."""
+  config, epoch = t.config, record["epoch"]
+  run.write_history(t.workdir, history)
+  if jax.process_index() == 0:
+    learning_curves(history, os.path.join(t.workdir, "plots", "learning_curves.png"),
+                    config.plot_smoothing, title=config.model)
+  t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
+  left = (config.num_epochs - epoch) * record["seconds"]
   logging.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-               "%.1f steps/s | %.1fs | ~%.0fs left", epoch, t.config.num_epochs,
+               "%.1f steps/s | %.1fs | ~%.0fs left", epoch, config.num_epochs,
                record["train_loss"], record["train_accuracy"], record["val_loss"],
                record["val_accuracy"], t.steps_per_epoch / train_seconds, record["seconds"], left)
-  return state, record
 
 
-def fit(t: Trainer, state, history: list) -> tuple:
-  """(state, history) after the epochs left, each checkpointed and recorded as it ends."""
-  config = t.config
-  for epoch in range(len(history) + 1, config.num_epochs + 1):
-    if stop_epoch(config, history):
-      break
-    state, record = train_epoch(t, state, epoch)
-    history = history + [record]
-    run.save(t.manager, epoch, state, history)
-    run.write_history(t.workdir, history)
-    if jax.process_index() == 0:
-      learning_curves(history, os.path.join(t.workdir, "plots", "learning_curves.png"),
-                      config.plot_smoothing, title=config.model)
-    t.writer.write_scalars(epoch, {k: v for k, v in record.items() if k != "epoch"})
+def log_stop(config: ConfigDict, history: list) -> None:
+  """Says why the run stopped before num_epochs, if it did."""
   stopped = early_stop_epoch(history, config.early_stopping_patience, config.early_stopping_min_delta)
   if stopped:
     logging.info("early stopping at epoch %d: val_loss improved by no more than %g in %d epochs",
@@ -290,7 +377,6 @@ def fit(t: Trainer, state, history: list) -> tuple:
                  "(data loading and compilation included)", config.target_split,
                  record[_accuracy_key(config.target_split)], config.target_accuracy, reached,
                  record["wall_seconds"])
-  return state, history
 
 
 # Final test.
@@ -307,14 +393,16 @@ def test_weights(t: Trainer, state, history: list) -> tuple:
   """(epoch, state) whose weights the test evaluates: the last epoch's, or with
   config.test_weights='best' the kept checkpoint of highest val_accuracy."""
   last = history[-1]["epoch"] if history else 0
-  if t.config.test_weights != "best" or not history:
+  best = run.best_checkpoint(t.manager) if t.config.test_weights == "best" and history else None
+  if best is None:
     return last, state
-  best = run.best_epoch(t.manager, history)
-  if best != last:
-    _, state, _ = run.restore(t.manager, best, run.abstract(state, parallel.replicated(t.mesh)))
-  logging.info("test with the weights of epoch %d (best val_accuracy %.4f)", best,
-               next(r["val_accuracy"] for r in history if r.get("epoch") == best))
-  return best, state
+  step, epoch = best
+  if epoch != last:
+    repl = parallel.replicated(t.mesh)
+    state = run.restore(t.manager, step, run.abstract(state, repl), run.abstract(zero_metrics(), repl)).state
+  logging.info("test with the weights of epoch %d (best val_accuracy %.4f)", epoch,
+               next(r["val_accuracy"] for r in history if r.get("epoch") == epoch))
+  return epoch, state
 
 
 def final_test(t: Trainer, state, history: list, test_epoch: int) -> list:
@@ -333,10 +421,11 @@ def final_test(t: Trainer, state, history: list, test_epoch: int) -> list:
 def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   """Trains (or resumes) the configured run in `workdir` and returns its history."""
   started = time.perf_counter()
-  t, state, history = set_up(config, workdir, started)
+  t, start = set_up(config, workdir, started)
   test_epoch: Optional[int] = None
   try:
-    state, history = fit(t, state, history)
+    state, history = fit(t, start)
+    log_stop(t.config, history)
     if jax.process_count() > 1:
       logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
     if "test" in t.data.sizes:

@@ -16,24 +16,30 @@ from convjax.pretrained import keras_h5, transfer
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array         # optimizer steps taken
+  step: jax.Array         # train steps taken (micro-steps with gradient accumulation)
   params: Any
   model_state: Any        # non-param collections (e.g. batch_stats); {} when none
   opt_state: Any
+  ema_params: Any = None  # config.ema_decay: the exponential moving average of params
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape, rng: jax.Array) -> TrainState:
+                       input_shape, rng: jax.Array, ema: bool = False) -> TrainState:
   variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32))
   variables = dict(variables)
   params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=variables, opt_state=tx.init(params))
+  return create_from(jnp.zeros((), jnp.int32), params, variables, tx, ema)
 
 
-def create_from(step, params, model_state, tx) -> TrainState:
-  """A train state starting from given params: a fresh optimizer state for them."""
-  return TrainState(step=step, params=params, model_state=model_state, opt_state=tx.init(params))
+def create_from(step, params, model_state, tx, ema: bool = False) -> TrainState:
+  """A train state starting from given params: a fresh optimizer state (and EMA) for them."""
+  return TrainState(step=step, params=params, model_state=model_state, opt_state=tx.init(params),
+                    ema_params=params if ema else None)
+
+
+def eval_params(state: TrainState):
+  """The params evaluation uses: the EMA where the run keeps one."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def _same_structure(a, b, what: str):
