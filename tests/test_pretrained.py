@@ -172,6 +172,7 @@ def test_fetch_downloads_verifies_and_caches(tmp_path, monkeypatch):
 
 def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   import optax
+  from convjax.models.summary import trainable_mask
   from convjax.train.optim import make_optimizer
   from convjax.train.state import create_train_state
   from convjax.train.steps import make_train_step
@@ -180,9 +181,10 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   model = get_model("vgg16_classifier", num_classes=10)
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
   tx, _ = make_optimizer(mnist_small, 10, params_shape)
+  trainable = trainable_mask(params_shape, mnist_small.trainable)  # as the train loop passes it
   state = create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
   before = jax.device_get(state.params)
-  step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
+  step = jax.jit(make_train_step(model, tx, lambda x: x / 255, trainable=trainable))
   rng = np.random.default_rng(0)
   batches = [{"image": jnp.asarray(rng.integers(0, 255, (8, 32, 32, 3), np.uint8)),
               "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32), "mask": jnp.ones(8)}
@@ -193,12 +195,12 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
 
   # The frozen base costs its forward pass only: its gradients feed nothing (set_to_zero), so
   # XLA drops them. 13 convolutions, against 13 + 12 + 13 when everything trains.
-  def convolutions(tx):
+  def convolutions(tx, trainable):
     train_state = create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
-    hlo = jax.jit(make_train_step(model, tx, lambda x: x / 255)).lower(
+    hlo = jax.jit(make_train_step(model, tx, lambda x: x / 255, trainable=trainable)).lower(
         train_state, batches[0], jax.random.key(1)).compile().as_text()
     return sum(" convolution(" in line for line in hlo.splitlines())
-  assert (convolutions(tx), convolutions(optax.rmsprop(1e-3))) == (13, 38)
+  assert (convolutions(tx, trainable), convolutions(optax.rmsprop(1e-3), None)) == (13, 38)
   for a, b in zip(jax.tree_util.tree_leaves(before["features"]), jax.tree_util.tree_leaves(after["features"])):
     assert np.array_equal(a, b)
   assert not np.array_equal(before["head"]["dense"]["kernel"], after["head"]["dense"]["kernel"])

@@ -143,7 +143,7 @@ def no_data_read(monkeypatch):
     ("learning_rate", -1e-3, "config.learning_rate must be positive"),
     ("num_epochs", 0, "config.num_epochs must be positive"),
     ("model", "mnist_convent", "unknown model 'mnist_convent'; valid models: .*mnist_convnet"),
-    ("optimizer", "adamw", "unknown optimizer 'adamw'; valid: rmsprop, adam, sgd"),
+    ("optimizer", "adagrad", "unknown optimizer 'adagrad'; valid: rmsprop, adam, adamw, sgd"),
     ("data.dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
     ("batch_size", 10_000, "batch_size=10000 exceeds the 3072 training examples"),
     ("test_weights", "final", "config.test_weights must be 'last' or 'best', got 'final'"),

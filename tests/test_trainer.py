@@ -94,7 +94,7 @@ def test_raising_num_epochs_continues_a_finished_run(tmp_path):
   three = run_binary("experiments.train", *SMALL, "--config.num_epochs=3", "--config.log_every_steps=7",
                      "--config.checkpoint_every_steps=30", f"--workdir={tmp_path / 'extended'}")
   assert three.returncode == 0, three.stderr[-3000:]
-  assert "resumed from the checkpoint of step 80 (epoch 3, step 0/40)" in three.stderr
+  assert "resumed from the checkpoint of step 80 (the end of epoch 2)" in three.stderr
   straight = run_binary("experiments.train", *SMALL, "--config.num_epochs=3", f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert _history(tmp_path / "extended") == _history(tmp_path / "straight")

@@ -102,12 +102,35 @@ def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -
   return FolderSplit(directory, found, tuple(files), np.asarray(labels, np.int32))
 
 
+# Pillow's integer modes wider than 8 bits (16-bit PNG and TIFF grayscale): convert() would clip
+# them to 255, so they are scaled to 8 bits here (x / 257, 0..65535 -> 0..255).
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bits(img, path: str) -> "Image.Image":
+  """An 8-bit Pillow image of `img`; a 16-bit one scaled (not clipped); one that 8 bits cannot
+  hold faithfully (32-bit integers beyond 16 bits, floats) is a UserError naming the file."""
+  if img.mode in WIDE_MODES:
+    wide = np.asarray(img).astype(np.int64)
+    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+      raise UserError(f"image {path!r} has {img.mode} pixels outside 0..65535 "
+                      f"({wide.min()}..{wide.max()}): convert it to 8 or 16 bits")
+    return Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
+  if img.mode == "F":
+    raise UserError(f"image {path!r} has 32-bit float pixels, which 8 bits cannot hold faithfully: "
+                    "convert it to 8 or 16 bits")
+  return img
+
+
 def decode_image(path: str, channels: int, image_size: Optional[Sequence[int]]) -> np.ndarray:
-  """uint8 (H, W, channels); raises UserError naming the file if it is not a readable image."""
+  """uint8 (H, W, channels); raises UserError naming the file if it is not a readable image.
+  16-bit images are scaled to 8 bits, not clipped."""
   try:
     with Image.open(path) as img:
-      img = img.convert(PIL_MODES[channels])
+      img = _to_8_bits(img, path).convert(PIL_MODES[channels])
       array = np.asarray(img)
+  except UserError:
+    raise
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
     raise UserError(f"cannot read image {path!r}: {e}") from None
   array = array.reshape(*array.shape[:2], channels)

@@ -124,6 +124,8 @@ def check(config: ConfigDict, workdir: str):
   resolved kwargs, mesh, data source, model, its param shapes). Raises UserError naming the
   culprit."""
   config_lib.validate(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a directory")
   mesh = parallel.make_mesh(config.num_devices or None)
   for key in ("batch_size", "eval_batch_size"):
     value = config[key] or config.batch_size
@@ -188,7 +190,8 @@ def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tupl
 
   state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+    path = os.path.join(workdir, "summary.txt")
+    with run.writing(path), open(path, "w") as f:
       f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
   restored = run.restore_latest(manager, run.abstract(state, repl), run.abstract(zero_metrics(), repl))
   if restored:
@@ -196,8 +199,9 @@ def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tupl
     if not 0 <= position <= steps_per_epoch:
       raise UserError(f"the latest checkpoint (step {restored.step}, {len(restored.history)} epochs) does "
                       f"not fit {steps_per_epoch} steps an epoch")
-    logging.info("resumed from the checkpoint of step %d (epoch %d, step %d/%d)", restored.step,
-                 len(restored.history) + (position < steps_per_epoch), position, steps_per_epoch)
+    where = (f"the end of epoch {len(restored.history)}" if position in (0, steps_per_epoch) and restored.history
+             else f"epoch {len(restored.history) + 1}, step {position}/{steps_per_epoch}")
+    logging.info("resumed from the checkpoint of step %d (%s)", restored.step, where)
     run.write_history(workdir, restored.history)  # history.json may be ahead of the checkpoint after a kill
     return Start(restored.state, dropout_rng, restored.history, restored.sums if position else None, position)
   if config.pretrained.weights or config.init_from:
@@ -219,14 +223,15 @@ def set_up(config: ConfigDict, workdir: str, started: float):
   config, mesh, source, model, params_shape = check(config, workdir)
   data, steps_per_epoch = load_data(config, workdir, mesh, source)
   tx, schedule = make_optimizer(config, steps_per_epoch, params_shape)
-  manager = run.checkpoint_manager(workdir)
+  manager = run.checkpoint_manager(workdir, config.keep_checkpoints)
   start = start_state(config, workdir, mesh, model, source.image_shape, tx, manager, steps_per_epoch)
   prepare = (input_transform(config.data.rescale, config.data.preprocess)
              if not config.feature_extractor.model else lambda x: x)
   train_step, eval_step = jit_steps(
       model, tx, prepare, mesh, augment_lib.from_config(config.augment), data.take,
       compute_dtype=jnp.dtype(config.compute_dtype), label_smoothing=config.label_smoothing,
-      ema_decay=config.ema_decay, frozen=frozen_batch_norms(config, params_shape))
+      ema_decay=config.ema_decay, frozen=frozen_batch_norms(config, params_shape),
+      trainable=trainable_mask(params_shape, config.trainable) if config.trainable else None)
   trainer = Trainer(config, workdir, mesh, data, train_step, eval_step, start.dropout_rng, manager,
                     run.TensorBoard(workdir), steps_per_epoch, schedule, started)
   return trainer, start
@@ -284,11 +289,17 @@ def check_finite(t: Trainer, sums, epoch: int) -> None:
 
 
 def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) -> str:
-  """Checks the run is finite, saves a checkpoint at the state's step, returns its path."""
+  """Checks the run is finite, saves a checkpoint at the state's step, returns its path. An
+  epoch's checkpoint is committed before history.json lists the epoch (they never disagree);
+  mid-epoch ones are written in the background."""
   check_finite(t, sums, epoch)
   step = int(jax.device_get(state.step))
-  run.save(t.manager, step, state, history, sums, epoch_end)
-  return os.path.join(t.workdir, "checkpoints", str(step))
+  path = os.path.join(t.workdir, "checkpoints", str(step))
+  with run.writing(path):
+    run.save(t.manager, step, state, history, sums, epoch_end)
+    if epoch_end:
+      t.manager.wait_until_finished()
+  return path
 
 
 def profile(t: Trainer, global_step: int, outputs) -> None:
@@ -354,8 +365,9 @@ def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> 
   config, epoch = t.config, record["epoch"]
   run.write_history(t.workdir, history)
   if jax.process_index() == 0:
-    learning_curves(history, os.path.join(t.workdir, "plots", "learning_curves.png"),
-                    config.plot_smoothing, title=config.model)
+    plot = os.path.join(t.workdir, "plots", "learning_curves.png")
+    with run.writing(plot):
+      learning_curves(history, plot, config.plot_smoothing, title=config.model)
   t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
   left = (config.num_epochs - epoch) * record["seconds"]
   logging.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
@@ -423,6 +435,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   started = time.perf_counter()
   t, start = set_up(config, workdir, started)
   test_epoch: Optional[int] = None
+  completed = False
   try:
     state, history = fit(t, start)
     log_stop(t.config, history)
@@ -430,9 +443,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
       logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
     if "test" in t.data.sizes:
       test_epoch, state = test_weights(t, state, history)
+    completed = True
   finally:
-    t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
     t.data.close()
+    try:
+      with run.writing(os.path.join(workdir, "checkpoints")):
+        t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
+    except UserError:
+      if completed:  # else the error on its way out already names the failed write
+        raise
     t.writer.flush()
   history = final_test(t, state, history, test_epoch)
   t.writer.close()

@@ -3,9 +3,10 @@
   make_optimizer(config, steps_per_epoch, params) -> (tx, schedule)
 
 tx, outermost first: optax.MultiSteps (grad_accum_steps > 1: average k micro-batch
-gradients per update), optax.apply_if_finite (a non-finite gradient is never applied:
-the params stay finite, and the loop stops the run), the freeze mask
-(config.trainable), then clipping, weight decay and the optimizer with its schedule.
+gradients per update), the freeze mask (config.trainable), optax.apply_if_finite (a
+non-finite gradient of the trained params is never applied: they stay finite, and
+the loop stops the run), then clipping, weight decay and the optimizer with its
+schedule.
 schedule(optimizer step) is the learning rate, for logs.
 """
 import jax
@@ -60,14 +61,13 @@ def make_optimizer(config: ConfigDict, steps_per_epoch: int, params) -> tuple:
   'head/dense/kernel'), the other params get zero updates and carry no optimizer state.
   params: the params' pytree (shapes suffice)."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  tx = optimizer(config, schedule, params)
-  if config.trainable:
+  tx = optax.apply_if_finite(optimizer(config, schedule, params), max_consecutive_errors=_NEVER)
+  if config.trainable:  # frozen params' gradients are never looked at: XLA drops them
     mask = trainable_mask(params, config.trainable)
     if not any(jax.tree_util.tree_leaves(mask)):
       raise UserError(f"trainable={config.trainable!r} matches no parameter path")
     labels = jax.tree_util.tree_map(lambda m: "train" if m else "freeze", mask)
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-  tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)
   if config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
   return tx, schedule

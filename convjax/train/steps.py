@@ -61,7 +61,7 @@ def cast_floats(tree, dtype):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare: Callable,
                     augment: Optional[Callable] = None, compute_dtype=jnp.float32,
                     label_smoothing: float = 0.0, ema_decay: float = 0.0,
-                    frozen: Sequence[tuple] = ()):
+                    frozen: Sequence[tuple] = (), trainable=None):
   """`train_step(state, batch, rng) -> (state, metrics)`.
 
   `prepare(x)` maps float pixels to the model's input (rescaling, ImageNet
@@ -69,6 +69,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare:
   it, and `augment(key, images)` (convjax.data.augment, on pixels before
   `prepare`) uses it folded with 1. `frozen`: paths of BatchNorm layers whose params
   do not train; they run in inference mode, as Keras runs a frozen BatchNormalization.
+  `trainable`: the params' mask of config.trainable (None: all train); the gradient norm
+  covers the trained params only, so frozen ones' gradients are never computed.
   A step whose loss or gradient is not finite changes neither params nor statistics
   (optax.apply_if_finite in tx) and is recorded in the metrics.
   """
@@ -94,7 +96,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare:
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    trained = (jax.tree_util.tree_leaves(grads) if trainable is None else
+               [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if t])
+    grad_norm = optax.global_norm(trained)
     finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)
     model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                          dict(new_model_state), state.model_state)
@@ -150,7 +154,7 @@ def jit_steps(model, tx, prepare, mesh, augment=None, take=lambda feed: feed, **
   given, so a step is one program with its collectives and one dispatch. State and
   sums are replicated, batches sharded over 'data'; XLA inserts the gradient
   all-reduce. The state is donated: the step updates it in place. `options`:
-  make_train_step's (compute_dtype, label_smoothing, ema_decay, frozen).
+  make_train_step's (compute_dtype, label_smoothing, ema_decay, frozen, trainable).
   """
   repl = parallel.replicated(mesh)
   train = make_train_step(model, tx, prepare, augment, **options)

@@ -1,0 +1,223 @@
+"""Faults of the disk and the files: each is one `error:` line or a logged fallback to a checkpoint
+that verifies, and nothing written earlier is damaged."""
+import errno
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convjax import run
+from convjax.errors import UserError
+from convjax.train.loop import train_and_evaluate
+from tests.conftest import REPO, run_binary
+
+ARGS = ["--config=configs/mnist.py", "--config.data.train_split=train[:4096]", "--config.data.validation_size=1024",
+        "--config.data.test_split=test[:500]", "--config.num_epochs=3", "--config.steps_per_epoch=10",
+        "--config.keep_checkpoints=2", "--config.eval_batch_size=256"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished run with two checkpoints on disk (steps 20 and 30) and its test record."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(run.checkpoints(str(workdir))) == [20, 30]
+  return workdir
+
+
+def _history(workdir):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
+
+
+def _largest(pattern):
+  return max(glob.glob(pattern), key=os.path.getsize)
+
+
+def _garble(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(np.random.default_rng(0).bytes(1024))
+
+
+FAULTS = {
+    "garbled bytes in an array file": lambda d: _garble(_largest(f"{d}/state/ocdbt.process_0/d/*")),
+    "truncated array file": lambda d: os.truncate(p := _largest(f"{d}/state/ocdbt.process_0/d/*"),
+                                                  os.path.getsize(p) // 2),
+    "state deleted": lambda d: shutil.rmtree(f"{d}/state"),
+    "ocdbt.process_0 deleted": lambda d: shutil.rmtree(f"{d}/state/ocdbt.process_0"),
+    "garbled state metadata": lambda d: open(f"{d}/state/_METADATA", "w").write("{not json"),
+    "garbled history": lambda d: open(f"{d}/history/metadata", "w").write("[{not json"),
+    # Reads cleanly, but they are checkpoint 20's arrays: only the digest can tell.
+    "arrays of another checkpoint": lambda d: (shutil.rmtree(f"{d}/state"),
+                                               shutil.copytree(f"{d}/../20/state", f"{d}/state")),
+}
+MESSAGES = {
+    # Which check catches it depends on the bytes hit: the decompressor or the digest.
+    "garbled bytes in an array file": "(cannot be read: .*corrupt|of its arrays differ from the digest saved with them)",
+    "truncated array file": "cannot be read: OUT_OF_RANGE: Error reading",
+    "state deleted": "its state is missing",
+    "ocdbt.process_0 deleted": "cannot be read: ",
+    "garbled state metadata": "cannot be read: Expecting property name",
+    "garbled history": "cannot be read: Expecting property name",
+    "arrays of another checkpoint": "of its arrays differ from the digest saved with them",
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back_to_the_one_before(tmp_path, finished, fault):
+  """The rerun of the finished run finds checkpoint 30 damaged, says what is wrong in one line,
+  resumes from 20, retrains epoch 3 and ends with the same history and test record."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  FAULTS[fault](workdir / "checkpoints" / "30")
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+  damaged = [line for line in result.stderr.splitlines() if "is damaged" in line]
+  assert len(damaged) == 1 and f"checkpoint {workdir}/checkpoints/30 is damaged (" in damaged[0], result.stderr[-2000:]
+  assert re.search(MESSAGES[fault], damaged[0]), damaged[0]
+  assert "resumed from the checkpoint of step 20 (the end of epoch 2)" in result.stderr
+  assert _history(workdir) == _history(finished)
+
+
+def test_when_no_checkpoint_verifies_the_run_stops_and_history_is_left_as_it_was(tmp_path, finished):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  before = (workdir / "history.json").read_text()
+  for step in (20, 30):
+    _garble(_largest(f"{workdir}/checkpoints/{step}/state/ocdbt.process_0/d/*"))
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: no checkpoint in {workdir}/checkpoints can be restored: ") and "/30: " in last
+  assert (workdir / "history.json").read_text() == before
+
+
+def test_an_unreadable_metrics_file_is_rewritten_from_the_checkpoint_history(tmp_path, finished):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "checkpoints" / "30" / "metrics" / "metrics").write_text("{garbage")
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
+  assert result.returncode == 0 and "had an unreadable metrics file: rewritten from its history" in result.stderr
+  metrics = json.loads((workdir / "checkpoints" / "30" / "metrics" / "metrics").read_text())
+  assert metrics == {"val_accuracy": _history(finished)[2]["val_accuracy"], "epoch": 3}
+
+
+@pytest.fixture
+def mnist_run(mnist_small):
+  mnist_small.num_epochs, mnist_small.steps_per_epoch = 3, 8
+  return mnist_small
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_history_matches_the_checkpoints(tmp_path, mnist_run,
+                                                                                   monkeypatch):
+  """The third epoch's checkpoint cannot be written (orbax reports ENOSPC as text): one error
+  naming it; history.json lists the two epochs whose checkpoints were committed."""
+  import orbax.checkpoint as ocp
+  real_save, real_wait, saving = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished, []
+
+  def save(self, step, *args, **kwargs):
+    saving.append(step)
+    return real_save(self, step, *args, **kwargs)
+
+  def full_at_step_24(self):
+    if saving and saving[-1] == 24:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [OS error: 28]")
+    return real_wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_at_step_24)
+  with pytest.raises(UserError, match=rf"cannot write {tmp_path}/checkpoints/24: the disk is full"):
+    train_and_evaluate(mnist_run, str(tmp_path))
+  assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
+  assert {p["epochs"] for p in run.checkpoints(str(tmp_path)).values()} >= {2}
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EROFS, "the file system is read-only"),
+                                         (errno.EACCES, "permission denied"),
+                                         (errno.ENOSPC, "the disk is full")])
+def test_a_workdir_that_cannot_be_written_is_one_error_naming_it(tmp_path, mnist_run, monkeypatch, code, cause):
+  """(As root, chmod cannot make a directory read-only: the refusal is the OS's, injected.)"""
+  def refuse(path, *args, **kwargs):
+    raise OSError(code, os.strerror(code), path)
+
+  monkeypatch.setattr(run, "write_json", refuse)
+  with pytest.raises(UserError, match=rf"cannot write {tmp_path}/config.json: {cause}"):
+    train_and_evaluate(mnist_run, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_error_and_the_file_is_left_alone(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  result = run_binary("experiments.train", *ARGS, f"--workdir={path}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f"error: --workdir={path} is a file, not a directory"
+  assert path.read_text() == "mine"
+
+
+def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config=configs/mnist.py",
+                           f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.log_every_steps=50"],
+                          cwd=REPO, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if "step 51/781" in line or "step 50/781" in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  lines += proc.stderr.readlines()
+  proc.wait(timeout=300)
+  text = "".join(lines)
+  assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in text, text[-3000:]
+  assert sum("interrupted at step" in line for line in lines) == 1
+  assert run.checkpoints(str(tmp_path))
+
+
+def test_retention_keeps_the_latest_and_the_best_also_after_a_resume(tmp_path, mnist_run, monkeypatch):
+  """Validation accuracy made to fall after epoch 1: checkpoints/ holds the best (epoch 1) and the
+  latest, and after the run is extended and resumed still exactly those two."""
+  from convjax.train import loop
+  real, seen = loop._metric_record, []
+
+  def falling(prefix, sums):  # epoch e reads 0.5 * (e - 1) worse on validation
+    record = real(prefix, sums)
+    if prefix == "val":
+      seen.append(1)
+      record["val_accuracy"] -= 0.5 * (len(seen) - 1)
+    return record
+
+  monkeypatch.setattr(loop, "_metric_record", falling)
+  mnist_run.num_epochs = 2
+  train_and_evaluate(mnist_run, str(tmp_path))
+  mnist_run.num_epochs = 4
+  train_and_evaluate(mnist_run, str(tmp_path))
+  kept = run.checkpoints(str(tmp_path))
+  history = {r["epoch"]: r["val_accuracy"] for r in json.loads((tmp_path / "history.json").read_text()) if "epoch" in r}
+  assert max(history, key=history.get) == 1
+  assert sorted((p["epochs"], p["epoch_end"]) for p in kept.values()) == [(1, True), (4, True)]
+
+
+def test_16_bit_images_are_scaled_to_8_bits_and_float_images_are_refused(tmp_path):
+  from convjax.data.folders import decode_image
+  ramp = (np.arange(64 * 64) * 16).reshape(64, 64).astype(np.uint16)  # 0 .. 65520
+  Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+  assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+  got = decode_image(str(tmp_path / "ramp16.png"), 1, None)[..., 0]
+  np.testing.assert_array_equal(got, np.rint(ramp / 257.0).astype(np.uint8))
+  assert np.mean(got == 255) < 0.01  # not saturated
+  assert decode_image(str(tmp_path / "ramp16.png"), 3, None).shape == (64, 64, 3)
+  Image.fromarray(ramp).save(tmp_path / "ramp16.tif")
+  np.testing.assert_array_equal(decode_image(str(tmp_path / "ramp16.tif"), 1, None)[..., 0], got)
+  Image.fromarray(ramp.astype(np.float32) / 3).save(tmp_path / "float.tif")
+  with pytest.raises(UserError, match=r"float\.tif' has 32-bit float pixels"):
+    decode_image(str(tmp_path / "float.tif"), 1, None)
