@@ -2,15 +2,16 @@
 
   <workdir>/config.json    the resolved config (model_kwargs include num_classes)
             history.json   one record per epoch, then the test record
-            summary.txt, plots/, tensorboard/, features/
+            summary.txt, model.png, plots/, tensorboard/, features/, eval/ (experiments.evaluate)
             checkpoints/<step>/   orbax, by train steps taken: the latest (for resume) and the
-                                  best epoch-end one by val_accuracy
+                                  best epoch-end one by val_accuracy, each with its digest
 
 A checkpoint holds the train state, the history of the epochs completed and the
 running metric sums of the epoch in progress, so a run resumed from it (mid-epoch
 too) rewrites history.json consistently whatever was killed when.
 Everything that reads a run (the trainer resuming it, init_from, visualisation,
-benchmarks) goes through this module: `load_run(workdir)` is the one reader.
+benchmarks, predict, evaluate, export) goes through this module: `load_run(workdir)`
+(or `run_variables` for a chosen checkpoint) is the one reader, and verifies what it reads.
 """
 import contextlib
 import errno
@@ -35,8 +36,8 @@ from convjax.errors import UserError
 from convjax.models import get_model, with_num_classes
 
 # What a run owns in its workdir; `overwrite` removes exactly these.
-RUN_FILES = ("config.json", "history.json", "summary.txt", "checkpoints", "plots", "tensorboard",
-             "features")
+RUN_FILES = ("config.json", "history.json", "summary.txt", "model.png", "checkpoints", "plots", "tensorboard",
+             "features", "eval")
 
 
 _CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -388,18 +389,99 @@ def read_config(workdir: str) -> ConfigDict:
   return config_lib.from_stored(config_lib.read_stored(path))
 
 
+# What `weights` name (predict, evaluate, export): the weights history.json's test record used
+# (the EMA where the run kept one, as it evaluated), the latest checkpoint's or the best epoch
+# end's trained params, or the latest EMA.
+WEIGHTS = ("tested", "last", "best", "ema")
+
+
+def read_verified(workdir: str, step: int) -> dict:
+  """The state of the run's checkpoint `step` as stored (read_state), checked against the
+  digest saved with it; one that cannot be read or differs is one UserError naming it."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  _drop_failed_reads()
+  try:
+    state = read_state(os.path.join(path, "state"))
+  except Exception as e:  # tensorstore, JSON, orbax metadata: every way a file can be unreadable
+    gc.collect()
+    raise UserError(f"checkpoint {path} cannot be read: {_first_line(e)}") from None
+  try:
+    with open(os.path.join(path, "digest", "metadata")) as f:
+      expected = json.load(f)["state"]
+  except FileNotFoundError:  # written before checkpoints carried a digest
+    return state
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"checkpoint {path} has an unreadable digest: {_first_line(e)}") from None
+  # The same leaves, named by the stored tree (a dict) instead of the TrainState's fields.
+  if sorted(tree_digest(state).values()) != sorted(expected.values()):
+    raise UserError(f"checkpoint {path} is damaged: its arrays differ from the digest saved with them")
+  return state
+
+
+def select_checkpoint(workdir: str, weights: str) -> tuple:
+  """(step, what it holds, in words) of the checkpoint that `weights` (WEIGHTS) names."""
+  kept = checkpoints(workdir)
+  if weights not in WEIGHTS:
+    raise UserError(f"unknown --weights={weights!r}; valid: {', '.join(WEIGHTS)}")
+  if not kept:
+    raise UserError(f"--workdir={workdir} has no checkpoints")
+  if weights in ("last", "ema"):
+    step = max(kept)
+    return step, f"the latest checkpoint (step {step}, {kept[step].get('epochs', '?')} epochs)"
+  if weights == "best":
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+      best = best_checkpoint(manager)
+    if best is None:
+      raise UserError(f"--workdir={workdir} keeps no epoch-end checkpoint with a validation score")
+    return best[0], f"the best epoch end (epoch {best[1]}, step {best[0]})"
+  history = read_history(workdir)
+  tested = [r["test_epoch"] for r in history if "test_epoch" in r]
+  if not tested:
+    step = max(kept)
+    return step, f"the latest checkpoint (step {step}; the run has no test record)"
+  ends = [s for s, p in kept.items() if p.get("epoch_end") and p.get("epochs") == tested[-1]]
+  if not ends:
+    raise UserError(f"the weights the run tested (epoch {tested[-1]}) are no longer kept in {workdir}/checkpoints;"
+                    " use --weights=last or --weights=best")
+  return ends[-1], f"the weights the run tested (epoch {tested[-1]}, step {ends[-1]})"
+
+
+def read_history(workdir: str) -> list:
+  path = os.path.join(workdir, "history.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return []
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def run_variables(workdir: str, weights: str = "tested") -> tuple:
+  """(step, {'params': ..., **model_state} as numpy, what they are in words) of the run's
+  checkpoint that `weights` names (WEIGHTS), verified."""
+  step, what = select_checkpoint(workdir, weights)
+  state = read_verified(workdir, step)
+  ema = state.get("ema_params")
+  if weights == "ema" and not ema:
+    raise UserError(f"--weights=ema: the run in {workdir} kept no EMA (config.ema_decay was 0)")
+  params = ema if ema and weights in ("tested", "ema") else state["params"]
+  what += ", its EMA" if ema and weights in ("tested", "ema") else ""
+  logging.info("weights: %s", what)
+  return step, jax.device_get({"params": params, **(state["model_state"] or {})}), what
+
+
 def latest_variables(workdir: str, what: str = "config.init_from") -> tuple:
   """(step, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy; the
   params are the EMA where the run kept one (what it evaluated)."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []  # finalized only
-  if not steps:
+  if not checkpoints(workdir):
     raise UserError(f"{what}={workdir!r} has no checkpoints")
-  path = os.path.join(directory, str(max(steps)), "state")
-  state = read_state(path)
-  logging.info("read %s (step %d)", path, max(steps))
+  step = max(checkpoints(workdir))
+  state = read_verified(workdir, step)
+  logging.info("read %s (step %d)", os.path.join(workdir, "checkpoints", str(step)), step)
   params = state.get("ema_params") or state["params"]
-  return max(steps), jax.device_get({"params": params, **(state["model_state"] or {})})
+  return step, jax.device_get({"params": params, **(state["model_state"] or {})})
 
 
 def model_of(config: ConfigDict):
@@ -412,9 +494,13 @@ def model_of(config: ConfigDict):
   return get_model(config.model, **kwargs)
 
 
-def load_run(workdir: str):
+def load_run(workdir: str, weights: str = ""):
   """(model, variables, config) of the run in `workdir`: the model it trained, the variables
-  of its latest checkpoint (params and e.g. BatchNorm statistics) and its config."""
+  (params and e.g. BatchNorm statistics) of the checkpoint `weights` names (WEIGHTS; '': the
+  latest, as the run evaluates it) and its config."""
   config = read_config(workdir)
-  _, variables = latest_variables(workdir, "workdir")
+  if weights:
+    _, variables, _ = run_variables(workdir, weights)
+  else:
+    _, variables = latest_variables(workdir, "workdir")
   return model_of(config), variables, config

@@ -2,10 +2,15 @@ r"""Figures of what a trained convnet learned, from its workdir (or a pretrained
 
   python -m experiments.visualize --config=configs/visualize.py --workdir=/tmp/cats_dogs \
       --image=../shared/datasets/images/dog.4999.jpg
+  python -m experiments.visualize --workdir=/tmp/cats_dogs --images='photos/**/*.jpg' \
+      --config.viz.methods=gradcam,saliency
 
 Writes to <workdir>/viz/: activations_<layer>.png, first_layer_filters.png,
 filters_<layer>.png, top_images_<layer>.png, gradcam.png, saliency.png,
-occlusion.png, and timings.json (seconds per method on this machine). The
+occlusion.png, and timings.json (seconds per method on this machine); with
+--images, gradcam_images.png and saliency_images.png (a grid of every image with
+its predicted and true class: the name of its folder where that is a class); for
+a pretrained model its diagram, model.png. The
 model, its weights and its input preprocessing come from the run
 (convjax.run.load_run); with --config.viz.model=vgg16 (or vgg16_base, its conv
 base) the ImageNet model (configs/visualize.py). Every method is a JAX
@@ -18,22 +23,26 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convjax import cli, run
+from convjax import cli, inference, run
 from convjax.data.folders import decode_image
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import open_source
 from convjax.errors import UserError
 from convjax.models import get_model
-from convjax.pretrained import keras_h5, transfer
+from convjax.models.diagram import plot_model
+from convjax.pretrained import imagenet, keras_h5, transfer
 from convjax.viz import figures, layers
 
 config_flags.DEFINE_config_file("config", "configs/visualize.py", "Visualisation config.", lock_config=True)
 flags.DEFINE_string("workdir", None, "A trained run's workdir (figures go to <workdir>/viz).")
 flags.DEFINE_string("image", None, "The image to explain.")
-flags.mark_flags_as_required(["workdir", "image"])
+flags.DEFINE_string("images", None, "Many images (a folder, recursively, or a glob): Grad-CAM and saliency "
+                    "of each, one grid per method.")
+flags.mark_flags_as_required(["workdir"])
 
 METHODS = ("activations", "first_layer", "filters", "top_images", "gradcam", "saliency", "occlusion")
 CLASS_METHODS = ("top_images", "gradcam", "saliency", "occlusion")  # need a classifier / a run's data
@@ -86,10 +95,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   viz, workdir = flags.FLAGS.config.viz, flags.FLAGS.workdir
+  if bool(flags.FLAGS.image) == bool(flags.FLAGS.images):
+    raise UserError("give --image=FILE (every method) or --images=FOLDER|GLOB (Grad-CAM and saliency grids)")
   methods = check_options(viz)
   if viz.model:
     model, variables, prepare, (size, channels) = pretrained(viz)
     name, data = viz.model, None
+    os.makedirs(os.path.join(workdir, "viz"), exist_ok=True)
+    plot_model(model, (*size, channels), os.path.join(workdir, "viz", "model.png"), viz.model)
   else:
     model, variables, prepare, (size, channels), config = trained(workdir)
     name, data = config.model, config.data
@@ -99,6 +112,9 @@ def main(argv):
     if refused:
       raise UserError(f"config.viz.methods {refused} need a classifier and a run's data; "
                       f"{viz.model} is a conv base: use activations, first_layer, filters")
+  if flags.FLAGS.images:
+    return explain_images(viz, methods, model, variables, prepare, (size, channels), name,
+                          classes_of(viz, data, model, variables, size, channels), workdir)
   image = decode_image(flags.FLAGS.image, channels, size)
   subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None,
                             prepare)
@@ -112,6 +128,48 @@ def main(argv):
   with open(os.path.join(workdir, "viz", "timings.json"), "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "class": subject.class_index,
                "probability": probability, "seconds": timings}, f, indent=1)
+
+
+def classes_of(viz, data, model, variables, size, channels) -> tuple:
+  """The class names: the run's, ImageNet's for a pretrained model with its top, else indices."""
+  if data is not None and open_source(data).classes:
+    return tuple(open_source(data).classes)
+  if viz.model and getattr(model, "include_top", False):
+    index = imagenet.class_index()
+    return tuple(index[i][1] for i in range(len(index)))
+  x = jnp.zeros((1, *size, channels))
+  return tuple(str(i) for i in range(max(2, jax.eval_shape(model.apply, variables, x).shape[-1])))
+
+
+def explain_images(viz, methods, model, variables, prepare, shape, name: str, classes: tuple, workdir: str):
+  """Grad-CAM and saliency grids of every image --images names (a file's true label: the name
+  of its folder where that is a class)."""
+  batch_methods = [m for m in methods if m in ("gradcam", "saliency")]
+  if not batch_methods:
+    raise UserError(f"--images draws gradcam and saliency grids; config.viz.methods={viz.methods!r} has neither")
+  size, channels = shape
+  conv_paths = layers.layer_paths(model, (*size, channels), types=("Conv2D",))
+  by_name = {p[-1]: p for p in conv_paths}
+  if viz.gradcam.layer and viz.gradcam.layer not in by_name:
+    raise UserError(f"config.viz.gradcam.layer={viz.gradcam.layer!r} is not a Conv2D layer of {name}")
+  if "gradcam" in batch_methods and not conv_paths:
+    raise UserError(f"config.viz.methods gradcam needs a Conv2D layer; {name} has none")
+  files = inference.list_images(flags.FLAGS.images)
+  images, names = [], []
+  for path in files:
+    try:
+      images.append(decode_image(path, channels, size))
+      names.append(path)
+    except UserError as e:
+      logging.warning("skipped %s", e)
+  if not images:
+    raise UserError(f"--images={flags.FLAGS.images!r}: no image could be read")
+  true = [os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else "?"
+          for p in names]
+  out = os.path.join(workdir, "viz")
+  os.makedirs(out, exist_ok=True)
+  layer = by_name.get(viz.gradcam.layer, (conv_paths or [None])[-1])
+  figures.batch_maps(model, variables, prepare, np.stack(images), names, classes, true, layer, batch_methods, out)
 
 
 def figure_functions(viz, methods, subject, name: str, classifier: bool, data, workdir: str):

@@ -55,6 +55,22 @@ def restore_state(workdir, epoch):
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
+def loop_probabilities(workdir, epoch: int, images):
+  """What the training loop's evaluation computes for `images`: the run's model in inference
+  mode on the checkpoint of `epoch`, read with orbax directly."""
+  import jax
+  import numpy as np
+  from convjax import run
+  from convjax.data.preprocess import input_transform
+
+  state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
+  config = run.read_config(str(workdir))
+  model = run.model_of(config)
+  x = input_transform(config.data.rescale, config.data.preprocess)(images.astype(np.float32))
+  logits = model.apply({"params": state["params"], **(state["model_state"] or {})}, x, train=False)
+  return np.asarray(jax.nn.softmax(logits) if logits.shape[-1] > 1 else jax.nn.sigmoid(logits))
+
+
 def kill_after_first_checkpoint(workdir, *args, env=None):
   """Starts `python -m experiments.train args`, kill -9s it once its first checkpoint is committed.
 

@@ -1,4 +1,5 @@
 """The cats-vs-dogs pipeline end to end: real folders, the TFDS route, data preparation."""
+import csv
 import json
 import os
 import zipfile
@@ -8,8 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from convjax.data import splits
+from convjax.data.folders import decode_image
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import SHARED, link_cats_dogs_subset, run_binary
+from tests.conftest import SHARED, link_cats_dogs_subset, loop_probabilities, run_binary
 
 CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
 
@@ -29,6 +31,23 @@ def test_short_real_run_learns(tmp_path):
   # 1,000 validation photos: chance is 0.5 +- 0.016, so 0.58 is 5 standard deviations above it.
   assert history[-1]["val_accuracy"] > 0.58, history
   assert "train (600 images, 2 classes)" in result.stderr
+
+  # predict on 20 real test photos of mixed sizes: the labels the loop's evaluation gives them.
+  test_root = SHARED / "datasets" / "cats_and_dogs_small" / "test"
+  photos = [str(test_root / c / f) for c in ("cats", "dogs") for f in sorted(os.listdir(test_root / c))[:10]]
+  photo_dir = tmp_path / "photos"
+  photo_dir.mkdir()
+  for path in photos:
+    os.symlink(path, photo_dir / os.path.basename(path))
+  predicted = run_binary("experiments.predict", f"--workdir={workdir}", f"--images={photo_dir}/*.jpg",
+                         f"--output={tmp_path / 'preds.csv'}")
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+  assert len(rows) == 20 and {r["class_1"] for r in rows} <= {"cats", "dogs"}
+  images = np.stack([decode_image(str(photo_dir / os.path.basename(p)), 3, (64, 64)) for p in photos])
+  p_dog = loop_probabilities(workdir, 8, images)[:, 0]
+  by_file = {os.path.basename(r["file"]): r["class_1"] for r in rows}
+  assert [by_file[os.path.basename(p)] for p in photos] == ["dogs" if p > 0.5 else "cats" for p in p_dog]
 
 
 def _mock_cats_vs_dogs_metadata(data_dir, num_examples):

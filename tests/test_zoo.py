@@ -124,6 +124,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   history = json.loads((workdir / "history.json").read_text())
   assert history[-1]["test_accuracy"] > 0.5, history
   assert "Non-trainable params: 9,600" in (workdir / "summary.txt").read_text()  # BN statistics
+  assert (workdir / "model.png").stat().st_size > 50_000  # its diagram (tests/test_use.py checks the graph)
 
   # The run records the class count it trained with, so every reader rebuilds the same model.
   assert json.loads((workdir / "config.json").read_text())["model_kwargs"]["num_classes"] == 10

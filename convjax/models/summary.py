@@ -78,18 +78,22 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optiona
   return rows
 
 
+def layer_labels(rows: list) -> list:
+  """Each row's layer name: its own (Keras' conv2d_1) where those are unique, else its path."""
+  leaf_names = [r.path[-1] for r in rows]
+  unique = len(set(leaf_names)) == len(leaf_names)
+  return [r.path[-1] if unique else "/".join(r.path) for r in rows]
+
+
 def summary(model: nn.Module, input_shape: Sequence[int], name: str = "model",
             trainable: Optional[str] = None) -> str:
   """The Keras `model.summary()` text for `model` on inputs (None, *input_shape)."""
   rows = layer_table(model, input_shape, trainable)
-  leaf_names = [r.path[-1] for r in rows]
-  unique = len(set(leaf_names)) == len(leaf_names)
   w1, w2, w3 = WIDTHS
   line = lambda a, b, c: f" {a:<{w1}}{b:<{w2}}{c:<{w3}}".rstrip()
   total = w1 + w2 + w3 + 1
   out = [f'Model: "{name}"', "_" * total, line("Layer (type)", "Output Shape", "Param #"), "=" * total]
-  for i, r in enumerate(rows):
-    label = r.path[-1] if unique else "/".join(r.path)
+  for i, (r, label) in enumerate(zip(rows, layer_labels(rows))):
     out.append(line(f"{label} ({r.type_name})", str(r.output_shape).replace("None,)", "None)"),
                     f"{r.trainable + r.non_trainable:,}"))
     out.append("_" * total if i + 1 < len(rows) else "=" * total)

@@ -40,25 +40,37 @@ def weights_file(weights: str, model_name: str, model) -> str:
   return imagenet_weights(name, include_top=getattr(model, "include_top", False))
 
 
-def make_extractor(extractor, data, image_shape: tuple, batch: int = 50):
-  """The frozen conv base of config.feature_extractor with its weights, as a host function
-  of uint8 images (config.data's preprocessing applied), and its output shape."""
-  name = extractor.model
-  base = get_model(name)
+def _base_model(extractor):
+  base = get_model(extractor.model)
   if getattr(base, "include_top", False):  # a VGG with Keras' top: its conv base
     base = base.clone(include_top=False)
+  return base
+
+
+def frozen_base(extractor, image_shape: tuple):
+  """(apply(params, x) -> features, params) of config.feature_extractor's frozen conv base,
+  its weights loaded; x is the model input (preprocessed pixels)."""
+  base = _base_model(extractor)
+  params = base.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+  if extractor.weights:
+    params = keras_h5.load_into(params, weights_file(extractor.weights, extractor.model, base),
+                                under="features", strict=False)
+  return (lambda p, x: apply_features(base, {"params": p}, x)), params
+
+
+def make_extractor(extractor, data, image_shape: tuple, batch: int = 50):
+  """The frozen conv base of config.feature_extractor with its weights, as a host function
+  of uint8 images (config.data's preprocessing applied), and its output shape. The weights
+  are read at the first call (a cached extraction needs none)."""
+  base = _base_model(extractor)
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: base.init(jax.random.key(0), x))
   shape = jax.eval_shape(lambda v: apply_features(base, v, x), variables).shape[1:]
   prepare = input_transform(data.rescale, data.preprocess)
 
   def extract(images: np.ndarray) -> np.ndarray:
-    params = base.init(jax.random.key(0), x)["params"]
-    weights = extractor.weights
-    if weights:
-      params = keras_h5.load_into(params, weights_file(weights, name, base), under="features",
-                                  strict=False)
-    run = jax.jit(lambda p, imgs: apply_features(base, {"params": p}, prepare(imgs.astype(jnp.float32))))
+    apply, params = frozen_base(extractor, image_shape)
+    run = jax.jit(lambda p, imgs: apply(p, prepare(imgs.astype(jnp.float32))))
     out = np.zeros((len(images), *shape), np.float32)
     for i in range(0, len(images), batch):
       chunk = images[i:i + batch]

@@ -36,6 +36,7 @@ from convjax.data.preprocess import input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
 from convjax.models import get_model, with_num_classes
+from convjax.models.diagram import plot_model
 from convjax.models.summary import summary, trainable_mask
 from convjax.pretrained import transfer
 from convjax.train.optim import make_optimizer
@@ -193,6 +194,8 @@ def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tupl
     path = os.path.join(workdir, "summary.txt")
     with run.writing(path), open(path, "w") as f:
       f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
+    with run.writing(os.path.join(workdir, "model.png")):
+      plot_model(model, input_shape, os.path.join(workdir, "model.png"), config.model)
   restored = run.restore_latest(manager, run.abstract(state, repl), run.abstract(zero_metrics(), repl))
   if restored:
     position = restored.step - len(restored.history) * steps_per_epoch

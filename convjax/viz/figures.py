@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from absl import logging
 
@@ -116,3 +117,44 @@ def occlusion_map(s: Subject, out: str, patch: int, stride: int) -> list:
        {"vmin": 0.0, "vmax": 1.0}),
       ("drop in class score", unoccluded - occ.score, "magma")])
   return [path]
+
+
+def batch_maps(model, variables, prepare: Callable, images: np.ndarray, names: Sequence[str], classes: Sequence[str],
+               true: Sequence[str], layer: tuple, methods: Sequence[str], out: str, batch: int = 16) -> list:
+  """gradcam_images.png and saliency_images.png: one grid per method over many images, each
+  titled with its file, predicted class (probability) and true label; Grad-CAM at `layer` and
+  the vanilla-gradient saliency of the predicted class, computed `batch` images at a time by
+  one jitted function (the last batch padded)."""
+  methods = [m for m in ("gradcam", "saliency") if m in methods]
+
+  def explain(v, pixels):
+    x = prepare(pixels.astype(jnp.float32))
+    logits = model.apply(v, x)
+    predicted = layers.predicted_class(logits)
+    maps = {"class": predicted, "probability": layers.class_probability(logits, predicted)}
+    if "gradcam" in methods:
+      maps["gradcam"] = cam.grad_cam(model, v, x, layer)[0]
+    if "saliency" in methods:
+      maps["saliency"] = saliency.saliency_map(saliency.vanilla_gradient(model, v, x))
+    return maps
+
+  run = jax.jit(explain)
+  parts = []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in run(variables, padded).items()})
+  got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  titles = [f"{os.path.basename(n)[:24]}\npredicted {classes[c]} ({p:.2f})\ntrue {t}"
+            for n, c, p, t in zip(names, got["class"], got["probability"], true)]
+  colour = matplotlib.colormaps["hot"]
+  tiles = {"gradcam": lambda i: cam.superimpose(images[i], got["gradcam"][i]),
+           "saliency": lambda i: (colour(got["saliency"][i])[..., :3] * 255).astype(np.uint8)}
+  paths = []
+  for method in methods:
+    path = os.path.join(out, f"{method}_images.png")
+    image_grid(np.stack([tiles[method](i) for i in range(len(images))]), path, cols=min(6, len(images)),
+               titles=titles, size=2.3)
+    paths.append(path)
+  logging.info("%s of %d images: %s", " and ".join(methods), len(images), ", ".join(paths))
+  return paths

@@ -102,3 +102,28 @@ def channel_grid_figure(grid, path: str, title: str) -> None:
   plt.axis("off")
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def confusion_matrix(matrix, classes, path: str, title: str = "") -> None:
+  """Writes a PNG of a confusion matrix (rows: true class, columns: predicted), each cell's
+  count printed where there are at most 30 classes."""
+  matrix = np.asarray(matrix)
+  k = len(classes)
+  side = min(max(4.0, 0.55 * k + 2), 40.0)
+  fig, ax = plt.subplots(figsize=(side + 1, side))
+  shown = ax.imshow(matrix, cmap="Blues")
+  fig.colorbar(shown, ax=ax, fraction=0.046)
+  if k <= 30:
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    high = matrix.max() / 2 if matrix.size else 0
+    for i in range(k):
+      for j in range(k):
+        ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                color="white" if matrix[i, j] > high else "black")
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

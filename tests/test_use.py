@@ -1,0 +1,128 @@
+"""Using a trained run: experiments.predict, experiments.evaluate, the export, the model diagram."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convjax import run
+from convjax.data import tfds as tfds_data
+from convjax.models import get_model
+from convjax.models.diagram import layer_graph
+from convjax.models.summary import layer_labels, layer_table
+from tests.conftest import loop_probabilities, run_binary
+
+ARGS = ["--config=configs/mnist.py", "--config.data.train_split=train[:4096]", "--config.data.validation_size=1024",
+        "--config.data.test_split=test[:500]", "--config.num_epochs=3", "--config.steps_per_epoch=10",
+        "--config.eval_batch_size=250", "--config.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("use") / "run"
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def mnist_test_images(n: int) -> dict:
+  builder = tfds_data.get_builder("mnist", None, False)
+  return tfds_data.read_rows(builder, tfds_data.row_range(builder, f"test[:{n}]"))
+
+
+def test_evaluate_reproduces_the_runs_test_record_with_a_breakdown(mnist_run):
+  result = run_binary("experiments.evaluate", f"--workdir={mnist_run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  test = json.loads((mnist_run / "history.json").read_text())[-1]
+  metrics = json.loads((mnist_run / "eval" / "test" / "metrics.json").read_text())
+  assert metrics["accuracy"] == pytest.approx(test["test_accuracy"], abs=1e-6)  # the same 500 predictions
+  assert metrics["loss"] == pytest.approx(test["test_loss"], rel=1e-4)
+  assert f"test (500 images): loss {metrics['loss']:.4f}  accuracy {test['test_accuracy']:.4f}" in result.stdout
+  confusion = np.asarray(metrics["confusion_matrix"])
+  assert confusion.shape == (10, 10) and confusion.sum() == 500
+  assert np.trace(confusion) == round(test["test_accuracy"] * 500)
+  for i, name in enumerate(map(str, range(10))):
+    row = metrics["per_class"][name]
+    assert row["support"] == confusion[i].sum() and row["recall"] == pytest.approx(confusion[i, i] / confusion[i].sum())
+  assert metrics["accuracy"] <= metrics["top5_accuracy"] <= 1
+  for name in ("confusion_matrix.png", "misclassified.png", "predictions.csv"):
+    assert (mnist_run / "eval" / "test" / name).stat().st_size > 0
+  assert len((mnist_run / "eval" / "test" / "predictions.csv").read_text().splitlines()) == 501
+
+
+def test_predict_gives_the_loops_labels_skips_a_corrupt_file_and_takes_any_size(mnist_run, tmp_path):
+  digits = mnist_test_images(20)
+  folder = tmp_path / "digits"
+  files = []
+  for i, image in enumerate(digits["image"]):
+    path = folder / ("odd" if i % 2 else "") / f"digit_{i:02d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0]).save(path)
+    files.append(str(path))
+  Image.fromarray(digits["image"][0, ..., 0]).resize((56, 40)).save(folder / "resized.png")
+  (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+  result = run_binary("experiments.predict", f"--workdir={mnist_run}", f"--images={folder}", "--top_k=3",
+                      f"--output={tmp_path / 'preds.json'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads((tmp_path / "preds.json").read_text())
+  got = {p["file"]: p["top"] for p in table["predictions"]}
+  assert len(got) == 21 and str(folder / "resized.png") in got
+  assert [s["file"] for s in table["skipped"]] == [str(folder / "corrupt.png")]
+  assert "21 images classified, 1 skipped (unreadable):" in result.stdout
+  test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
+  expected = loop_probabilities(mnist_run, test_epoch, digits["image"])
+  assert [got[f][0]["index"] for f in files] == list(np.argmax(expected, -1))
+  for f, row in zip(files, expected):
+    top = got[f]
+    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    assert top[0]["class"] == str(top[0]["index"]) and top[0]["probability"] == pytest.approx(row.max(), abs=1e-5)
+
+
+def test_the_export_runs_in_a_program_with_only_jax_and_numpy(mnist_run, tmp_path):
+  export = tmp_path / "export"
+  result = run_binary("experiments.predict", f"--workdir={mnist_run}", f"--export={export}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  meta = json.loads((export / "model.json").read_text())
+  assert meta["input"] == {**meta["input"], "shape": [None, 28, 28, 1], "dtype": "uint8"}
+  assert meta["classes"] == [str(i) for i in range(10)] and meta["output"]["shape"] == [None, 10]
+  images = mnist_test_images(100)["image"]
+  np.save(tmp_path / "images.npy", images)
+  program = (
+      "import sys, numpy as np, jax\n"
+      "from jax import export\n"
+      f"module = export.deserialize(open({str(export / 'model.jax')!r}, 'rb').read())\n"
+      f"np.save({str(tmp_path / 'probs.npy')!r}, np.asarray(module.call(np.load({str(tmp_path / 'images.npy')!r}))))\n"
+      "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n")
+  loaded = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True)
+  assert loaded.returncode == 0, loaded.stderr[-3000:]
+  test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
+  np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), loop_probabilities(mnist_run, test_epoch, images),
+                             atol=1e-5)
+
+
+def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(mnist_run, workdir)
+  step = max(run.checkpoints(str(workdir)))
+  shutil.rmtree(workdir / "checkpoints" / str(step) / "state")
+  shutil.copytree(workdir / "checkpoints" / str(min(run.checkpoints(str(workdir)))) / "state",
+                  workdir / "checkpoints" / str(step) / "state")
+  result = run_binary("experiments.evaluate", f"--workdir={workdir}", "--weights=last")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: checkpoint {workdir}/checkpoints/{step} is damaged: its arrays differ from the digest saved with them")
+
+
+def test_a_run_has_its_model_diagram_and_resnet18s_shows_every_layer_and_its_branches(mnist_run):
+  assert (mnist_run / "model.png").stat().st_size > 10_000
+  model = get_model("resnet18", num_classes=10)
+  nodes, edges = layer_graph(model, (32, 32, 1))
+  names = [n.name for n in nodes]
+  assert set(layer_labels(layer_table(model, (32, 32, 1)))) <= set(names)
+  adds = [i for i, n in enumerate(nodes) if n.type_name == "Add"]
+  assert len(adds) == 8 and all(sum(b == i for _, b in edges) == 2 for i in adds)  # the shortcut and the block
+  conv1 = names.index("features/conv1")
+  assert nodes[conv1].input_shapes == ((None, 32, 32, 1),) and nodes[conv1].output_shape == (None, 16, 16, 64)
