@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import benchmark as benchmark_config
 from convjax import benchmark, cli
 from convjax.data.splits import open_source
 from convjax.errors import UserError
@@ -147,6 +148,12 @@ def main(argv):
     raise UserError("--workdir is required (or --compare a.json,b.json)")
   config = f.config
   env = benchmark.environment()
+  try:
+    env["preset"] = benchmark_config.resolve(config, env["platform"])
+  except ValueError as e:
+    raise UserError(f"config.preset: {e}") from None
+  logging.info("grid: the %s preset (%s)", env["preset"], ", ".join(f"{k}={config[k]!r}" for k in
+                                                                 benchmark_config.PRESETS[env["preset"]]))
   cpu_peak = benchmark.measured_cpu_peak() if env["platform"] == "cpu" else None
   if cpu_peak:
     env["cpu_peak_tflops"] = cpu_peak / 1e12

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import run_binary
+import numpy as np
+
+from tests.conftest import link_cats_dogs_subset, run_binary
 
 # mnist_convnet forward multiply-adds: conv 26*26*32*9 + 11*11*64*288 + 3*3*64*576, dense 576*64 + 64*10.
 MNIST_FORWARD_FLOPS = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 576 + 576 * 64 + 64 * 10)
@@ -62,3 +64,27 @@ def test_peers_build_the_same_networks():
                          env={**os.environ, "KERAS_BACKEND": "jax"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == params, (framework, model)
+
+
+def test_the_accelerator_check_runs_tiny_without_tensorflow(tmp_path):
+  """The device machine has no TensorFlow: the check's every part (benchmark, MNIST from .npz,
+  cats-vs-dogs JPEGs streamed) runs with tensorflow and tensorflow_datasets unimportable."""
+  from convjax.data import tfds as tfds_data
+  builder = tfds_data.get_builder("mnist", None, False)
+  (tmp_path / "data" / "mnist").mkdir(parents=True)
+  for split, spec in (("train", "train[:2000]"), ("test", "test[:500]")):
+    rows = tfds_data.read_rows(builder, tfds_data.row_range(builder, spec))
+    np.savez(tmp_path / "data" / "mnist" / f"{split}.npz", image=rows["image"], label=rows["label"])
+  link_cats_dogs_subset(tmp_path / "data" / "cats_and_dogs_small", {"train": 40, "validation": 10})
+  blocked = tmp_path / "blocked"
+  for name in ("tensorflow", "tensorflow_datasets"):
+    (blocked / name).mkdir(parents=True)
+    (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+  result = run_binary("experiments.accelerator_check", f"--data={tmp_path / 'data'}", f"--workdir={tmp_path / 'check'}",
+                      "--tiny", env={"PYTHONPATH": str(blocked)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  check = json.loads((tmp_path / "check" / "check.json").read_text())
+  assert [r["model"] for r in check["benchmark"]["rows"]] == ["mnist_convnet"]
+  assert check["mnist"]["epochs"] == 1 and check["mnist"]["history"][-1]["test_epoch"] == 1
+  assert {r["bound"] for r in check["cats"]["rows"]} <= {"input-bound", "step-bound"} and check["cats"]["rows"]
+  assert "MNIST to test accuracy 0.5" in (tmp_path / "check" / "check.md").read_text()

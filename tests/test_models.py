@@ -123,9 +123,27 @@ def test_max_pooling_equals_flax_max_pool_and_routes_gradients_to_the_maxima():
   want_grad = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2), padding="VALID") * g))(x)
   np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
   assert float(jnp.abs(grad[:, 10]).max()) == 0.0  # the floored-away row gets nothing
-  # A tie: the gradient is shared (a valid subgradient), never duplicated.
-  tie = jax.grad(lambda x: jnp.sum(pool.apply({}, x)))(jnp.ones((1, 2, 2, 1)))
-  np.testing.assert_allclose(np.asarray(tie).ravel(), [0.25] * 4)
+  # A tie: all of the gradient to the first maximum in row-major order, never shared or duplicated.
+  tie = jax.grad(lambda x: jnp.sum(pool.apply({}, x)))(jnp.asarray([[0., 2.], [2., 2.]]).reshape(1, 2, 2, 1))
+  np.testing.assert_array_equal(np.asarray(tie).ravel(), [0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("shape, k", [((3, 28, 28, 4), 2), ((2, 7, 9, 3), 2), ((1, 9, 6, 2), 3)])
+def test_max_pooling_gradient_on_ties_is_tensorflows(shape, k):
+  """Keras' semantics on tied inputs (half of MNIST's first-pool windows hold exact ties):
+  the gradient equals TensorFlow's MaxPoolGrad, bit for bit."""
+  tf = pytest.importorskip("tensorflow")
+  from convjax.models.layers import MaxPooling2D
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, shape).astype(np.float32)  # three values: ties in most windows
+  g = rng.normal(size=(shape[0], shape[1] // k, shape[2] // k, shape[3])).astype(np.float32)
+  y, vjp = jax.vjp(lambda x: MaxPooling2D(pool_size=k).apply({}, x), x)
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    yt = tf.nn.max_pool2d(xt, k, k, "VALID")
+  np.testing.assert_array_equal(np.asarray(y), yt.numpy())
+  np.testing.assert_array_equal(np.asarray(vjp(g)[0]), tape.gradient(yt, xt, output_gradients=tf.constant(g)).numpy())
 
 
 def test_xla_cpu_default_is_added_only_where_it_applies(monkeypatch):
