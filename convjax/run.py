@@ -18,6 +18,7 @@ import errno
 import gc
 import hashlib
 import json
+import logging as py_logging
 import os
 import shutil
 import sys
@@ -262,8 +263,9 @@ def _differences(expected: dict, got: dict) -> list:
 
 def _drop_failed_reads() -> None:
   """Keeps the reads a failed restore leaves behind from each printing its traceback: their
-  coroutines when collected (now or later), and tensorstore's completions that arrive after
-  orbax closed their event loop. The failure they share is reported once, as Damaged."""
+  coroutines and tasks when collected (now or later), and tensorstore's completions that
+  arrive after orbax closed their event loop. The failure they share is reported once, as
+  Damaged."""
   if getattr(sys.unraisablehook, "drops_failed_reads", False):
     return
   previous = sys.unraisablehook
@@ -275,6 +277,10 @@ def _drop_failed_reads() -> None:
 
   unraisable_hook.drops_failed_reads = True
   sys.unraisablehook = unraisable_hook
+  # A read task collected later is reported by asyncio's exception handler, through logging.
+  py_logging.getLogger("asyncio").addFilter(
+      lambda record: "Task exception was never retrieved" not in record.getMessage()
+      or "async_deserialize" not in record.getMessage())
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_sums) -> Restored:

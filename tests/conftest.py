@@ -36,6 +36,40 @@ def mnist_small():
   return config
 
 
+# A run of 3 x 10 steps on a slice of the real MNIST, the latest two checkpoints kept.
+TINY_MNIST = ["--config=configs/mnist.py", "--config.data.train_split=train[:4096]",
+              "--config.data.validation_size=1024", "--config.data.test_split=test[:500]", "--config.num_epochs=3",
+              "--config.steps_per_epoch=10", "--config.keep_checkpoints=2", "--config.eval_batch_size=250"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_run(tmp_path_factory):
+  """The finished TINY_MNIST run (checkpoints of steps 20 and 30, its test record), trained
+  once for the session: copy it before changing it."""
+  from convjax import run
+  workdir = tmp_path_factory.mktemp("tiny_mnist") / "run"
+  result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(run.checkpoints(str(workdir))) == [20, 30]
+  return workdir
+
+
+@pytest.fixture
+def validation_best_at_epoch_1(monkeypatch):
+  """Every later epoch reads 0.5 worse on validation per epoch than it is: epoch 1 is the best."""
+  from convjax.train import loop
+  real, seen = loop._metric_record, []
+
+  def falling(prefix, sums):
+    record = real(prefix, sums)
+    if prefix == "val":
+      seen.append(1)
+      record["val_accuracy"] -= 0.5 * (len(seen) - 1)
+    return record
+
+  monkeypatch.setattr(loop, "_metric_record", falling)
+
+
 def epoch_checkpoint(workdir, epoch):
   """The path of the run's checkpoint at the end of `epoch`."""
   from convjax import run

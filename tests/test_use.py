@@ -15,17 +15,9 @@ from convjax.models.diagram import layer_graph
 from convjax.models.summary import layer_labels, layer_table
 from tests.conftest import loop_probabilities, run_binary
 
-ARGS = ["--config=configs/mnist.py", "--config.data.train_split=train[:4096]", "--config.data.validation_size=1024",
-        "--config.data.test_split=test[:500]", "--config.num_epochs=3", "--config.steps_per_epoch=10",
-        "--config.eval_batch_size=250", "--config.keep_checkpoints=2"]
-
-
-@pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("use") / "run"
-  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+@pytest.fixture
+def mnist_run(tiny_mnist_run):
+  return tiny_mnist_run
 
 
 def mnist_test_images(n: int) -> dict:
