@@ -105,7 +105,7 @@ def check(data: str, workdir: str, tiny: bool) -> dict:
                   "epoch_seconds_to_target": sum(r["seconds"] for r in epochs[:epochs.index(reached[0]) + 1])
                   if reached else None}
 
-  image = "@150x150"
+  image = "@64x64" if tiny else "@150x150"
   seconds, _ = binary("benchmark", "--config=configs/benchmark.py", f"--workdir={workdir}/cats", "--config.models=",
                       f"--config.pipeline=cats_dogs_convnet:folder:{cats}/train{image}", "--config.pipeline_modes=('stream',)",
                       f"--config.workers=({'0' if tiny else '0, 4'},)", *(small or ["--config.batch_sizes=(32, 128)"]))

@@ -288,7 +288,8 @@ def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert {p.name for p in (tmp_path / "viz").iterdir()} == {
       "activations_block1_conv1.png", "activations_block3_pool.png", "activations_block5_conv1.png",
-      "first_layer_filters.png", "filters_block1_conv1.png", "filters_block5_conv1.png", "timings.json"}
+      "first_layer_filters.png", "filters_block1_conv1.png", "filters_block5_conv1.png", "timings.json",
+      "model.png"}  # the pretrained model's diagram
   assert "block5_conv1: mean activation" in result.stderr
   record = json.loads((tmp_path / "viz" / "timings.json").read_text())
   assert record["class"] is None and record["probability"] is None  # a conv base has no classes
