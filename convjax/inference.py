@@ -42,7 +42,6 @@ class Classifier(NamedTuple):
   classes: tuple               # class names (label i is classes[i])
   binary: bool                 # a sigmoid head
   preprocessing: dict          # how pixels become the model's input, for the export's JSON
-  model: Any = None            # the flax module, for diagrams and interpretability
 
 
 def make_forward(model, prepare: Callable, compute_dtype=jnp.float32, base: Callable = None) -> Callable:
@@ -79,7 +78,7 @@ def from_run(workdir: str, weights: str = "tested") -> Classifier:
   fit = Fit(shape[:2], (), center_crop=fit_for(data).center_crop)
   return Classifier(workdir, forward, jax.device_get(all_variables), shape, fit, classes, width == 1,
                     {"rescale": data.rescale, "preprocess": data.preprocess, "center_crop": data.center_crop,
-                     "resize": "bilinear"}, model)
+                     "resize": "bilinear"})
 
 
 def pretrained(name: str) -> Classifier:
@@ -93,7 +92,7 @@ def pretrained(name: str) -> Classifier:
   classes = tuple(index[i][1] for i in range(len(index)))
   return Classifier(name, make_forward(model, input_transform(1.0, "caffe")), jax.device_get({"model": {"params": params}}),
                     (224, 224, 3), Fit((224, 224)), classes, False,
-                    {"rescale": 1.0, "preprocess": "caffe", "center_crop": 0.0, "resize": "bilinear"}, model)
+                    {"rescale": 1.0, "preprocess": "caffe", "center_crop": 0.0, "resize": "bilinear"})
 
 
 def list_images(spec: str) -> list:

@@ -500,13 +500,10 @@ def model_of(config: ConfigDict):
   return get_model(config.model, **kwargs)
 
 
-def load_run(workdir: str, weights: str = ""):
+def load_run(workdir: str):
   """(model, variables, config) of the run in `workdir`: the model it trained, the variables
-  (params and e.g. BatchNorm statistics) of the checkpoint `weights` names (WEIGHTS; '': the
-  latest, as the run evaluates it) and its config."""
+  of its latest checkpoint as it evaluates them (params, the EMA where it kept one, and e.g.
+  BatchNorm statistics) and its config. `run_variables` reads another checkpoint."""
   config = read_config(workdir)
-  if weights:
-    _, variables, _ = run_variables(workdir, weights)
-  else:
-    _, variables = latest_variables(workdir, "workdir")
+  _, variables = latest_variables(workdir, "workdir")
   return model_of(config), variables, config

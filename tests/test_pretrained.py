@@ -136,6 +136,14 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   assert result.returncode == 0, result.stderr[-3000:]
   timings = json.loads((tmp_path / "viz" / "timings.json").read_text())
   assert (tmp_path / "viz" / "gradcam.png").stat().st_size > 0 and 0 <= timings["class"] < 1000
+  # experiments.predict --model=vgg16 (no run): the same probabilities, named by ImageNet's index.
+  os.symlink(SHARED / "datasets" / "imagenet_class_index.json", tmp_path / "imagenet_class_index.json")
+  predicted = run_binary("experiments.predict", "--model=vgg16", f"--images={IMAGES[0]}", "--top_k=3",
+                         f"--output={tmp_path / 'preds.json'}", env={"CONVJAX_WEIGHTS_DIR": str(tmp_path)})
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  top = json.loads((tmp_path / "preds.json").read_text())["predictions"][0]["top"]
+  assert [t["class"] for t in top] == [name for _, name, _ in decoded[0]]
+  np.testing.assert_allclose([t["probability"] for t in top], [p for _, _, p in decoded[0]], atol=1e-4)
 
 
 def test_decode_predictions_names_imagenet_classes():
