@@ -481,9 +481,10 @@ def run_variables(workdir: str, weights: str = "tested") -> tuple:
 def latest_variables(workdir: str, what: str = "config.init_from") -> tuple:
   """(step, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy; the
   params are the EMA where the run kept one (what it evaluated)."""
-  if not checkpoints(workdir):
+  kept = checkpoints(workdir)
+  if not kept:
     raise UserError(f"{what}={workdir!r} has no checkpoints")
-  step = max(checkpoints(workdir))
+  step = max(kept)
   state = read_verified(workdir, step)
   logging.info("read %s (step %d)", os.path.join(workdir, "checkpoints", str(step)), step)
   params = state.get("ema_params") or state["params"]

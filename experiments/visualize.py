@@ -132,8 +132,9 @@ def main(argv):
 
 def classes_of(viz, data, model, variables, size, channels) -> tuple:
   """The class names: the run's, ImageNet's for a pretrained model with its top, else indices."""
-  if data is not None and open_source(data).classes:
-    return tuple(open_source(data).classes)
+  classes = tuple(open_source(data).classes) if data is not None else ()
+  if classes:
+    return classes
   if viz.model and getattr(model, "include_top", False):
     index = imagenet.class_index()
     return tuple(index[i][1] for i in range(len(index)))

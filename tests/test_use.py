@@ -118,3 +118,18 @@ def test_a_run_has_its_model_diagram_and_resnet18s_shows_every_layer_and_its_bra
   assert len(adds) == 8 and all(sum(b == i for _, b in edges) == 2 for i in adds)  # the shortcut and the block
   conv1 = names.index("features/conv1")
   assert nodes[conv1].input_shapes == ((None, 32, 32, 1),) and nodes[conv1].output_shape == (None, 16, 16, 64)
+
+
+def test_visualize_explains_a_folder_of_images_in_grids(mnist_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(mnist_run, workdir)
+  folder = tmp_path / "digits" / "7"  # a folder named after a class: the true label
+  folder.mkdir(parents=True)
+  for i, image in enumerate(mnist_test_images(6)["image"]):
+    Image.fromarray(image[..., 0]).save(folder / f"{i}.png")
+  result = run_binary("experiments.visualize", f"--workdir={workdir}", f"--images={tmp_path / 'digits'}",
+                      "--config.viz.methods=gradcam,saliency")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "gradcam and saliency of 6 images" in result.stderr
+  for name in ("gradcam_images.png", "saliency_images.png"):
+    assert (workdir / "viz" / name).stat().st_size > 10_000
