@@ -49,6 +49,10 @@ def get_config(preset: str = ""):
   config.workers = (0,)
   config.steps = 20
   config.warmup = 3
+  # > 0: then trace this many steps of each row with jax.profiler and write where the
+  # step's time goes, per HLO instruction and the JAX op it came from, to
+  # <workdir>/profile/<row>.md (the trace beside it, for TensorBoard or Perfetto).
+  config.profile_steps = 0
   return config
 
 

@@ -9,7 +9,11 @@ what `experiments.train` runs, with its optimizer wrapping and metric sums), so
 precision 'bfloat16' is `config.compute_dtype=bfloat16`: bfloat16 compute with
 float32 params, optimizer state, loss and BatchNorm statistics.
 """
+import glob
+import gzip
+import json
 import os
+import re
 import statistics
 import time
 from typing import Optional
@@ -84,8 +88,68 @@ def make_step(model, tx, mode: str, precision: str, mesh):
   return jax.jit(infer)
 
 
+def _instructions(hlo_text: str) -> dict:
+  """{instruction name (dots as underscores): (its opcode, the JAX op it came from)} of an HLO
+  module's text; a fusion gets its computation root's opcode and source (or the last source
+  in it). Instructions XLA's own rewrites made carry no source."""
+  roots, out, computation = {}, {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%([\w.-]+) ", line)
+    if header and line.rstrip().endswith("{"):
+      computation = roots.setdefault(header.group(1), ["", ""])
+      continue
+    match = re.match(r"\s*(ROOT )?%([\w.-]+) = (\([^)]*\)|\S+) ([\w-]+)\(", line)
+    if not match or computation is None:
+      continue
+    source = re.search(r'op_name="([^"]*)"', line)
+    source = source.group(1) if source else ""
+    called = re.search(r"calls=%([\w.-]+)", line)
+    out[match.group(2).replace(".", "_")] = (match.group(4), source, called.group(1) if called else "")
+    if source:
+      computation[1] = source
+    if match.group(1):
+      computation[0] = match.group(4)
+  result = {}
+  for name, (opcode, source, called) in out.items():
+    root_opcode, last_source = roots.get(called, ("", ""))
+    result[name] = (f"{opcode}({root_opcode})" if root_opcode else opcode, source or last_source)
+  return result
+
+
+def op_profile(run, state, steps: int, hlo_text: str, directory: str, top: int = 30) -> dict:
+  """Where a step's time goes: `steps` calls of run(state) under jax.profiler (the trace is
+  left in `directory` for TensorBoard or Perfetto), its events matched to the compiled
+  step's HLO instructions. {'step_ms': wall per step while tracing, 'ops': the `top`
+  instructions by time per step [{'op', 'kind' (opcode; a fusion's with its root's), 'ms',
+  'calls', 'source' (the JAX op, '' where an XLA rewrite made it)}], 'traced_ms',
+  'untraced_ms': wall minus all traced instructions (on CPU the work XLA hands to a library,
+  e.g. Eigen's convolutions, and waiting; instructions on concurrent threads overlap, so a
+  lower bound)}."""
+  instructions = _instructions(hlo_text)
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    t = time.perf_counter()
+    for _ in range(steps):
+      state = run(state)
+    wall = (time.perf_counter() - t) / steps
+  traces = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+  with gzip.open(max(traces, key=os.path.getmtime)) as f:
+    events = json.load(f)["traceEvents"]
+  total, calls = {}, {}
+  for event in events:
+    name = str(event.get("name", "")).replace(".", "_")
+    if event.get("ph") == "X" and name in instructions:
+      total[name] = total.get(name, 0.0) + event["dur"] / 1e3 / steps
+      calls[name] = calls.get(name, 0) + 1
+  traced = sum(total.values())
+  ops = [{"op": name, "kind": instructions[name][0], "ms": ms, "calls": calls[name] / steps,
+          "source": instructions[name][1]}
+         for name, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
+  return {"step_ms": 1e3 * wall, "traced_ms": traced, "untraced_ms": max(0.0, 1e3 * wall - traced), "ops": ops}
+
+
 def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch: int, precision: str,
-                  mode: str, steps: int = 20, warmup: int = 3, cpu_peak: Optional[float] = None) -> dict:
+                  mode: str, steps: int = 20, warmup: int = 3, cpu_peak: Optional[float] = None,
+                  profile_steps: int = 0, profile_dir: str = "") -> dict:
   from convjax.config import default_config
   config = default_config()
   config.learning_rate = 1e-4  # RMSprop, as the peers train
@@ -126,6 +190,7 @@ def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch
   peak = cpu_peak if device.platform == "cpu" else peak_flops(device, precision)
   achieved = flops / median if flops else None
   q1, q3 = np.percentile(times, [25, 75])
+  profile = op_profile(run, state, profile_steps, compiled.as_text(), profile_dir) if profile_steps else None
   return {
       "model": model_name, "input": list(input_shape), "batch": batch, "precision": precision, "mode": mode,
       "compile_seconds": compile_seconds, "step_seconds_median": median,
@@ -133,6 +198,7 @@ def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch
       "images_per_second": batch / median, "flops_per_image": flops / batch if flops else None,
       "tflops_per_second": achieved / 1e12 if achieved else None,
       "percent_of_peak": 100 * achieved / peak if achieved and peak else None,
+      **({"profile": profile} if profile else {}),
   }
 
 

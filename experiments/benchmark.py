@@ -114,6 +114,21 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write_profile(path: str, label: str, row: dict) -> None:
+  """A row's op_profile as a markdown table."""
+  p = row["profile"]
+  lines = [f"# {label}: where the step's time goes", "",
+           f"{p['step_ms']:.2f} ms a step while traced ({1e3 * row['step_seconds_median']:.2f} ms untraced "
+           f"median); {p['traced_ms']:.2f} ms in traced HLO instructions, {p['untraced_ms']:.2f} ms in none "
+           "(library calls such as XLA:CPU's Eigen convolutions, and waiting).", "",
+           "| HLO instruction | kind | ms a step | % of step | calls a step | JAX op |", "|---|---|---|---|---|---|"]
+  lines += [f"| {o['op']} | {o['kind']} | {o['ms']:.2f} | {100 * o['ms'] / p['step_ms']:.1f} | {o['calls']:g} | "
+            f"{o['source'] or '- (made by an XLA rewrite)'} |" for o in p["ops"]]
+  with open(path, "w") as out:
+    out.write("\n".join(lines) + "\n")
+  logging.info("profile of %s: %s", label, path)
+
+
 def compare(path_a: str, path_b: str) -> list:
   runs = []
   for path in (path_a, path_b):
@@ -171,6 +186,8 @@ def main(argv):
       raise UserError(f"unknown config.pipeline_modes entry {kind!r}; valid: device, stream")
   if config.steps < 20:
     raise UserError(f"config.steps={config.steps}: time at least 20 steps")
+  if config.profile_steps < 0:
+    raise UserError(f"config.profile_steps={config.profile_steps}: 0 (no profile) or a number of steps to trace")
   peers = [p.strip() for p in config.peers.split(",") if p.strip()]
   unknown = sorted(set(peers) - set(PEERS))
   if unknown:
@@ -182,8 +199,12 @@ def main(argv):
     for batch in config.batch_sizes:
       for precision in config.precisions:
         for mode in config.modes:
+          label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}"
           row = benchmark.benchmark_row(name, {}, input_shape, batch, precision, mode, config.steps,
-                                        config.warmup, cpu_peak)
+                                        config.warmup, cpu_peak, config.profile_steps,
+                                        os.path.join(f.workdir, "profile", label))
+          if "profile" in row:
+            write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
           row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
           rows.append(row)
           _write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows

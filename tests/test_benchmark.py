@@ -16,7 +16,7 @@ MNIST_FORWARD_FLOPS = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 
 def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   result = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.models=mnist_convnet@28x28x1",
                       "--config.batch_sizes=(8,)", "--config.precisions=('float32', 'bfloat16')",
-                      "--config.warmup=1", "--config.peers=keras_jax")
+                      "--config.warmup=1", "--config.peers=keras_jax", "--config.profile_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / "benchmark.json").read_text())
   env = data["environment"]
@@ -41,6 +41,15 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert "| mnist_convnet | 28x28x1 | 8 | float32 | train |" in (tmp_path / "benchmark.md").read_text()
   assert "| mnist_convnet | mnist | device | 0 | 8 |" in (tmp_path / "benchmark.md").read_text()
   assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+  # Where a step's time goes: the traced HLO instructions, each named with the JAX op it came from.
+  profile = data["rows"][0]["profile"]
+  assert profile["ops"] and all(o["ms"] > 0 and o["calls"] > 0 for o in profile["ops"])
+  assert sum(o["ms"] for o in profile["ops"]) <= profile["traced_ms"] * (1 + 1e-9)
+  assert any("transpose(jvp(SmallConvNet))" in o["source"] for o in profile["ops"])  # the backward pass
+  table = (tmp_path / "profile" / "mnist_convnet_28x28x1_b8_float32_train.md").read_text()
+  assert "| HLO instruction | ms a step |" in table and profile["ops"][0]["op"] in table
+  assert len(list((tmp_path / "profile").glob("*.md"))) == 4
 
   path = tmp_path / "benchmark.json"
   compared = run_binary("experiments.benchmark", f"--compare={path},{path}")
