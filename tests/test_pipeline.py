@@ -87,6 +87,21 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-4
 
 
+def test_array_record_rows_parsed_with_the_example_proto_equal_tfds_own_decoding():
+  import tensorflow_datasets as tfds
+  from convjax.data.tfds import Rows
+  builder = tfds.builder("mnist", data_dir=str(ARRAY_RECORD))
+  positions = np.random.default_rng(0).choice(10_000, 200, replace=False)
+  fast, slow = Rows(builder, "test", positions), Rows(builder, "test", positions)
+  slow.as_proto = False  # TFDS' per-feature numpy decoding
+  assert fast.as_proto
+  got, want = fast.read(range(200)), slow.read(range(200))
+  assert [r["label"] for r in got] == [r["label"] for r in want] and len({r["label"] for r in got}) == 10
+  for a, b in zip(got, want):
+    assert a["image"].shape == (28, 28, 1) and np.array_equal(a["image"], b["image"])
+  assert np.array_equal(fast[7]["image"], want[7]["image"])
+
+
 SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
          "--config.data.test_split=test[:512]", "--config.eval_batch_size=128", "--config.batch_size=64",
          "--config.num_epochs=3", "--config.steps_per_epoch=10", "--config.model_kwargs.dropout_rate=0.25",

@@ -124,16 +124,21 @@ class Rows:
   (H, W, C) as stored, 'label': int} of absolute row positions[i]. Picklable: streaming
   workers open the files themselves.
 
-  TFDS parses each example but leaves the image encoded; Pillow decodes it here, several
-  times faster than TFDS' own numpy decoding path for small images (MNIST: ~60 against
-  ~165 us an image), which is what a streamed epoch spends its host time on.
+  The image stays encoded until Pillow decodes it here. For an encoded image with a class
+  label (tfds.features.Image, ClassLabel), the records are parsed with TFDS' own tf.Example
+  proto (protobuf's C parser) instead of TFDS' per-feature numpy decoding: ~2 against ~70 us
+  an MNIST image, which was most of a streamed epoch's host time (BENCHMARKS.md).
   """
 
   def __init__(self, builder, split: str, positions: np.ndarray, image_key: str = "image",
                label_key: str = "label"):
     self.name, self.data_dir, self.split = builder.name, str(builder.data_dir), split
     self.positions, self.keys = np.asarray(positions, np.int64), (image_key, label_key)
-    self.channels = builder.info.features[image_key].shape[-1]
+    features = builder.info.features
+    self.channels = features[image_key].shape[-1]
+    tfds = tfds_module()
+    self.as_proto = (isinstance(features[image_key], tfds.features.Image)
+                     and isinstance(features[label_key], tfds.features.ClassLabel))
     self._source = None
 
   def __getstate__(self):
@@ -146,6 +151,19 @@ class Rows:
       self._source = builder.as_data_source(self.split, decoders={self.keys[0]: tfds.decode.SkipDecoding()})
     return self._source
 
+  def _examples(self, positions: list) -> list:
+    """{image key: encoded bytes, label key: int} of the rows at `positions`."""
+    source = self._open()
+    if not self.as_proto:
+      return source.__getitems__(positions)
+    from tensorflow_datasets.proto import tf_example_pb2
+    image, label = self.keys
+    out = []
+    for record in source.data_source.__getitems__(positions):
+      feature = tf_example_pb2.Example.FromString(record).features.feature
+      out.append({image: feature[image].bytes_list.value[0], label: feature[label].int64_list.value[0]})
+    return out
+
   def _row(self, example) -> dict:
     with Image.open(io.BytesIO(example[self.keys[0]])) as image:
       pixels = np.asarray(image)
@@ -155,11 +173,11 @@ class Rows:
     return len(self.positions)
 
   def __getitem__(self, i: int) -> dict:
-    return self._row(self._open()[int(self.positions[i])])
+    return self._row(self._examples([int(self.positions[i])])[0])
 
   def read(self, indices: Sequence[int]) -> list:
     """Many rows at once (ArrayRecord reads them in parallel)."""
-    return [self._row(e) for e in self._open().__getitems__([int(self.positions[i]) for i in indices])]
+    return [self._row(e) for e in self._examples([int(self.positions[i]) for i in indices])]
 
 
 def stack_rows(rows: list, image_size: tuple = ()) -> dict:
