@@ -48,7 +48,7 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert sum(o["ms"] for o in profile["ops"]) <= profile["traced_ms"] * (1 + 1e-9)
   assert any("transpose(jvp(SmallConvNet))" in o["source"] for o in profile["ops"])  # the backward pass
   table = (tmp_path / "profile" / "mnist_convnet_28x28x1_b8_float32_train.md").read_text()
-  assert "| HLO instruction | ms a step |" in table and profile["ops"][0]["op"] in table
+  assert "| HLO instruction | kind | ms a step |" in table and profile["ops"][0]["op"] in table
   assert len(list((tmp_path / "profile").glob("*.md"))) == 4
 
   path = tmp_path / "benchmark.json"
