@@ -100,6 +100,17 @@ def test_array_record_rows_parsed_with_the_example_proto_equal_tfds_own_decoding
   for a, b in zip(got, want):
     assert a["image"].shape == (28, 28, 1) and np.array_equal(a["image"], b["image"])
   assert np.array_equal(fast[7]["image"], want[7]["image"])
+  # The proto comes with TFDS, so rows still read with TensorFlow absent.
+  first = Rows(builder, "test", np.arange(10))
+  first.as_proto = False
+  script = ("import sys, numpy as np, tensorflow_datasets as tfds; from convjax.data.tfds import Rows; "
+            f"rows = Rows(tfds.builder('mnist', data_dir={str(ARRAY_RECORD)!r}), 'test', np.arange(10)); "
+            "print(rows.as_proto, [r['label'] for r in rows.read(range(10))], 'tensorflow' in sys.modules)")
+  hide = WITHOUT_TENSORFLOW.replace('("tensorflow", "tensorflow_datasets")', '("tensorflow",)').split("module = ")[0]
+  assert '("tensorflow",)' in hide
+  result = subprocess.run([sys.executable, "-c", hide + script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == f"True {[r['label'] for r in first.read(range(10))]} False", result.stdout
 
 
 SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
