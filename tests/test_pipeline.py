@@ -87,30 +87,58 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-4
 
 
-def test_array_record_rows_parsed_with_the_example_proto_equal_tfds_own_decoding():
+def sharded_mnist_test(root, shard_lengths):
+  """A copy of MNIST's ArrayRecord test split in several shard files (the shared copy has one)."""
+  from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+  source = ARRAY_RECORD / "mnist" / "3.0.1"
+  target = root / "mnist" / "3.0.1"
+  target.mkdir(parents=True)
+  (target / "features.json").write_text((source / "features.json").read_text())
+  info = json.loads((source / "dataset_info.json").read_text())
+  info["splits"] = [{**split, "shardLengths": [str(n) for n in shard_lengths]}
+                    for split in info["splits"] if split["name"] == "test"]
+  (target / "dataset_info.json").write_text(json.dumps(info))
+  reader = ArrayRecordReader(str(source / "mnist-test.array_record-00000-of-00001"))
+  records = reader.read(0, sum(shard_lengths))
+  start = 0
+  for i, n in enumerate(shard_lengths):
+    writer = ArrayRecordWriter(str(target / f"mnist-test.array_record-{i:05d}-of-{len(shard_lengths):05d}"),
+                               "group_size:1")
+    for record in records[start:start + n]:
+      writer.write(record)
+    writer.close()
+    start += n
+  return root
+
+
+def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
+  """Rows read record by record, parsed with TFDS' tf.Example proto and PNG-decoded by pyspng
+  give what TFDS' own data source decodes, across shard files, with TensorFlow absent."""
   import tensorflow_datasets as tfds
   from convjax.data.tfds import Rows
-  builder = tfds.builder("mnist", data_dir=str(ARRAY_RECORD))
-  positions = np.random.default_rng(0).choice(10_000, 200, replace=False)
+  builder = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path, (300, 200, 500))))
+  assert len(builder.info.splits["test"].file_instructions) == 3
+  positions = np.random.default_rng(0).choice(1000, 200, replace=False)
+  want = builder.as_data_source("test").__getitems__([int(p) for p in positions])  # TFDS decodes
   fast, slow = Rows(builder, "test", positions), Rows(builder, "test", positions)
-  slow.as_proto = False  # TFDS' per-feature numpy decoding
+  slow.as_proto = False  # TFDS' per-feature numpy decoding of the records
   assert fast.as_proto
-  got, want = fast.read(range(200)), slow.read(range(200))
-  assert [r["label"] for r in got] == [r["label"] for r in want] and len({r["label"] for r in got}) == 10
-  for a, b in zip(got, want):
-    assert a["image"].shape == (28, 28, 1) and np.array_equal(a["image"], b["image"])
+  for rows in (fast, slow):
+    got = rows.read(range(200))
+    assert [r["label"] for r in got] == [int(w["label"]) for w in want] and len({r["label"] for r in got}) == 10
+    for a, b in zip(got, want):
+      assert a["image"].shape == (28, 28, 1) and a["image"].dtype == np.uint8 and np.array_equal(a["image"], b["image"])
   assert np.array_equal(fast[7]["image"], want[7]["image"])
   # The proto comes with TFDS, so rows still read with TensorFlow absent.
-  first = Rows(builder, "test", np.arange(10))
-  first.as_proto = False
   script = ("import sys, numpy as np, tensorflow_datasets as tfds; from convjax.data.tfds import Rows; "
-            f"rows = Rows(tfds.builder('mnist', data_dir={str(ARRAY_RECORD)!r}), 'test', np.arange(10)); "
+            f"rows = Rows(tfds.builder('mnist', data_dir={str(tmp_path)!r}), 'test', np.arange(295, 305)); "
             "print(rows.as_proto, [r['label'] for r in rows.read(range(10))], 'tensorflow' in sys.modules)")
   hide = WITHOUT_TENSORFLOW.replace('("tensorflow", "tensorflow_datasets")', '("tensorflow",)').split("module = ")[0]
   assert '("tensorflow",)' in hide
   result = subprocess.run([sys.executable, "-c", hide + script], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip() == f"True {[r['label'] for r in first.read(range(10))]} False", result.stdout
+  labels = [int(w["label"]) for w in builder.as_data_source("test").__getitems__(list(range(295, 305)))]
+  assert result.stdout.strip() == f"True {labels} False", result.stdout
 
 
 SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",

@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import io
 import os
+import threading
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -119,15 +120,23 @@ def row_range(builder, spec: str) -> RowRange:
   return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# pyspng's output format for a feature's channel count, as TFDS decodes (tf.io.decode_png(channels=c)).
+PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 class Rows:
   """Random access to rows of a split in ArrayRecord format: `rows[i]` is {'image': uint8
   (H, W, C) as stored, 'label': int} of absolute row positions[i]. Picklable: streaming
   workers open the files themselves.
 
-  The image stays encoded until Pillow decodes it here. For an encoded image with a class
-  label (tfds.features.Image, ClassLabel), the records are parsed with TFDS' own tf.Example
-  proto (protobuf's C parser) instead of TFDS' per-feature numpy decoding: ~2 against ~70 us
-  an MNIST image, which was most of a streamed epoch's host time (BENCHMARKS.md).
+  Records are read one at a time (seek + read) from readers without parallelism, one set per
+  thread: array_record's batched read hands every call to its 64-thread pool, ~24 us a record
+  of CPU on 2 cores against ~5 us (BENCHMARKS.md). For an encoded image with a class label
+  (tfds.features.Image, ClassLabel), a record is parsed with TFDS' own tf.Example proto
+  (protobuf's C parser, ~2 us) instead of TFDS' per-feature numpy decoding (25-70 us); the
+  image stays encoded until it is decoded here: PNG by libspng (pyspng, ~7 against Pillow's
+  ~30 us an MNIST image), other formats by Pillow.
   """
 
   def __init__(self, builder, split: str, positions: np.ndarray, image_key: str = "image",
@@ -139,34 +148,57 @@ class Rows:
     tfds = tfds_module()
     self.as_proto = (isinstance(features[image_key], tfds.features.Image)
                      and isinstance(features[label_key], tfds.features.ClassLabel))
-    self._source = None
+    self._opened = None
 
   def __getstate__(self):
-    return {**self.__dict__, "_source": None}
+    return {**self.__dict__, "_opened": None}
 
-  def _open(self):
-    if self._source is None:
-      tfds = tfds_module()
-      builder = tfds.builder_from_directory(self.data_dir)
-      self._source = builder.as_data_source(self.split, decoders={self.keys[0]: tfds.decode.SkipDecoding()})
-    return self._source
+  def _open(self) -> tuple:
+    """(the split's features, the first row of each shard file, this thread's reader of each
+    file), opened on first use."""
+    if self._opened is None:
+      info = tfds_module().builder_from_directory(self.data_dir).info
+      shards = info.splits[self.split].file_instructions
+      starts = np.cumsum([0] + [s.take for s in shards[:-1]])
+      self._opened = info.features, starts, [(s.filename, s.skip) for s in shards], threading.local()
+    features, starts, files, local = self._opened
+    if not hasattr(local, "readers"):
+      from array_record.python.array_record_module import ArrayRecordReader
+      local.readers = [(ArrayRecordReader(f, "readahead_buffer_size:0,max_parallelism:0"), skip) for f, skip in files]
+    return features, starts, local.readers
 
-  def _examples(self, positions: list) -> list:
-    """{image key: encoded bytes, label key: int} of the rows at `positions`."""
-    source = self._open()
-    if not self.as_proto:
-      return source.__getitems__(positions)
-    from tensorflow_datasets.proto import tf_example_pb2
-    image, label = self.keys
+  def _records(self, positions: Sequence[int]) -> list:
+    """The serialized records at absolute row `positions` of the split."""
+    _, starts, readers = self._open()
     out = []
-    for record in source.data_source.__getitems__(positions):
+    for shard, position in zip(np.searchsorted(starts, positions, side="right") - 1, positions):
+      reader, skip = readers[shard]
+      reader.seek(int(position - starts[shard] + skip))
+      out.append(reader.read())
+    return out
+
+  def _examples(self, positions: Sequence[int]) -> list:
+    """{image key: encoded bytes, label key: int} of the rows at `positions`."""
+    records = self._records(positions)
+    image, label = self.keys
+    if not self.as_proto:
+      skip = {image: tfds_module().decode.SkipDecoding()}
+      return [self._open()[0].deserialize_example_np(r, decoders=skip) for r in records]
+    from tensorflow_datasets.proto import tf_example_pb2
+    out = []
+    for record in records:
       feature = tf_example_pb2.Example.FromString(record).features.feature
       out.append({image: feature[image].bytes_list.value[0], label: feature[label].int64_list.value[0]})
     return out
 
   def _row(self, example) -> dict:
-    with Image.open(io.BytesIO(example[self.keys[0]])) as image:
-      pixels = np.asarray(image)
+    encoded = example[self.keys[0]]
+    if encoded[:8] == PNG_SIGNATURE:  # TFDS' default image encoding
+      import pyspng
+      pixels = pyspng.load(encoded, PNG_FORMATS.get(self.channels))
+    else:
+      with Image.open(io.BytesIO(encoded)) as image:
+        pixels = np.asarray(image)
     return {"image": pixels.reshape(*pixels.shape[:2], self.channels), "label": int(example[self.keys[1]])}
 
   def __len__(self) -> int:
@@ -176,8 +208,8 @@ class Rows:
     return self._row(self._examples([int(self.positions[i])])[0])
 
   def read(self, indices: Sequence[int]) -> list:
-    """Many rows at once (ArrayRecord reads them in parallel)."""
-    return [self._row(e) for e in self._examples([int(self.positions[i]) for i in indices])]
+    """Many rows at once."""
+    return [self._row(e) for e in self._examples(self.positions[np.asarray(indices, np.int64)])]
 
 
 def stack_rows(rows: list, image_size: tuple = ()) -> dict:
