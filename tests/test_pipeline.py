@@ -141,6 +141,38 @@ def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
   assert result.stdout.strip() == f"True {labels} False", result.stdout
 
 
+def test_batches_are_read_at_low_priority_and_the_stepping_thread_keeps_its_own():
+  """The reader threads yield the cores to the step (nice 19; per thread on Linux); the main
+  thread, which dispatches the steps, keeps its priority."""
+  import threading
+  from types import SimpleNamespace
+  from convjax import parallel
+  from convjax.data import pipeline
+  from convjax.data.preprocess import Fit
+
+  class Rows:  # records the thread and nice value each row is read with
+    def __init__(self):
+      self.readers = set()
+
+    def __getitem__(self, i):
+      tid = threading.get_native_id()
+      self.readers.add((tid, os.getpriority(os.PRIO_PROCESS, tid)))
+      return {"image": np.full((4, 4, 1), i, np.uint8), "label": i % 3}
+
+  rows, main = Rows(), threading.get_native_id()
+  before = os.getpriority(os.PRIO_PROCESS, main)
+  stream = pipeline.Stream({"train": SimpleNamespace(rows=rows, size=64)}, parallel.make_mesh(1), 0, 8, 8, 8,
+                           (4, 4, 1), Fit())
+  try:
+    batches = list(stream.train_batches(1))
+  finally:
+    stream.close()
+  table = pipeline.train_index_table(0, 1, 8, 8, 64)
+  assert [np.asarray(b["label"]).tolist() for b in batches] == (table % 3).tolist()
+  assert {nice for _, nice in rows.readers} == {pipeline.READ_NICE} and main not in {t for t, _ in rows.readers}
+  assert os.getpriority(os.PRIO_PROCESS, main) == before
+
+
 SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
          "--config.data.test_split=test[:512]", "--config.eval_batch_size=128", "--config.batch_size=64",
          "--config.num_epochs=3", "--config.steps_per_epoch=10", "--config.model_kwargs.dropout_rate=0.25",

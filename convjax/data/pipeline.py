@@ -28,7 +28,10 @@ bounded by the prefetch buffers, whatever the dataset's size.
 """
 import collections
 import math
+import multiprocessing
 import os
+import sys
+import threading
 from typing import Iterator
 
 import jax
@@ -184,6 +187,7 @@ class _Batches:
     return 2 ** 40  # endless: the pipeline takes as many batches as it needs
 
   def __getitem__(self, k: int) -> dict:
+    _read_at_low_priority()
     row_indices, rng_key = self.table(self.first + int(k))
     lo, hi = self.columns
     indices = row_indices[lo:hi]
@@ -236,7 +240,23 @@ class _EvalTable:
 
 
 # Batches read concurrently by threads of this process when there are no grain workers.
-READ_THREADS = 4
+READ_THREADS = 2
+# The nice value of the threads (or worker processes) that read batches. Where the step keeps
+# every core busy (training on the CPU), reading then fills the step's idle time instead of
+# stalling its threads: MNIST streamed on 2 cores, ~5% slower than on-device against ~20% with
+# 4 threads at the step's priority (BENCHMARKS.md). On Linux nice is a per-thread attribute.
+READ_NICE = 19
+_reader_thread = threading.local()
+
+
+def _read_at_low_priority() -> None:
+  """Lowers this reading thread to READ_NICE, once; never the main thread of the training
+  process, which dispatches the steps."""
+  if not getattr(_reader_thread, "niced", False):
+    reader = threading.current_thread() is not threading.main_thread() or multiprocessing.parent_process()
+    if reader and sys.platform == "linux":
+      os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READ_NICE)
+    _reader_thread.niced = True
 
 
 class _Reader:
