@@ -93,7 +93,7 @@ def default_config() -> ConfigDict:
   # (on CPU of free host RAM). Both give the same batches in the same order.
   d.pipeline = "auto"              # auto, device, stream (above)
   d.device_fraction = 0.25         # auto: of the smallest device's free memory (CPU: host RAM)
-  d.workers = 0                    # stream: grain worker processes decoding; 0 -> threads of this one
+  d.workers = 0                    # stream: grain worker processes decoding; 0 -> 2 threads (nice 19)
   d.prefetch = 2                   # stream: batches put on the devices ahead of the step
   # Pixels (0-255) -> model input, inside the step: x * rescale, then preprocess.
   d.rescale = 1 / 255              # pixels * rescale
