@@ -243,8 +243,8 @@ class _EvalTable:
 READ_THREADS = 2
 # The nice value of the threads (or worker processes) that read batches. Where the step keeps
 # every core busy (training on the CPU), reading then fills the step's idle time instead of
-# stalling its threads: MNIST streamed on 2 cores, ~5% slower than on-device against ~20% with
-# 4 threads at the step's priority (BENCHMARKS.md). On Linux nice is a per-thread attribute.
+# stalling its threads: MNIST streamed on 2 cores, a step ~14% over on-device, ~20% with 4
+# threads at the step's priority (BENCHMARKS.md). On Linux nice is a per-thread attribute.
 READ_NICE = 19
 _reader_thread = threading.local()
 

@@ -7,8 +7,9 @@ dataset is downloaded and prepared by TFDS itself.
 
 A dataset prepared in ArrayRecord format (`tfds.builder(name,
 file_format='array_record').download_and_prepare()`; offline here
-../shared/datasets/tfds_array_record) is read through `as_data_source`: random
-access to every row, no TensorFlow needed, and it streams. One prepared in TFRecord
+../shared/datasets/tfds_array_record) is read row by row from its ArrayRecord files
+(`Rows`; labels alone through `as_data_source`): random access to every row, no
+TensorFlow needed, and it streams. One prepared in TFRecord
 format (TFDS' default) is read through `as_dataset`, which needs TensorFlow, and
 only in row ranges (the on-device pipeline). tensorflow-datasets itself is
 imported only when a TFDS dataset is used (`pip install 'convjax[tfds]'`).
