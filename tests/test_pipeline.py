@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from convjax.errors import UserError
 from tests.conftest import REPO, SHARED, kill_after_first_checkpoint, restore_state, run_binary
 
 ARRAY_RECORD = SHARED / "datasets" / "tfds_array_record"
@@ -87,8 +89,10 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-4
 
 
-def sharded_mnist_test(root, shard_lengths):
-  """A copy of MNIST's ArrayRecord test split in several shard files (the shared copy has one)."""
+def sharded_mnist_test(root, shard_lengths, truncated_images=()):
+  """A copy of MNIST's ArrayRecord test split in several shard files (the shared copy has one),
+  the PNGs of the rows in truncated_images cut short."""
+  from tensorflow_datasets.proto import tf_example_pb2
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
   source = ARRAY_RECORD / "mnist" / "3.0.1"
   target = root / "mnist" / "3.0.1"
@@ -100,6 +104,11 @@ def sharded_mnist_test(root, shard_lengths):
   (target / "dataset_info.json").write_text(json.dumps(info))
   reader = ArrayRecordReader(str(source / "mnist-test.array_record-00000-of-00001"))
   records = reader.read(0, sum(shard_lengths))
+  for row in truncated_images:
+    example = tf_example_pb2.Example.FromString(records[row])
+    image = example.features.feature["image"].bytes_list
+    image.value[0] = image.value[0][:40]
+    records[row] = example.SerializeToString()
   start = 0
   for i, n in enumerate(shard_lengths):
     writer = ArrayRecordWriter(str(target / f"mnist-test.array_record-{i:05d}-of-{len(shard_lengths):05d}"),
@@ -139,6 +148,10 @@ def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   labels = [int(w["label"]) for w in builder.as_data_source("test").__getitems__(list(range(295, 305)))]
   assert result.stdout.strip() == f"True {labels} False", result.stdout
+  # A row whose image does not decode is one error naming it.
+  broken = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path / "broken", (300, 200), (350,))))
+  with pytest.raises(UserError, match=r"row 350 of mnist's 'test' split in .*broken.*: its image does not decode"):
+    Rows(broken, "test", np.arange(340, 360)).read(range(20))
 
 
 def test_batches_are_read_at_low_priority_and_the_stepping_thread_keeps_its_own():

@@ -192,25 +192,30 @@ class Rows:
       out.append({image: feature[image].bytes_list.value[0], label: feature[label].int64_list.value[0]})
     return out
 
-  def _row(self, example) -> dict:
+  def _row(self, example, position: int) -> dict:
     encoded = example[self.keys[0]]
-    if encoded[:8] == PNG_SIGNATURE:  # TFDS' default image encoding
-      import pyspng
-      pixels = pyspng.load(encoded, PNG_FORMATS.get(self.channels))
-    else:
-      with Image.open(io.BytesIO(encoded)) as image:
-        pixels = np.asarray(image)
+    try:
+      if encoded[:8] == PNG_SIGNATURE:  # TFDS' default image encoding
+        import pyspng
+        pixels = pyspng.load(encoded, PNG_FORMATS.get(self.channels))
+      else:
+        with Image.open(io.BytesIO(encoded)) as image:
+          pixels = np.asarray(image)
+    except (RuntimeError, OSError) as e:  # pyspng, Pillow
+      raise UserError(f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its "
+                      f"image does not decode ({e})") from None
     return {"image": pixels.reshape(*pixels.shape[:2], self.channels), "label": int(example[self.keys[1]])}
 
   def __len__(self) -> int:
     return len(self.positions)
 
   def __getitem__(self, i: int) -> dict:
-    return self._row(self._examples([int(self.positions[i])])[0])
+    return self.read([i])[0]
 
   def read(self, indices: Sequence[int]) -> list:
     """Many rows at once."""
-    return [self._row(e) for e in self._examples(self.positions[np.asarray(indices, np.int64)])]
+    positions = self.positions[np.asarray(indices, np.int64)]
+    return [self._row(e, p) for e, p in zip(self._examples(positions), positions)]
 
 
 def stack_rows(rows: list, image_size: tuple = ()) -> dict:
