@@ -276,9 +276,10 @@ def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, b
   feeds.close()  # stops reading ahead (streaming), so the next measurement runs alone
   input_rate = None
   if pipeline == "stream":
-    t = time.perf_counter()
-    for n, feed in enumerate(data.train_batches(2), start=1):
+    t, n = time.perf_counter(), 0
+    for feed in data.train_batches(2):
       jax.block_until_ready(feed)
+      n += 1
     input_rate = n * batch / (time.perf_counter() - t)
   data.close()
   return {"model": model_name, "data": spec, "pipeline": pipeline, "workers": workers, "batch": batch,

@@ -121,7 +121,7 @@ def read_images(files: list, classifier: Classifier) -> tuple:
       read.append(path)
     except UserError as e:
       skipped.append((path, str(e)))
-  for path, why in skipped:
+  for _, why in skipped:
     logging.warning("skipped %s", why)
   stacked = np.stack(images) if images else np.zeros((0, *classifier.image_shape), np.uint8)
   return stacked, read, skipped
@@ -147,7 +147,7 @@ class Predictor:
       chunk = images[start:start + b]
       batch = np.zeros((b, *self.shape), np.uint8)
       batch[:len(chunk)] = chunk
-      global_batch = jax.make_array_from_callback(batch.shape, parallel.sharded(self.mesh), lambda i: batch[i])
+      global_batch = jax.make_array_from_callback(batch.shape, parallel.sharded(self.mesh), lambda i, batch=batch: batch[i])
       out.append(np.asarray(self._forward(self.variables, global_batch))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -163,7 +163,7 @@ def top_k(probabilities: np.ndarray, classifier: Classifier, k: int) -> list:
   k = 1 if classifier.binary else min(k, probabilities.shape[-1])
   probabilities = class_probabilities(probabilities)
   best = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-  return [[(int(i), classifier.classes[i], float(row[i])) for i in order] for row, order in zip(probabilities, best)]
+  return [[(int(i), classifier.classes[i], float(row[i])) for i in order] for row, order in zip(probabilities, best, strict=True)]
 
 
 def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:

@@ -65,7 +65,7 @@ def build_torch(torch, name: str, shape: tuple):
 
   def convs(widths, pools, in_channels, padding):
     layers = []
-    for width, pool in zip(widths, pools):
+    for width, pool in zip(widths, pools, strict=True):
       layers += [nn.Conv2d(in_channels, width, 3, padding=padding), nn.ReLU()]
       if pool:
         layers.append(nn.MaxPool2d(2))

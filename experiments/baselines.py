@@ -56,7 +56,7 @@ def compare(config, workdir: str, mlp_epochs: int) -> list:
     raise ValueError("the config has no test split to compare on")
   rescale = config.data.rescale
   x_train, y_train = map(np.concatenate, zip(flat_arrays(splits["train"], rescale),
-                                              flat_arrays(splits["validation"], rescale)))
+                                              flat_arrays(splits["validation"], rescale), strict=True))
   x_test, y_test = flat_arrays(splits["test"], rescale)
   logging.info("classic models: %d train, %d test, %d features", *x_train.shape[:1], len(y_test),
                x_train.shape[1])

@@ -53,7 +53,7 @@ def main(argv):
   with run.writing(path), open(path, "w", newline="") as fh:
     writer = csv.writer(fh)
     writer.writerow(["row", "label", "predicted", "probability", "correct"])
-    for i, (label, predicted) in enumerate(zip(result.labels, result.predicted)):
+    for i, (label, predicted) in enumerate(zip(result.labels, result.predicted, strict=True)):
       writer.writerow([i, classes[label], classes[predicted], f"{result.probabilities[i, predicted]:.6f}",
                        int(label == predicted)])
   with run.writing(out):

@@ -76,7 +76,7 @@ def main(argv):
   images, read, skipped = inference.read_images(files, classifier)
   mesh = parallel.make_mesh()
   probabilities = inference.Predictor(classifier, mesh, f.batch_size)(images) if read else None
-  rows = list(zip(read, inference.top_k(probabilities, classifier, f.top_k))) if read else []
+  rows = list(zip(read, inference.top_k(probabilities, classifier, f.top_k), strict=True)) if read else []
   width = max([len(p) for p in read] + [4])
   k = max([len(top) for _, top in rows] + [1])
   print(f"{'file':<{width}}  " + "  ".join(f"{'top ' + str(j + 1):<22}" for j in range(k)))

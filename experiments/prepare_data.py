@@ -65,7 +65,7 @@ def prepare(source: str, output: str, counts=(1000, 500, 500)) -> dict:
   try:
     for c, files in sorted(index.items()):
       start = 0
-      for split, n in zip(SPLITS, counts):
+      for split, n in zip(SPLITS, counts, strict=True):
         folder = os.path.join(staging, split, c + "s")
         os.makedirs(folder)
         for _, name in files[start:start + n]:

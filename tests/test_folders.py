@@ -22,7 +22,7 @@ def test_listing_counts_and_labels_of_the_real_folders():
     assert listing.classes == ("cats", "dogs")
     counts[split] = np.bincount(listing.labels).tolist()
     # Label i is the i-th class folder, whatever the file is called.
-    for path, label in zip(listing.files, listing.labels):
+    for path, label in zip(listing.files, listing.labels, strict=True):
       assert os.path.basename(os.path.dirname(path)) == listing.classes[label]
   assert counts == {"train": [1000, 1000], "validation": [500, 500], "test": [500, 500]}
 

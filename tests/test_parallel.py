@@ -53,7 +53,7 @@ def history(workdir):
 def assert_same_run(a, b):
   ha, hb = history(a), history(b)
   assert [sorted(r) for r in ha] == [sorted(r) for r in hb]
-  for ra, rb in zip(ha, hb):
+  for ra, rb in zip(ha, hb, strict=True):
     for key in ra:
       assert abs(ra[key] - rb[key]) <= TOL, (key, ra, rb)
   pa, pb = restore_state(a, EPOCHS), restore_state(b, EPOCHS)
@@ -136,7 +136,7 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
       cwd=REPO, env={**os.environ, **devices_env(2)}, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[1] for p in procs]
-  for p, err in zip(procs, outputs):
+  for p, err in zip(procs, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "mesh: 4 x cpu over 2 process(es)" in outputs[0]
   checksums = [re.search(r"process (\d) params checksum (\w+)", err).groups() for err in outputs]

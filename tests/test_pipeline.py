@@ -44,7 +44,7 @@ def history(workdir):
 
 def assert_close_histories(a, b, tol):
   assert [sorted(r) for r in a] == [sorted(r) for r in b]
-  for ra, rb in zip(a, b):
+  for ra, rb in zip(a, b, strict=True):
     for key in ra:
       assert abs(ra[key] - rb[key]) <= tol, (key, ra, rb)
 
@@ -68,7 +68,7 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
   # within 2%, while the loss of the weights after the last steps moves most (measured: val
   # 0.0778 vs 0.0847, test 0.0624 vs 0.0685 for accuracies 0.9749/0.9739, 0.9804/0.9785).
   assert [sorted(r) for r in runs[1]] == [sorted(r) for r in runs[8]]
-  for one, eight in zip(runs[1], runs[8]):
+  for one, eight in zip(runs[1], runs[8], strict=True):
     for key in one:
       tolerance = {"train_loss": 0.02 * one[key], "val_loss": 0.2 * one[key], "test_loss": 0.2 * one[key]}.get(key, 0.005)
       assert abs(one[key] - eight[key]) <= tolerance, (key, one, eight)
@@ -135,7 +135,7 @@ def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
   for rows in (fast, slow):
     got = rows.read(range(200))
     assert [r["label"] for r in got] == [int(w["label"]) for w in want] and len({r["label"] for r in got}) == 10
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
       assert a["image"].shape == (28, 28, 1) and a["image"].dtype == np.uint8 and np.array_equal(a["image"], b["image"])
   assert np.array_equal(fast[7]["image"], want[7]["image"])
   # The proto comes with TFDS, so rows still read with TensorFlow absent.
@@ -223,7 +223,7 @@ def test_two_streaming_processes_match_one(tmp_path):
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
-  for p, err in zip(procs, errs):
+  for p, err in zip(procs, errs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "mesh: 4 x cpu over 2 process(es)" in errs[0] and "input pipeline: stream" in errs[0]
   assert_close_histories(history(tmp_path / "one"), history(tmp_path / "two"), tol=1e-5)

@@ -209,7 +209,7 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
         train_state, batches[0], jax.random.key(1)).compile().as_text()
     return sum(" convolution(" in line for line in hlo.splitlines())
   assert (convolutions(tx, trainable), convolutions(optax.rmsprop(1e-3), None)) == (13, 38)
-  for a, b in zip(jax.tree_util.tree_leaves(before["features"]), jax.tree_util.tree_leaves(after["features"])):
+  for a, b in zip(jax.tree_util.tree_leaves(before["features"]), jax.tree_util.tree_leaves(after["features"]), strict=True):
     assert np.array_equal(a, b)
   assert not np.array_equal(before["head"]["dense"]["kernel"], after["head"]["dense"]["kernel"])
   head_size = sum(x.size for x in jax.tree_util.tree_leaves(before["head"]))
@@ -251,5 +251,5 @@ def test_frozen_recipe_starts_from_the_imagenet_notop_weights():
   stored = keras_h5.read(transfer.imagenet_weights("vgg16", include_top=False))
   for layer in ("block1_conv1", "block5_conv3"):
     np.testing.assert_array_equal(np.asarray(loaded["features"][layer]["kernel"]), stored[layer]["kernel"])
-  for a, b in zip(jax.tree_util.tree_leaves(loaded["head"]), jax.tree_util.tree_leaves(params["head"])):
+  for a, b in zip(jax.tree_util.tree_leaves(loaded["head"]), jax.tree_util.tree_leaves(params["head"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

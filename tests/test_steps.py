@@ -32,7 +32,7 @@ def test_frozen_params_stay_bit_identical_and_carry_no_optimizer_state():
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
   new, _ = step(state, _batch(), jax.random.key(1))
   for a, b in zip(jax.tree_util.tree_leaves(state.params["features"]),
-                  jax.tree_util.tree_leaves(new.params["features"])):
+                  jax.tree_util.tree_leaves(new.params["features"]), strict=True):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(state.params["head"]["dense"]["kernel"]),
                             np.asarray(new.params["head"]["dense"]["kernel"]))

@@ -141,7 +141,7 @@ def test_gradient_accumulation_of_4_x_32_equals_batch_128():
   once, _ = _train(config, big)
   config.grad_accum_steps = 4
   accumulated, trajectory = _train(config, small)
-  for a, b in zip(jax.tree_util.tree_leaves(once.params), jax.tree_util.tree_leaves(accumulated.params)):
+  for a, b in zip(jax.tree_util.tree_leaves(once.params), jax.tree_util.tree_leaves(accumulated.params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # No update between the micro-steps of an accumulation.
   first = jax.tree_util.tree_leaves(trajectory[0])[0]
@@ -156,7 +156,7 @@ def test_ema_is_the_moving_average_of_the_params_and_weight_decay_is_decoupled()
   ema = initial
   for params in trajectory:
     ema = jax.tree_util.tree_map(lambda e, p: 0.9 * e + 0.1 * p, ema, params)
-  for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(state.ema_params)):
+  for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(state.ema_params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
   # AdamW: decay is lr * weight_decay * param on kernels (the mask), nothing on biases.

@@ -67,7 +67,7 @@ def test_predict_gives_the_loops_labels_skips_a_corrupt_file_and_takes_any_size(
   test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
   expected = loop_probabilities(mnist_run, test_epoch, digits["image"])
   assert [got[f][0]["index"] for f in files] == list(np.argmax(expected, -1))
-  for f, row in zip(files, expected):
+  for f, row in zip(files, expected, strict=True):
     top = got[f]
     assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
     assert top[0]["class"] == str(top[0]["index"]) and top[0]["probability"] == pytest.approx(row.max(), abs=1e-5)

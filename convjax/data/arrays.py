@@ -119,4 +119,4 @@ class ArrayRows:
     """Many rows at once (a range of the file is one read)."""
     rows = self.index[np.asarray(indices, np.int64)]
     images = np.asarray(self.split.images[rows])
-    return [{"image": image, "label": int(label)} for image, label in zip(images, self.split.labels[rows])]
+    return [{"image": image, "label": int(label)} for image, label in zip(images, self.split.labels[rows], strict=True)]

@@ -81,7 +81,7 @@ def local_row_range(mesh: Mesh, num_rows: int) -> tuple[int, int]:
   index_map = parallel.sharded(mesh).addressable_devices_indices_map((num_rows,))
   starts = sorted(idx[0].start or 0 for idx in index_map.values())
   stops = sorted(idx[0].stop if idx[0].stop is not None else num_rows for idx in index_map.values())
-  if any(a != b for a, b in zip(starts[1:], stops[:-1])):
+  if any(a != b for a, b in zip(starts[1:], stops[:-1], strict=True)):
     raise ValueError("this process's devices do not hold a contiguous block of rows")
   return starts[0], stops[-1]
 
@@ -196,7 +196,7 @@ class _Batches:
     got = read(indices[columns]) if read else [self.rows[int(i)] for i in indices[columns]]
     out = {"image": np.zeros((len(indices), *self.shape), np.uint8), "label": np.zeros(len(indices), np.int32),
            "mask": np.zeros(len(indices), np.float32), "wanted": np.float32(len(columns))}
-    for j, row in zip(columns, got):
+    for j, row in zip(columns, got, strict=True):
       if row is None:
         continue
       rng = None if rng_key is None or not self.fit.random else np.random.default_rng([*rng_key, lo + j])

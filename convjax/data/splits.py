@@ -173,7 +173,7 @@ def tfds_source(data) -> Source:
       positions = tfds_data.balanced_positions(builder, data.train_split, per_class)
       split = tfds_data.row_range(builder, data.train_split).split
       out = {}
-      for key, pos in zip(SPLITS, positions):
+      for key, pos in zip(SPLITS, positions, strict=True):
         spec = f"{data.train_split} balanced rows {pos[0]}..{pos[-1]}"
         out[key] = (_from_rows(tfds_data.Rows(builder, split, pos), fit, spec, classes, image_shape) if streams else
                     Split(len(pos), spec, lambda a, b, pos=pos: tfds_data.read_positions(

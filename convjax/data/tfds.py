@@ -172,7 +172,7 @@ class Rows:
     """The serialized records at absolute row `positions` of the split."""
     _, starts, readers = self._open()
     out = []
-    for shard, position in zip(np.searchsorted(starts, positions, side="right") - 1, positions):
+    for shard, position in zip(np.searchsorted(starts, positions, side="right") - 1, positions, strict=True):
       reader, skip = readers[shard]
       reader.seek(int(position - starts[shard] + skip))
       out.append(reader.read())
@@ -215,7 +215,7 @@ class Rows:
   def read(self, indices: Sequence[int]) -> list:
     """Many rows at once."""
     positions = self.positions[np.asarray(indices, np.int64)]
-    return [self._row(e, p) for e, p in zip(self._examples(positions), positions)]
+    return [self._row(e, p) for e, p in zip(self._examples(positions), positions, strict=True)]
 
 
 def stack_rows(rows: list, image_size: tuple = ()) -> dict:

@@ -37,7 +37,7 @@ def layer_graph(model: nn.Module, input_shape: Sequence[int]) -> tuple:
   """(nodes, edges) of `model` on inputs (None, *input_shape): nodes in call order (the first
   is the input), edges (i, j) from node i's output to node j's input."""
   rows = layer_table(model, input_shape)
-  labels = dict(zip((r.path for r in rows), layer_labels(rows)))
+  labels = dict(zip((r.path for r in rows), layer_labels(rows), strict=True))
   outputs = {r.path: r.output_shape for r in rows}
   types = {r.path: r.type_name for r in rows}
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)

@@ -37,7 +37,7 @@ class ConvStack(nn.Module):
       if len(flags) != len(self.filters):
         raise ValueError(f"{name} has {len(flags)} entries for {len(self.filters)} conv layers")
     n_pool = n_drop = 0
-    for i, (f, pool, rate) in enumerate(zip(self.filters, pools, drops)):
+    for i, (f, pool, rate) in enumerate(zip(self.filters, pools, drops, strict=True)):
       k = (self.kernel_size, self.kernel_size)
       x = Conv2D(f, k, activation=nn.relu, name=keras_name("conv2d", i))(x)
       if pool:

@@ -70,7 +70,7 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optiona
   size = lambda v: int(np.prod(v.shape))
   rows = []
   for path, type_name in types.items():
-    under = lambda k: k[:len(path)] == path
+    under = lambda k, path=path: k[: len(path)] == path
     n_train = sum(size(v) for k, v in params.items() if under(k) and mask[k])
     n_frozen = sum(size(v) for k, v in params.items() if under(k) and not mask[k])
     n_other = sum(size(v) for k, v in others.items() if under(k))
@@ -93,7 +93,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], name: str = "model",
   line = lambda a, b, c: f" {a:<{w1}}{b:<{w2}}{c:<{w3}}".rstrip()
   total = w1 + w2 + w3 + 1
   out = [f'Model: "{name}"', "_" * total, line("Layer (type)", "Output Shape", "Param #"), "=" * total]
-  for i, (r, label) in enumerate(zip(rows, layer_labels(rows))):
+  for i, (r, label) in enumerate(zip(rows, layer_labels(rows), strict=True)):
     out.append(line(f"{label} ({r.type_name})", str(r.output_shape).replace("None,)", "None)"),
                     f"{r.trainable + r.non_trainable:,}"))
     out.append("_" * total if i + 1 < len(rows) else "=" * total)

@@ -26,7 +26,7 @@ class VGGFeatures(nn.Module):
   @nn.compact
   def __call__(self, x, return_blocks: bool = False):
     blocks = []
-    for b, (n, width) in enumerate(zip(BLOCKS[self.depth], WIDTHS), start=1):
+    for b, (n, width) in enumerate(zip(BLOCKS[self.depth], WIDTHS, strict=True), start=1):
       for i in range(1, n + 1):
         x = Conv2D(width, (3, 3), padding="SAME", activation=nn.relu, name=f"block{b}_conv{i}")(x)
       x = MaxPooling2D(name=f"block{b}_pool")(x)

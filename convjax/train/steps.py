@@ -97,7 +97,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     trained = (jax.tree_util.tree_leaves(grads) if trainable is None else
-               [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if t])
+               [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True) if t])
     grad_norm = optax.global_norm(trained)
     finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)
     model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),

@@ -146,7 +146,7 @@ def batch_maps(model, variables, prepare: Callable, images: np.ndarray, names: S
     parts.append({k: np.asarray(v)[:len(chunk)] for k, v in run(variables, padded).items()})
   got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   titles = [f"{os.path.basename(n)[:24]}\npredicted {classes[c]} ({p:.2f})\ntrue {t}"
-            for n, c, p, t in zip(names, got["class"], got["probability"], true)]
+            for n, c, p, t in zip(names, got["class"], got["probability"], true, strict=True)]
   colour = matplotlib.colormaps["hot"]
   tiles = {"gradcam": lambda i: cam.superimpose(images[i], got["gradcam"][i]),
            "saliency": lambda i: (colour(got["saliency"][i])[..., :3] * 255).astype(np.uint8)}

@@ -20,7 +20,7 @@ def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str
   rows = [r for r in history if "epoch" in r]  # the test record has no epoch
   epochs = [r["epoch"] for r in rows]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, metric in zip(axes, ("accuracy", "loss")):
+  for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
     for split, style in (("train", "o"), ("val", "-")):
       values = [r[f"{split}_{metric}"] for r in rows]
       label = "training" if split == "train" else "validation"
@@ -63,7 +63,7 @@ def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> N
   """Writes a PNG bar chart with each bar's value printed on it."""
   fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 4))
   bars = ax.bar(range(len(labels)), values, color="tab:blue")
-  for bar, value in zip(bars, values):
+  for bar, value in zip(bars, values, strict=True):
     ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
   ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
   ax.set_ylabel(ylabel)
@@ -82,7 +82,7 @@ def map_panels(path: str, image, panels) -> None:
   fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.4 * (len(panels) + 1), 3.4))
   axes[0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
   axes[0].set_title("image")
-  for ax, (title, m, cmap, *options) in zip(axes[1:], panels):
+  for ax, (title, m, cmap, *options) in zip(axes[1:], panels, strict=True):
     shown = ax.imshow(m, cmap=cmap, **(options[0] if options else {}))
     if np.ndim(m) == 2:
       fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
