@@ -13,19 +13,36 @@ VGG16-224 and ResNet-50 at batch 128/256 in bfloat16 and float32 too, against Py
 `configs/benchmark.py:NAME` names one (cpu, gpu, full: every model on any platform).
 A field set on the command line replaces the preset's.
 """
+
 from ml_collections import ConfigDict, config_dict
 
 PRESETS = {
-    "cpu": {"models": "mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3", "batch_sizes": (32, 128),
-            "precisions": ("float32",), "modes": ("train", "inference"),
-            "peers": "keras_tensorflow,torch_eager", "pipeline": "mnist_convnet:mnist"},
-    "gpu": {"models": "mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3,vgg16@224x224x3,resnet50@224x224x3",
-            "batch_sizes": (128, 256), "precisions": ("bfloat16", "float32"), "modes": ("train", "inference"),
-            "peers": "torch_eager,torch_compile", "pipeline": ""},
-    "full": {"models": ("mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3,vgg16_base@150x150x3,"
-                        "vgg16@224x224x3,resnet50@224x224x3"),
-             "batch_sizes": (32, 128), "precisions": ("float32", "bfloat16"), "modes": ("train", "inference"),
-             "peers": "keras_jax,keras_tensorflow,torch_eager,torch_compile", "pipeline": "mnist_convnet:mnist"},
+  "cpu": {
+    "models": "mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3",
+    "batch_sizes": (32, 128),
+    "precisions": ("float32",),
+    "modes": ("train", "inference"),
+    "peers": "keras_tensorflow,torch_eager",
+    "pipeline": "mnist_convnet:mnist",
+  },
+  "gpu": {
+    "models": "mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3,vgg16@224x224x3,resnet50@224x224x3",
+    "batch_sizes": (128, 256),
+    "precisions": ("bfloat16", "float32"),
+    "modes": ("train", "inference"),
+    "peers": "torch_eager,torch_compile",
+    "pipeline": "",
+  },
+  "full": {
+    "models": (
+      "mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3,vgg16_base@150x150x3,vgg16@224x224x3,resnet50@224x224x3"
+    ),
+    "batch_sizes": (32, 128),
+    "precisions": ("float32", "bfloat16"),
+    "modes": ("train", "inference"),
+    "peers": "keras_jax,keras_tensorflow,torch_eager,torch_compile",
+    "pipeline": "mnist_convnet:mnist",
+  },
 }
 
 
@@ -36,7 +53,7 @@ def get_config(preset: str = ""):
   config.models = config_dict.placeholder(str)
   config.batch_sizes = config_dict.placeholder(tuple)
   config.precisions = config_dict.placeholder(tuple)  # float32, bfloat16
-  config.modes = config_dict.placeholder(tuple)       # train, inference
+  config.modes = config_dict.placeholder(tuple)  # train, inference
   # The same rows in Keras 3 and PyTorch (convjax/peers.py), each in its own process:
   # keras_jax, keras_tensorflow, torch_eager, torch_compile (where installed); '' -> none.
   config.peers = config_dict.placeholder(str)

@@ -13,6 +13,7 @@ experiments/prepare_data.py, or take the same balanced subset from TFDS:
   --config.data.folder= --config.data.dataset=cats_vs_dogs --config.data.train_split=train \
   --config.data.per_class='(1000, 500, 500)'
 """
+
 from ml_collections import ConfigDict
 
 from convjax.config import default_config

@@ -8,6 +8,7 @@ Expected: validation and test accuracy >= 0.80 after 100 epochs (notes:
 Augmentation as the notes' ImageDataGenerator: rotation 40 degrees, shifts and
 shear and zoom 0.2, horizontal flips, nearest fill; drawn per image, per step.
 """
+
 from ml_collections import ConfigDict
 
 from configs import cats_dogs

@@ -10,6 +10,7 @@ Dense 256 relu -> Dropout 0.5 -> Dense 1 then trains on them: RMSprop 2e-5,
 batch 20, 30 epochs. Expected: validation >= 0.88 (notes ~0.90). RESULTS.md.
 Online the weights download from Keras' URL into ~/.cache/convjax.
 """
+
 from ml_collections import ConfigDict
 
 from configs import cats_dogs

@@ -8,13 +8,14 @@ block5_conv1..3 and train them with the classifier at RMSprop 1e-5.
 Expected: test >= 0.94 (notes 0.939-0.968). The notes fine-tune for 100 epochs;
 epochs here are set by what the hardware allows (see RESULTS.md).
 """
+
 from configs import cats_dogs_vgg16_frozen
 
 
 def get_config():
   config = cats_dogs_vgg16_frozen.get_config()
   config.pretrained.weights = ""  # the weights come from init_from
-  config.init_from = ""           # the frozen-base run's workdir (required)
+  config.init_from = ""  # the frozen-base run's workdir (required)
   config.trainable = "features/block5_conv[123]/.*|head/.*"
   config.learning_rate = 1e-5
   config.num_epochs = 30

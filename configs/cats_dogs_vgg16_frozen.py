@@ -11,6 +11,7 @@ steps/epoch, augmentation as configs/cats_dogs_augmented.py. Expected:
 validation >= 0.88. Each epoch runs VGG16 forward and backward over 2,000
 images at 150x150: minutes on a GPU, about an hour on 2 CPU cores.
 """
+
 from ml_collections import ConfigDict
 
 from configs import cats_dogs_augmented

@@ -12,6 +12,7 @@ of train). The notes validated (and early-stopped) on the test set; here 5,000
 training images (10%, seeded) are held out instead, and test is touched once.
 Keras' decay=1e-6 is left out (it lowers the rate by ~2% over 20k steps).
 """
+
 from ml_collections import ConfigDict
 
 from convjax.config import default_config

@@ -8,6 +8,7 @@ test uses the weights of the epoch with the best validation accuracy (Keras'
 ModelCheckpoint(save_best_only=True), then load), `--config.test_weights=last`
 the final epoch's as the notes do.
 """
+
 from ml_collections import ConfigDict
 
 from convjax.config import default_config

@@ -4,6 +4,7 @@ r"""The dense baseline of the notes: Dense(512, relu) -> Dense(10), RMSprop, bat
 
 Expected: test accuracy >= 0.975 (notes: 0.978). See RESULTS.md.
 """
+
 from ml_collections import ConfigDict
 
 from convjax.config import default_config

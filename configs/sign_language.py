@@ -8,6 +8,7 @@ the rest for validation (165); 1,484 train. experiments/baselines.py compares
 this CNN with SVM, kNN, logistic regression, random forest and an MLP on the
 same split. See RESULTS.md.
 """
+
 from ml_collections import ConfigDict
 
 from convjax.config import default_config
@@ -20,7 +21,7 @@ def get_config():
   config.data.folder = "../shared/datasets/sign_language_digits"
   config.data.image_size = (64, 64)
   config.data.channels = 1
-  config.data.train_split = ""          # no split folders: data.test_size / validation_size
+  config.data.train_split = ""  # no split folders: data.test_size / validation_size
   config.data.validation_split = ""
   config.data.test_split = ""
   config.data.test_size = 0.2

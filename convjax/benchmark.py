@@ -9,6 +9,7 @@ what `experiments.train` runs, with its optimizer wrapping and metric sums), so
 precision 'bfloat16' is `config.compute_dtype=bfloat16`: bfloat16 compute with
 float32 params, optimizer state, loss and BatchNorm statistics.
 """
+
 import glob
 import gzip
 import json
@@ -32,11 +33,11 @@ from convjax.train.steps import cast_floats, jit_steps, zero_metrics
 # Dense peak FLOP/s by device kind and compute precision (vendor data sheets, no sparsity).
 # On NVIDIA GPUs JAX's default float32 matmul/conv precision runs as TF32 on tensor cores.
 PEAKS = {
-    "NVIDIA H100 80GB HBM3": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12},
-    "NVIDIA H100 PCIe": {"float32": 51e12, "tf32": 378e12, "bfloat16": 756e12},
-    "NVIDIA H200": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12},
-    "NVIDIA A100-SXM4-80GB": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
-    "NVIDIA A100-SXM4-40GB": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
+  "NVIDIA H100 80GB HBM3": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12},
+  "NVIDIA H100 PCIe": {"float32": 51e12, "tf32": 378e12, "bfloat16": 756e12},
+  "NVIDIA H200": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12},
+  "NVIDIA A100-SXM4-80GB": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
+  "NVIDIA A100-SXM4-40GB": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
 }
 
 
@@ -50,7 +51,7 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 10) -> float:
     t0 = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def matmul_precision_in_force(device) -> str:
@@ -141,27 +142,41 @@ def op_profile(run, state, steps: int, hlo_text: str, directory: str, top: int =
       total[name] = total.get(name, 0.0) + event["dur"] / 1e3 / steps
       calls[name] = calls.get(name, 0) + 1
   traced = sum(total.values())
-  ops = [{"op": name, "kind": instructions[name][0], "ms": ms, "calls": calls[name] / steps,
-          "source": instructions[name][1]}
-         for name, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
+  ops = [
+    {"op": name, "kind": instructions[name][0], "ms": ms, "calls": calls[name] / steps, "source": instructions[name][1]}
+    for name, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]
+  ]
   return {"step_ms": 1e3 * wall, "traced_ms": traced, "untraced_ms": max(0.0, 1e3 * wall - traced), "ops": ops}
 
 
-def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch: int, precision: str,
-                  mode: str, steps: int = 20, warmup: int = 3, cpu_peak: Optional[float] = None,
-                  profile_steps: int = 0, profile_dir: str = "") -> dict:
+def benchmark_row(
+  model_name: str,
+  model_kwargs: dict,
+  input_shape: tuple,
+  batch: int,
+  precision: str,
+  mode: str,
+  steps: int = 20,
+  warmup: int = 3,
+  cpu_peak: Optional[float] = None,
+  profile_steps: int = 0,
+  profile_dir: str = "",
+) -> dict:
   from convjax.config import default_config
+
   config = default_config()
   config.learning_rate = 1e-4  # RMSprop, as the peers train
   model = get_model(model_name, **model_kwargs)
   mesh = parallel.make_mesh(1)
   repl = parallel.replicated(mesh)
-  tx, _ = make_optimizer(config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                                      jnp.zeros((1, *input_shape))))["params"])
+  tx, _ = make_optimizer(
+    config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))["params"]
+  )
   state = jax.jit(lambda: create_train_state(model, tx, input_shape, jax.random.key(0)), out_shardings=repl)()
   images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
-  outputs = jax.eval_shape(lambda v: model.apply(v, images / 255.0), {"params": state.params,
-                                                                      **state.model_state}).shape[-1]
+  outputs = jax.eval_shape(
+    lambda v: model.apply(v, images / 255.0), {"params": state.params, **state.model_state}
+  ).shape[-1]
   labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
   data = {"image": images, "label": labels, "mask": jnp.ones((batch,), jnp.float32)}
   args = (data, jax.random.key(3), parallel.put_replicated_tree(mesh, zero_metrics())) if mode == "train" else (data,)
@@ -192,28 +207,43 @@ def benchmark_row(model_name: str, model_kwargs: dict, input_shape: tuple, batch
   q1, q3 = np.percentile(times, [25, 75])
   profile = op_profile(run, state, profile_steps, compiled.as_text(), profile_dir) if profile_steps else None
   return {
-      "model": model_name, "input": list(input_shape), "batch": batch, "precision": precision, "mode": mode,
-      "compile_seconds": compile_seconds, "step_seconds_median": median,
-      "step_seconds_iqr": [float(q1), float(q3)], "step_seconds_min": min(times), "steps_timed": steps,
-      "images_per_second": batch / median, "flops_per_image": flops / batch if flops else None,
-      "tflops_per_second": achieved / 1e12 if achieved else None,
-      "percent_of_peak": 100 * achieved / peak if achieved and peak else None,
-      **({"profile": profile} if profile else {}),
+    "model": model_name,
+    "input": list(input_shape),
+    "batch": batch,
+    "precision": precision,
+    "mode": mode,
+    "compile_seconds": compile_seconds,
+    "step_seconds_median": median,
+    "step_seconds_iqr": [float(q1), float(q3)],
+    "step_seconds_min": min(times),
+    "steps_timed": steps,
+    "images_per_second": batch / median,
+    "flops_per_image": flops / batch if flops else None,
+    "tflops_per_second": achieved / 1e12 if achieved else None,
+    "percent_of_peak": 100 * achieved / peak if achieved and peak else None,
+    **({"profile": profile} if profile else {}),
   }
 
 
 def environment() -> dict:
   device = jax.devices()[0]
-  return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
-          "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else
-          __import__("jaxlib").__version__, "matmul_precision": matmul_precision_in_force(device),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count()}
+  return {
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else __import__("jaxlib").__version__,
+    "matmul_precision": matmul_precision_in_force(device),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "cpu_count": os.cpu_count(),
+  }
 
 
 def data_config(spec: str):
   """config.data for a benchmark source: 'NAME' or 'NAME@DIR' (TFDS, TFDS_DATA_DIR or DIR), or
   'folder:PATH[@HxW]' (a folder of class folders, resized to HxW)."""
   from convjax.config import default_config
+
   data = default_config().data
   data.train_split, data.validation_split, data.test_split, data.validation_size = "train", "", "", 1
   kind, _, rest = spec.rpartition(":") if spec.startswith("folder:") else ("", "", spec)
@@ -228,8 +258,9 @@ def data_config(spec: str):
   return data
 
 
-def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, batch: int, steps: int = 20,
-                      warmup: int = 3) -> dict:
+def pipeline_overhead(
+  model_name: str, spec: str, pipeline: str, workers: int, batch: int, steps: int = 20, warmup: int = 3
+) -> dict:
   """A train step fed by the training loop's real input path against one on a batch already
   on the devices, and what the input path alone delivers.
 
@@ -248,12 +279,17 @@ def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, b
   source = open_source(data_cfg)
   train = {"train": source.splits(stream=pipeline == "stream")["train"]}
   args = (train, mesh, 0, batch, batch, warmup + steps)
-  data = (pipelines.Stream(*args, source.image_shape, fit_for(data_cfg), workers) if pipeline == "stream"
-          else pipelines.OnDevice(*args))
+  data = (
+    pipelines.Stream(*args, source.image_shape, fit_for(data_cfg), workers)
+    if pipeline == "stream"
+    else pipelines.OnDevice(*args)
+  )
   model = get_model(model_name)
   tx = optax.rmsprop(1e-3)
-  state = jax.jit(lambda: create_train_state(model, tx, source.image_shape, jax.random.key(0)),
-                  out_shardings=parallel.replicated(mesh))()
+  state = jax.jit(
+    lambda: create_train_state(model, tx, source.image_shape, jax.random.key(0)),
+    out_shardings=parallel.replicated(mesh),
+  )()
   gathering, _ = jit_steps(model, tx, lambda x: x / 255, mesh, take=data.take)
   given, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
   rng = jax.random.key(1)
@@ -282,6 +318,15 @@ def pipeline_overhead(model_name: str, spec: str, pipeline: str, workers: int, b
       n += 1
     input_rate = n * batch / (time.perf_counter() - t)
   data.close()
-  return {"model": model_name, "data": spec, "pipeline": pipeline, "workers": workers, "batch": batch,
-          "steps_timed": steps, "real_step_seconds_median": real, "synthetic_step_seconds_median": synthetic,
-          "overhead_percent": 100 * (real / synthetic - 1), "input_images_per_second": input_rate}
+  return {
+    "model": model_name,
+    "data": spec,
+    "pipeline": pipeline,
+    "workers": workers,
+    "batch": batch,
+    "steps_timed": steps,
+    "real_step_seconds_median": real,
+    "synthetic_step_seconds_median": synthetic,
+    "overhead_percent": 100 * (real / synthetic - 1),
+    "input_images_per_second": input_rate,
+  }

@@ -8,6 +8,7 @@ naming another model than the file's drops the file's model_kwargs (they belong 
 model): the new model starts from its own defaults. `--config.help` lists every field
 of the config with its value and meaning, and the model's fields, then exits.
 """
+
 import ast
 import dataclasses
 import functools
@@ -41,7 +42,6 @@ QUIET_WARNINGS = ("OpenCV is not installed", "Requested `tracked_metric`")
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-
   def filter(self, record):
     if any(record.getMessage().startswith(w) for w in QUIET_WARNINGS):
       return False
@@ -56,13 +56,13 @@ def _one_line_error(message) -> None:
 def model_fields(name: str) -> dict:
   """{field: default} of model `name` (convjax.models.MODELS), the registry's presets included."""
   from convjax.models import MODELS
+
   if name not in MODELS:
     raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
   factory = MODELS[name]
   presets = factory.keywords if isinstance(factory, functools.partial) else {}
   cls = factory.func if isinstance(factory, functools.partial) else factory
-  return {f.name: presets.get(f.name, f.default) for f in dataclasses.fields(cls)
-          if f.name not in ("parent", "name")}
+  return {f.name: presets.get(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
 
 
 def _literal(raw: str, default):
@@ -82,15 +82,20 @@ def apply_model_arguments(config: ConfigDict, model, kwargs: dict) -> None:
   """--config.model and --config.model_kwargs.* (see the module docstring), applied to config."""
   if model is not None and model != config.model:
     if config.model_kwargs:
-      logging.info("--config.model=%s: the config's model_kwargs %s (for %s) are dropped", model,
-                   dict(config.model_kwargs), config.model)
+      logging.info(
+        "--config.model=%s: the config's model_kwargs %s (for %s) are dropped",
+        model,
+        dict(config.model_kwargs),
+        config.model,
+      )
     config.model, config.model_kwargs = model, ConfigDict()
   fields = model_fields(config.model)
   merged = dict(config.model_kwargs)
   for name, raw in kwargs.items():
     if name not in fields:
-      raise UserError(f"model {config.model!r} has no field {name!r} (--config.model_kwargs.{name}); "
-                      f"its fields: {', '.join(fields)}")
+      raise UserError(
+        f"model {config.model!r} has no field {name!r} (--config.model_kwargs.{name}); its fields: {', '.join(fields)}"
+      )
     merged[name] = _literal(raw, fields[name])
   config.model_kwargs = ConfigDict(merged)
 
@@ -98,6 +103,7 @@ def apply_model_arguments(config: ConfigDict, model, kwargs: dict) -> None:
 def _meanings() -> dict:
   """{dotted field: its comment} from convjax/config.py's default_config."""
   import inspect
+
   out, last = {}, None
   prefixes = {"c": "", "d": "data."}
   for line in inspect.getsource(config_lib.default_config).splitlines():
@@ -182,8 +188,7 @@ def _parse_flags(argv):
     for arg in argv[1:]:  # a field that moved: name its new place
       key = arg.split("=", 1)[0].removeprefix("--config.")
       if arg.startswith("--config.") and key in RENAMED:
-        _one_line_error(f"bad config override: config.{key} is now config.{RENAMED[key]} "
-                        f"(--config.{RENAMED[key]}=...)")
+        _one_line_error(f"bad config override: config.{key} is now config.{RENAMED[key]} (--config.{RENAMED[key]}=...)")
     _one_line_error(f"bad config override: {e.args[0] if e.args else e}")
 
 
@@ -194,8 +199,13 @@ def initialize_distributed() -> None:
     return
   jax.config.update("jax_cpu_collectives_implementation", f.cpu_collectives)
   jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-  logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d; %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def run(main) -> None:

@@ -10,6 +10,7 @@ optimisation, starting weights, stopping rules and execution. The names each
 field accepts (optimizers, fill modes, ...) are defined here; the modules that
 implement them import them from here.
 """
+
 import json
 import math
 import re
@@ -28,10 +29,24 @@ AUGMENT_RANGES = ("rotation_range", "width_shift_range", "height_shift_range", "
 
 # Fields that change how a run executes, not what it computes: a workdir may be
 # resumed with other values (e.g. a checkpoint written on 8 devices, resumed on 1).
-RUNTIME_FIELDS = ("overwrite", "num_devices", "data.data_dir", "data.download", "data.pipeline",
-                  "data.device_fraction", "data.workers", "data.prefetch", "log_every_steps",
-                  "log_every_seconds", "checkpoint_every_steps", "profile_steps", "plot_smoothing",
-                  "eval_batch_size", "test_weights", "keep_checkpoints")
+RUNTIME_FIELDS = (
+  "overwrite",
+  "num_devices",
+  "data.data_dir",
+  "data.download",
+  "data.pipeline",
+  "data.device_fraction",
+  "data.workers",
+  "data.prefetch",
+  "log_every_steps",
+  "log_every_seconds",
+  "checkpoint_every_steps",
+  "profile_steps",
+  "plot_smoothing",
+  "eval_batch_size",
+  "test_weights",
+  "keep_checkpoints",
+)
 # Fields a run may raise when it is resumed: it continues (a finished run too).
 EXTENDABLE_FIELDS = ("num_epochs",)
 PIPELINES = ("auto", "device", "stream")
@@ -40,134 +55,140 @@ PIPELINES = ("auto", "device", "stream")
 # earlier convjax is read with them moved; on the command line the old name is refused
 # with an error naming the new one.
 RENAMED = {
-    "dataset": "data.dataset", "data_dir": "data.data_dir", "download": "data.download",
-    "train_split": "data.train_split", "validation_split": "data.validation_split",
-    "test_split": "data.test_split", "validation_size": "data.validation_size",
-    "rescale": "data.rescale", "preprocess": "data.preprocess",
-    "data.validation_fraction": "data.validation_size", "data.test_fraction": "data.test_size",
-    "warmup_epochs": "warmup_steps",
+  "dataset": "data.dataset",
+  "data_dir": "data.data_dir",
+  "download": "data.download",
+  "train_split": "data.train_split",
+  "validation_split": "data.validation_split",
+  "test_split": "data.test_split",
+  "validation_size": "data.validation_size",
+  "rescale": "data.rescale",
+  "preprocess": "data.preprocess",
+  "data.validation_fraction": "data.validation_size",
+  "data.test_fraction": "data.test_size",
+  "warmup_epochs": "warmup_steps",
 }
 
 
 def default_config() -> ConfigDict:
   c = ConfigDict()
-  c.model = "mnist_convnet"        # a name in convjax.models.MODELS
-  c.model_kwargs = ConfigDict()    # overrides of the model's fields, e.g. dropout_rate; a run
-                                   # records num_classes here (the dataset's, unless set)
+  c.model = "mnist_convnet"  # a name in convjax.models.MODELS
+  c.model_kwargs = ConfigDict()  # overrides of the model's fields, e.g. dropout_rate; a run
+  # records num_classes here (the dataset's, unless set)
   c.data = d = ConfigDict()
   # Where the images come from: an image folder, else a TFDS dataset.
-  d.dataset = "mnist"              # a TFDS name (used when `folder` is '')
-  d.folder = ""                    # root of an image folder (root/<split>/<class>/*.jpg or an archive
-                                   # of it); the *_split fields then name sub-folders
-  d.data_dir = ""                  # TFDS: '' -> TFDS_DATA_DIR or TFDS' default
-  d.download = True                # TFDS: download and prepare a missing dataset
-  d.train_split = "train"          # TFDS split spec ('train[:50000]') or sub-folder; a folder with no
-                                   # split sub-folders: '' (then test_size is split off at random)
-  d.validation_split = ""          # '' -> validation_size of train_split is held out
-  d.test_split = "test"            # '' when there is none
+  d.dataset = "mnist"  # a TFDS name (used when `folder` is '')
+  d.folder = ""  # root of an image folder (root/<split>/<class>/*.jpg or an archive
+  # of it); the *_split fields then name sub-folders
+  d.data_dir = ""  # TFDS: '' -> TFDS_DATA_DIR or TFDS' default
+  d.download = True  # TFDS: download and prepare a missing dataset
+  d.train_split = "train"  # TFDS split spec ('train[:50000]') or sub-folder; a folder with no
+  # split sub-folders: '' (then test_size is split off at random)
+  d.validation_split = ""  # '' -> validation_size of train_split is held out
+  d.test_split = "test"  # '' when there is none
   # The validation hold-out when validation_split is '': a count (>= 1) or a fraction (< 1) of
   # train_split. TFDS takes its last rows (TFDS shuffles at preparation); a folder a seeded
   # random subset (its files are in class order). Fractions round up, as sklearn's do.
-  d.validation_size = 0.1           # the validation hold-out (above)
-  d.test_size = 0.2                # a folder with no split sub-folders: the test hold-out, likewise
-  d.split_seed = 0                 # the seed of the folder hold-outs
-  d.per_class = ()                 # TFDS: class-balanced (train, validation[, test]) subsets, taken
-                                   # in order from train_split, e.g. (1000, 500, 500)
+  d.validation_size = 0.1  # the validation hold-out (above)
+  d.test_size = 0.2  # a folder with no split sub-folders: the test hold-out, likewise
+  d.split_seed = 0  # the seed of the folder hold-outs
+  d.per_class = ()  # TFDS: class-balanced (train, validation[, test]) subsets, taken
+  # in order from train_split, e.g. (1000, 500, 500)
   # Decoding.
-  d.image_size = ()                # (height, width): bilinear resize on loading; () -> as stored
-  d.channels = 3                   # folders: 1 (grayscale) or 3 (RGB); every file is converted
-  d.skip_bad_files = False         # folders: skip (and log) unreadable files instead of failing
-  d.cache_dir = ""                 # where a folder archive (.tar.gz, .zip) is extracted once;
-                                   # '' -> ~/.cache/convjax
-  d.arrays = ""                    # a folder of <split>.npz (or <split>_image.npy + _label.npy): the
-                                   # source instead of TFDS (convjax/data/arrays.py)
+  d.image_size = ()  # (height, width): bilinear resize on loading; () -> as stored
+  d.channels = 3  # folders: 1 (grayscale) or 3 (RGB); every file is converted
+  d.skip_bad_files = False  # folders: skip (and log) unreadable files instead of failing
+  d.cache_dir = ""  # where a folder archive (.tar.gz, .zip) is extracted once;
+  # '' -> ~/.cache/convjax
+  d.arrays = ""  # a folder of <split>.npz (or <split>_image.npy + _label.npy): the
+  # source instead of TFDS (convjax/data/arrays.py)
   # Crops (with image_size): training takes torchvision's RandomResizedCrop of (min, max) of the
   # area, e.g. (0.08, 1.0), aspect ratio log-uniform in crop_ratio (streaming only); evaluation
   # a centred crop of center_crop of the shorter side (ImageNet: 0.875). Then the resize.
-  d.random_resized_crop = ()       # training: (min, max) area fraction; () -> off
-  d.crop_ratio = (3 / 4, 4 / 3)    # training: (min, max) aspect ratio of the random crop
-  d.center_crop = 0.0              # 0 -> no crop: the whole image is resized
+  d.random_resized_crop = ()  # training: (min, max) area fraction; () -> off
+  d.crop_ratio = (3 / 4, 4 / 3)  # training: (min, max) aspect ratio of the random crop
+  d.center_crop = 0.0  # 0 -> no crop: the whole image is resized
   # The input pipeline: 'device' decodes every split once and keeps it on the devices; 'stream'
   # reads, decodes and batches rows with grain as training goes (host memory bounded); 'auto'
   # picks 'device' when the images fit device_fraction of the smallest device's free memory
   # (on CPU of free host RAM). Both give the same batches in the same order.
-  d.pipeline = "auto"              # auto, device, stream (above)
-  d.device_fraction = 0.25         # auto: of the smallest device's free memory (CPU: host RAM)
-  d.workers = 0                    # stream: grain worker processes decoding; 0 -> 2 threads (nice 19)
-  d.prefetch = 2                   # stream: batches put on the devices ahead of the step
+  d.pipeline = "auto"  # auto, device, stream (above)
+  d.device_fraction = 0.25  # auto: of the smallest device's free memory (CPU: host RAM)
+  d.workers = 0  # stream: grain worker processes decoding; 0 -> 2 threads (nice 19)
+  d.prefetch = 2  # stream: batches put on the devices ahead of the step
   # Pixels (0-255) -> model input, inside the step: x * rescale, then preprocess.
-  d.rescale = 1 / 255              # pixels * rescale
-  d.preprocess = ""                # '' or 'caffe' (ImageNet VGG: RGB->BGR minus channel means,
-                                   # on 0-255 pixels: set rescale=1)
+  d.rescale = 1 / 255  # pixels * rescale
+  d.preprocess = ""  # '' or 'caffe' (ImageNet VGG: RGB->BGR minus channel means,
+  # on 0-255 pixels: set rescale=1)
   # On-device augmentation of training batches (Keras ImageDataGenerator semantics:
   # degrees, fractions of the image size, zoom in [1 - z, 1 + z]); all 0 -> off.
   c.augment = ConfigDict()
-  c.augment.rotation_range = 0.0   # degrees
+  c.augment.rotation_range = 0.0  # degrees
   c.augment.width_shift_range = 0.0  # fraction of the width (>= 1: pixels)
   c.augment.height_shift_range = 0.0  # fraction of the height (>= 1: pixels)
-  c.augment.shear_range = 0.0      # degrees
-  c.augment.zoom_range = 0.0       # zoom in [1 - z, 1 + z]
+  c.augment.shear_range = 0.0  # degrees
+  c.augment.zoom_range = 0.0  # zoom in [1 - z, 1 + z]
   c.augment.horizontal_flip = False  # mirror half the images
   c.augment.fill_mode = "nearest"  # nearest, constant, reflect, wrap
-  c.augment.cval = 0.0             # fill value of fill_mode 'constant'
+  c.augment.cval = 0.0  # fill value of fill_mode 'constant'
   # Training.
-  c.batch_size = 64                # global, over all devices (with grad_accum_steps: per micro-step)
-  c.eval_batch_size = 0            # 0 -> batch_size
-  c.steps_per_epoch = 0            # 0 -> one pass: train size // batch_size
-  c.num_epochs = 5                 # raise it to extend a finished or interrupted run
-  c.optimizer = "rmsprop"          # rmsprop, adam, adamw, sgd (optax; Keras' epsilon 1e-7)
-  c.learning_rate = 1e-3           # the peak learning rate of the schedule
-  c.momentum = 0.9                 # sgd
-  c.nesterov = False               # sgd
-  c.weight_decay = 0.0             # adamw: decoupled; other optimizers: L2 added to the gradient
+  c.batch_size = 64  # global, over all devices (with grad_accum_steps: per micro-step)
+  c.eval_batch_size = 0  # 0 -> batch_size
+  c.steps_per_epoch = 0  # 0 -> one pass: train size // batch_size
+  c.num_epochs = 5  # raise it to extend a finished or interrupted run
+  c.optimizer = "rmsprop"  # rmsprop, adam, adamw, sgd (optax; Keras' epsilon 1e-7)
+  c.learning_rate = 1e-3  # the peak learning rate of the schedule
+  c.momentum = 0.9  # sgd
+  c.nesterov = False  # sgd
+  c.weight_decay = 0.0  # adamw: decoupled; other optimizers: L2 added to the gradient
   c.weight_decay_mask = ".*/kernel"  # regex over param paths that decay (not biases, BatchNorm)
-  c.schedule = "constant"          # constant, cosine (to 0 at the last step), step (piecewise)
-  c.warmup_steps = 0               # linear warmup from 0 over this many optimizer steps
-  c.schedule_boundaries = ()       # step: optimizer steps at which the rate is multiplied ...
-  c.schedule_factor = 0.1          # ... by this factor
-  c.label_smoothing = 0.0          # of the cross-entropy targets
-  c.grad_clip_norm = 0.0           # clip gradients to this global norm; 0 -> off
-  c.grad_accum_steps = 1           # average gradients over k micro-batches per update (optax.MultiSteps)
-  c.ema_decay = 0.0                # keep an exponential moving average of the params, evaluated and
-                                   # tested instead of them; 0 -> off
-  c.compute_dtype = "float32"      # float32 or bfloat16 (params, optimizer state, loss, softmax and
-                                   # BatchNorm statistics stay float32)
-  c.trainable = ""                 # regex over param paths; '' -> all train (BatchNorm layers whose
-                                   # params are frozen run in inference mode, as Keras does)
+  c.schedule = "constant"  # constant, cosine (to 0 at the last step), step (piecewise)
+  c.warmup_steps = 0  # linear warmup from 0 over this many optimizer steps
+  c.schedule_boundaries = ()  # step: optimizer steps at which the rate is multiplied ...
+  c.schedule_factor = 0.1  # ... by this factor
+  c.label_smoothing = 0.0  # of the cross-entropy targets
+  c.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 -> off
+  c.grad_accum_steps = 1  # average gradients over k micro-batches per update (optax.MultiSteps)
+  c.ema_decay = 0.0  # keep an exponential moving average of the params, evaluated and
+  # tested instead of them; 0 -> off
+  c.compute_dtype = "float32"  # float32 or bfloat16 (params, optimizer state, loss, softmax and
+  # BatchNorm statistics stay float32)
+  c.trainable = ""  # regex over param paths; '' -> all train (BatchNorm layers whose
+  # params are frozen run in inference mode, as Keras does)
   # Starting weights (a fresh run only; a resumed run continues from its checkpoint).
   c.pretrained = ConfigDict()
-  c.pretrained.weights = ""        # '' | 'imagenet' | a Keras .h5 file
+  c.pretrained.weights = ""  # '' | 'imagenet' | a Keras .h5 file
   c.pretrained.under = "features"  # the params subtree that takes them
-  c.init_from = ""                 # a workdir whose latest checkpoint gives params (fine-tuning)
+  c.init_from = ""  # a workdir whose latest checkpoint gives params (fine-tuning)
   # Fast feature extraction: a frozen pretrained conv base runs once over every split
   # (cached in <workdir>/features); `model` then trains on its outputs.
   c.feature_extractor = ConfigDict()
-  c.feature_extractor.model = ""   # e.g. 'vgg16'; '' -> off
+  c.feature_extractor.model = ""  # e.g. 'vgg16'; '' -> off
   c.feature_extractor.weights = "imagenet"  # 'imagenet' or a Keras .h5 file
-  c.seed = 0                       # params' init, data order, dropout, augmentation
+  c.seed = 0  # params' init, data order, dropout, augmentation
   # Keras' EarlyStopping(monitor='val_loss'): stop after `patience` epochs without a
   # val_loss improvement greater than min_delta; 0 -> off. Evaluates the last weights.
-  c.early_stopping_patience = 0    # epochs without improvement before stopping; 0 -> off
+  c.early_stopping_patience = 0  # epochs without improvement before stopping; 0 -> off
   c.early_stopping_min_delta = 0.0  # the smallest val_loss decrease that counts
   # Time to accuracy (the benchmark's, MLPerf-style): after each epoch evaluate
   # `target_split` ('validation' | 'test'), log the wall seconds since the run
   # started (loading and compilation included) and stop once its accuracy reaches
   # `target_accuracy`; 0 -> off.
-  c.target_accuracy = 0.0          # stop once target_split reaches it; 0 -> off
-  c.target_split = "test"          # validation or test
+  c.target_accuracy = 0.0  # stop once target_split reaches it; 0 -> off
+  c.target_split = "test"  # validation or test
   # Which weights the final test evaluation uses: 'last' (the final epoch's) or 'best'
   # (the kept checkpoint of highest val_accuracy: model selection on validation, as
   # Keras' ModelCheckpoint(save_best_only=True) then load). The test record names the epoch.
-  c.test_weights = "last"          # last or best
+  c.test_weights = "last"  # last or best
   # Execution.
-  c.num_devices = 0                # 0 -> all devices of all processes
-  c.log_every_steps = 100          # a progress line (and TensorBoard scalars) every N steps ...
-  c.log_every_seconds = 60.0       # ... or every this many seconds, whichever comes first
-  c.checkpoint_every_steps = 0     # 0 -> at epoch ends only (and on SIGTERM/SIGINT, always)
-  c.keep_checkpoints = 1           # the latest N checkpoints are kept, and the best epoch end
-  c.profile_steps = ()             # (start, stop): a jax.profiler trace of these steps in tensorboard/
-  c.plot_smoothing = 0.0           # EMA factor for extra learning-curve lines (0.8 in the notes)
-  c.overwrite = False              # replace a workdir that holds a run of another config
+  c.num_devices = 0  # 0 -> all devices of all processes
+  c.log_every_steps = 100  # a progress line (and TensorBoard scalars) every N steps ...
+  c.log_every_seconds = 60.0  # ... or every this many seconds, whichever comes first
+  c.checkpoint_every_steps = 0  # 0 -> at epoch ends only (and on SIGTERM/SIGINT, always)
+  c.keep_checkpoints = 1  # the latest N checkpoints are kept, and the best epoch end
+  c.profile_steps = ()  # (start, stop): a jax.profiler trace of these steps in tensorboard/
+  c.plot_smoothing = 0.0  # EMA factor for extra learning-curve lines (0.8 in the notes)
+  c.overwrite = False  # replace a workdir that holds a run of another config
   return c
 
 
@@ -185,9 +206,22 @@ def validate(config: ConfigDict) -> None:
   for key in ("batch_size", "num_epochs", "learning_rate"):
     if not config[key] > 0:
       raise UserError(f"config.{key} must be positive, got {config[key]!r}")
-  for key in ("eval_batch_size", "steps_per_epoch", "num_devices", "warmup_steps", "plot_smoothing",
-              "early_stopping_patience", "early_stopping_min_delta", "target_accuracy", "weight_decay",
-              "label_smoothing", "grad_clip_norm", "ema_decay", "checkpoint_every_steps", "log_every_seconds"):
+  for key in (
+    "eval_batch_size",
+    "steps_per_epoch",
+    "num_devices",
+    "warmup_steps",
+    "plot_smoothing",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "target_accuracy",
+    "weight_decay",
+    "label_smoothing",
+    "grad_clip_norm",
+    "ema_decay",
+    "checkpoint_every_steps",
+    "log_every_seconds",
+  ):
     if config[key] < 0:
       raise UserError(f"config.{key} must be >= 0, got {config[key]!r}")
   for key in ("grad_accum_steps", "log_every_steps", "keep_checkpoints"):
@@ -215,19 +249,19 @@ def validate(config: ConfigDict) -> None:
   if config.target_split not in ("validation", "test"):
     raise UserError(f"config.target_split must be 'validation' or 'test', got {config.target_split!r}")
   if config.target_accuracy and config.target_split == "test" and not config.data.test_split:
-    raise UserError("config.target_split='test', but this run has no test split "
-                    "(config.data.test_split is '')")
+    raise UserError("config.target_split='test', but this run has no test split (config.data.test_split is '')")
   if config.test_weights not in ("last", "best"):
     raise UserError(f"config.test_weights must be 'last' or 'best', got {config.test_weights!r}")
   for key in AUGMENT_RANGES:
     if config.augment[key] < 0:
       raise UserError(f"config.augment.{key} must be >= 0, got {config.augment[key]!r}")
   if config.augment.fill_mode not in FILL_MODES:
-    raise UserError(f"unknown config.augment.fill_mode {config.augment.fill_mode!r}; valid: "
-                    f"{', '.join(FILL_MODES)}")
+    raise UserError(f"unknown config.augment.fill_mode {config.augment.fill_mode!r}; valid: {', '.join(FILL_MODES)}")
   if config.feature_extractor.model and augments(config.augment):
-    raise UserError("feature extraction computes features once, so it cannot augment: turn "
-                    "config.augment off or clear config.feature_extractor.model")
+    raise UserError(
+      "feature extraction computes features once, so it cannot augment: turn "
+      "config.augment off or clear config.feature_extractor.model"
+    )
   if config.optimizer not in OPTIMIZERS:
     raise UserError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
   if config.schedule not in SCHEDULES:
@@ -264,13 +298,16 @@ def validate_data(data: ConfigDict) -> None:
   if (crop or data.center_crop) and not size:
     raise UserError("config.data.random_resized_crop and center_crop need config.data.image_size")
   if crop and data.pipeline == "device":
-    raise UserError("config.data.random_resized_crop draws a new crop every epoch: it needs "
-                    "config.data.pipeline='stream' (or 'auto'), not 'device'")
+    raise UserError(
+      "config.data.random_resized_crop draws a new crop every epoch: it needs "
+      "config.data.pipeline='stream' (or 'auto'), not 'device'"
+    )
   if data.preprocess not in PREPROCESSING:
     raise UserError(f"unknown config.data.preprocess {data.preprocess!r}; valid: '', 'caffe'")
   if data.preprocess == "caffe" and data.rescale != 1:
-    raise UserError(f"config.data.preprocess='caffe' works on 0-255 pixels: set config.data.rescale=1 "
-                    f"(got {data.rescale!r})")
+    raise UserError(
+      f"config.data.preprocess='caffe' works on 0-255 pixels: set config.data.rescale=1 (got {data.rescale!r})"
+    )
 
 
 def augments(augment: ConfigDict) -> bool:

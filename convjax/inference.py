@@ -11,6 +11,7 @@ model in inference mode in the run's compute dtype, softmax; a one-logit sigmoid
 gives p, the probability of class 1, as Keras' predict does), the same computation the training loop evaluates: experiments.predict,
 experiments.evaluate and the export all call it.
 """
+
 import glob
 import os
 from typing import Any, Callable, NamedTuple
@@ -33,15 +34,15 @@ EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".webp")
 
 
 class Classifier(NamedTuple):
-  name: str                    # the run's workdir, or the pretrained model's name
-  forward: Callable            # (variables, uint8 (B, H, W, C)) -> float32 probabilities (B, K);
-                               # a sigmoid head (B, 1): the probability of classes[1]
-  variables: Any               # numpy pytree: what forward takes
-  image_shape: tuple           # (H, W, C) of the model's input
-  fit: Fit                     # one stored image -> the input size (the run's evaluation crop)
-  classes: tuple               # class names (label i is classes[i])
-  binary: bool                 # a sigmoid head
-  preprocessing: dict          # how pixels become the model's input, for the export's JSON
+  name: str  # the run's workdir, or the pretrained model's name
+  forward: Callable  # (variables, uint8 (B, H, W, C)) -> float32 probabilities (B, K);
+  # a sigmoid head (B, 1): the probability of classes[1]
+  variables: Any  # numpy pytree: what forward takes
+  image_shape: tuple  # (H, W, C) of the model's input
+  fit: Fit  # one stored image -> the input size (the run's evaluation crop)
+  classes: tuple  # class names (label i is classes[i])
+  binary: bool  # a sigmoid head
+  preprocessing: dict  # how pixels become the model's input, for the export's JSON
 
 
 def make_forward(model, prepare: Callable, compute_dtype=jnp.float32, base: Callable = None) -> Callable:
@@ -76,9 +77,16 @@ def from_run(workdir: str, weights: str = "tested") -> Classifier:
   width = jax.eval_shape(forward, all_variables, jax.ShapeDtypeStruct((1, *shape), jnp.uint8)).shape[-1]
   classes = tuple(source.classes) or tuple(str(i) for i in range(max(width, 2)))
   fit = Fit(shape[:2], (), center_crop=fit_for(data).center_crop)
-  return Classifier(workdir, forward, jax.device_get(all_variables), shape, fit, classes, width == 1,
-                    {"rescale": data.rescale, "preprocess": data.preprocess, "center_crop": data.center_crop,
-                     "resize": "bilinear"})
+  return Classifier(
+    workdir,
+    forward,
+    jax.device_get(all_variables),
+    shape,
+    fit,
+    classes,
+    width == 1,
+    {"rescale": data.rescale, "preprocess": data.preprocess, "center_crop": data.center_crop, "resize": "bilinear"},
+  )
 
 
 def pretrained(name: str) -> Classifier:
@@ -90,23 +98,28 @@ def pretrained(name: str) -> Classifier:
   params = keras_h5.load_into(params, transfer.weights_file("imagenet", name, model))
   index = imagenet.class_index()
   classes = tuple(index[i][1] for i in range(len(index)))
-  return Classifier(name, make_forward(model, input_transform(1.0, "caffe")), jax.device_get({"model": {"params": params}}),
-                    (224, 224, 3), Fit((224, 224)), classes, False,
-                    {"rescale": 1.0, "preprocess": "caffe", "center_crop": 0.0, "resize": "bilinear"})
+  return Classifier(
+    name,
+    make_forward(model, input_transform(1.0, "caffe")),
+    jax.device_get({"model": {"params": params}}),
+    (224, 224, 3),
+    Fit((224, 224)),
+    classes,
+    False,
+    {"rescale": 1.0, "preprocess": "caffe", "center_crop": 0.0, "resize": "bilinear"},
+  )
 
 
 def list_images(spec: str) -> list:
   """The image files `spec` names: a file, a folder (recursively) or a glob, sorted."""
   if os.path.isdir(spec):
-    files = [os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
-             if f.lower().endswith(EXTENSIONS)]
+    files = [os.path.join(d, f) for d, _, names in os.walk(spec) for f in names if f.lower().endswith(EXTENSIONS)]
   elif os.path.isfile(spec):
     files = [spec]
   else:
     files = [f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
   if not files:
-    raise UserError(f"--images={spec!r} names no image file ({', '.join(EXTENSIONS)} in a folder, "
-                    "a file or a glob)")
+    raise UserError(f"--images={spec!r} names no image file ({', '.join(EXTENSIONS)} in a folder, a file or a glob)")
   return sorted(files)
 
 
@@ -144,11 +157,13 @@ class Predictor:
       raise ValueError(f"images of shape {images.shape[1:]}, the model takes {self.shape}")
     out, b = [], self.batch_size
     for start in range(0, len(images), b):
-      chunk = images[start:start + b]
+      chunk = images[start : start + b]
       batch = np.zeros((b, *self.shape), np.uint8)
-      batch[:len(chunk)] = chunk
-      global_batch = jax.make_array_from_callback(batch.shape, parallel.sharded(self.mesh), lambda i, batch=batch: batch[i])
-      out.append(np.asarray(self._forward(self.variables, global_batch))[:len(chunk)])
+      batch[: len(chunk)] = chunk
+      global_batch = jax.make_array_from_callback(
+        batch.shape, parallel.sharded(self.mesh), lambda i, batch=batch: batch[i]
+      )
+      out.append(np.asarray(self._forward(self.variables, global_batch))[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -163,7 +178,10 @@ def top_k(probabilities: np.ndarray, classifier: Classifier, k: int) -> list:
   k = 1 if classifier.binary else min(k, probabilities.shape[-1])
   probabilities = class_probabilities(probabilities)
   best = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-  return [[(int(i), classifier.classes[i], float(row[i])) for i in order] for row, order in zip(probabilities, best, strict=True)]
+  return [
+    [(int(i), classifier.classes[i], float(row[i])) for i in order]
+    for row, order in zip(probabilities, best, strict=True)
+  ]
 
 
 def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
@@ -173,6 +191,7 @@ def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
   Loading needs only jax: jax.export.deserialize(bytes).call(uint8 images). Returns the
   two paths."""
   from jax import export as jax_export
+
   variables = classifier.variables
   serve = jax.jit(lambda images: classifier.forward(variables, images))
   batch = jax_export.symbolic_shape("batch")
@@ -183,24 +202,38 @@ def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
   with run.writing(module), open(module, "wb") as f:
     f.write(exported.serialize())
   out = exported.out_avals[0]
-  run.write_json(meta, {
-      "model": classifier.name, "weights": weights, "platforms": list(exported.platforms),
-      "input": {"shape": [None, *classifier.image_shape], "dtype": "uint8",
-                "meaning": "RGB (or grey) pixels 0-255, already resized to the input size"},
-      "output": {"shape": [None, int(out.shape[-1])], "dtype": str(out.dtype),
-                 "meaning": ("sigmoid probability of classes[1]" if classifier.binary else
-                             "softmax probabilities, one per class")},
-      "classes": list(classifier.classes), "preprocessing": classifier.preprocessing,
-      "load": "jax.export.deserialize(open('model.jax', 'rb').read()).call(images)"})
+  run.write_json(
+    meta,
+    {
+      "model": classifier.name,
+      "weights": weights,
+      "platforms": list(exported.platforms),
+      "input": {
+        "shape": [None, *classifier.image_shape],
+        "dtype": "uint8",
+        "meaning": "RGB (or grey) pixels 0-255, already resized to the input size",
+      },
+      "output": {
+        "shape": [None, int(out.shape[-1])],
+        "dtype": str(out.dtype),
+        "meaning": (
+          "sigmoid probability of classes[1]" if classifier.binary else "softmax probabilities, one per class"
+        ),
+      },
+      "classes": list(classifier.classes),
+      "preprocessing": classifier.preprocessing,
+      "load": "jax.export.deserialize(open('model.jax', 'rb').read()).call(images)",
+    },
+  )
   return module, meta
 
 
 class Evaluation(NamedTuple):
-  labels: np.ndarray           # (N,) int
-  probabilities: np.ndarray    # (N, K) of every class (a sigmoid head's as (1 - p, p))
-  predicted: np.ndarray        # (N,) the training loop's prediction (argmax; a sigmoid head: p > 0.5)
-  loss: np.ndarray             # (N,) cross-entropy, as the loop computes it (from probabilities)
-  wrong: list                  # [(confidence, row, image)] of the most confidently wrong, best first
+  labels: np.ndarray  # (N,) int
+  probabilities: np.ndarray  # (N, K) of every class (a sigmoid head's as (1 - p, p))
+  predicted: np.ndarray  # (N,) the training loop's prediction (argmax; a sigmoid head: p > 0.5)
+  loss: np.ndarray  # (N,) cross-entropy, as the loop computes it (from probabilities)
+  wrong: list  # [(confidence, row, image)] of the most confidently wrong, best first
 
 
 def evaluate_split(split, predictor: Predictor, keep_wrong: int = 16) -> Evaluation:
@@ -232,15 +265,22 @@ def metrics(result: Evaluation, classes: tuple) -> dict:
   k = len(classes)
   confusion = np.zeros((k, k), np.int64)
   np.add.at(confusion, (result.labels, result.predicted), 1)
-  out = {"count": int(len(result.labels)), "loss": float(np.mean(result.loss)) if len(result.loss) else 0.0,
-         "accuracy": float(np.mean(result.predicted == result.labels)) if len(result.labels) else 0.0}
+  out = {
+    "count": int(len(result.labels)),
+    "loss": float(np.mean(result.loss)) if len(result.loss) else 0.0,
+    "accuracy": float(np.mean(result.predicted == result.labels)) if len(result.labels) else 0.0,
+  }
   if k > 5:
     top5 = np.argsort(-result.probabilities, axis=-1, kind="stable")[:, :5]
     out["top5_accuracy"] = float(np.mean(np.any(top5 == result.labels[:, None], axis=-1)))
   predicted_count, support = confusion.sum(0), confusion.sum(1)
   out["per_class"] = {
-      name: {"precision": float(confusion[i, i] / predicted_count[i]) if predicted_count[i] else 0.0,
-             "recall": float(confusion[i, i] / support[i]) if support[i] else 0.0, "support": int(support[i])}
-      for i, name in enumerate(classes)}
+    name: {
+      "precision": float(confusion[i, i] / predicted_count[i]) if predicted_count[i] else 0.0,
+      "recall": float(confusion[i, i] / support[i]) if support[i] else 0.0,
+      "support": int(support[i]),
+    }
+    for i, name in enumerate(classes)
+  }
   out["confusion_matrix"] = confusion.tolist()
   return out

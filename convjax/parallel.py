@@ -5,6 +5,7 @@ device of every process (or the first N), `replicated` and `sharded` are the two
 shardings a run uses. The input pipeline (convjax.data.pipeline) and the train
 steps (convjax.train.steps) both build on these.
 """
+
 from typing import Optional
 
 import jax
@@ -21,13 +22,13 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
-      raise UserError(f"num_devices={num_devices} but only {len(devices)} devices are visible: "
-                      f"{devices[0].platform} x{len(devices)}")
+      raise UserError(
+        f"num_devices={num_devices} but only {len(devices)} devices are visible: {devices[0].platform} x{len(devices)}"
+      )
     devices = devices[:num_devices]
   mesh = Mesh(np.asarray(devices), (DATA,))
   if not any(d.process_index == jax.process_index() for d in devices):
-    raise UserError(f"process {jax.process_index()} has no device in the mesh of {len(devices)}; "
-                    "raise num_devices")
+    raise UserError(f"process {jax.process_index()} has no device in the mesh of {len(devices)}; raise num_devices")
   return mesh
 
 

@@ -14,6 +14,7 @@ arrays already converted for the backend, inference `predict_on_batch`;
 `torch.compile` with --compile): the same networks in NCHW, RMSprop, inference
 under `torch.no_grad`; 'bfloat16' is CPU/GPU autocast. Both as convjax's rows.
 """
+
 import json
 import os
 import statistics
@@ -40,10 +41,19 @@ flags.mark_flags_as_required(["model", "input", "batch"])
 def build(keras, name: str, shape: tuple):
   layers = keras.layers
   if name == "mnist_convnet":
-    return keras.Sequential([keras.Input(shape), layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(),
-                             layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
-                             layers.Conv2D(64, 3, activation="relu"), layers.Flatten(),
-                             layers.Dense(64, activation="relu"), layers.Dense(10)])
+    return keras.Sequential(
+      [
+        keras.Input(shape),
+        layers.Conv2D(32, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, activation="relu"),
+        layers.Flatten(),
+        layers.Dense(64, activation="relu"),
+        layers.Dense(10),
+      ]
+    )
   if name == "cats_dogs_convnet":
     stack = [keras.Input(shape)]
     for f in (32, 64, 128, 128):
@@ -82,9 +92,11 @@ def build_torch(torch, name: str, shape: tuple):
     widths = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
     pools = (False, True, False, True, False, False, True, False, False, True, False, False, True)
     body = convs(widths, pools, c, 1)
-    head = ([nn.AdaptiveAvgPool2d(1), nn.Flatten()] if name == "vgg16_base" else
-            [nn.Flatten(), nn.LazyLinear(4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
-             nn.Linear(4096, 1000)])
+    head = (
+      [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+      if name == "vgg16_base"
+      else [nn.Flatten(), nn.LazyLinear(4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000)]
+    )
   else:
     raise UserError(f"no PyTorch peer for model {name!r}")
   model = nn.Sequential(*body, *head)
@@ -106,13 +118,17 @@ def median_step(step, f) -> float:
 
 def torch_main(f, shape: tuple) -> dict:
   import torch
+
   batch = f.batch
   model = build_torch(torch, f.model, shape)
   outputs = model(torch.zeros(1, shape[2], *shape[:2])).shape[-1]
   x = torch.rand(batch, shape[2], *shape[:2])
   y = torch.randint(0, max(outputs, 2), (batch,))
-  loss_fn = (lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float())) \
-      if outputs == 1 else (lambda out: torch.nn.functional.cross_entropy(out, y))
+  loss_fn = (
+    (lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float()))
+    if outputs == 1
+    else (lambda out: torch.nn.functional.cross_entropy(out, y))
+  )
   optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.9, eps=1e-7)
   bf16 = f.precision == "bfloat16"
 
@@ -132,30 +148,44 @@ def torch_main(f, shape: tuple) -> dict:
   if f.compile:
     step = torch.compile(step)
   median = median_step(lambda: step().float().sum().item(), f)  # CPU tensors: the result is complete
-  return {"images_per_second": batch / median, "step_seconds_median": median,
-          "params": sum(p.numel() for p in model.parameters()),
-          "backend": "torch.compile" if f.compile else "torch eager",
-          "torch": torch.__version__, "threads": torch.get_num_threads()}
+  return {
+    "images_per_second": batch / median,
+    "step_seconds_median": median,
+    "params": sum(p.numel() for p in model.parameters()),
+    "backend": "torch.compile" if f.compile else "torch eager",
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+  }
 
 
 def keras_main(f, shape: tuple) -> dict:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import keras
+
   if f.precision == "bfloat16":
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
   batch = f.batch
   model = build(keras, f.model, shape)
   outputs = model.output_shape[-1]
-  loss = (keras.losses.BinaryCrossentropy(from_logits=True) if outputs == 1
-          else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  loss = (
+    keras.losses.BinaryCrossentropy(from_logits=True)
+    if outputs == 1
+    else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  )
   model.compile(optimizer=keras.optimizers.RMSprop(1e-4), loss=loss)
   rng = np.random.default_rng(0)
   x = keras.ops.convert_to_tensor(rng.random((batch, *shape), np.float32))
-  y = keras.ops.convert_to_tensor(rng.integers(0, max(outputs, 2), batch).astype(np.float32 if outputs == 1 else np.int32))
+  y = keras.ops.convert_to_tensor(
+    rng.integers(0, max(outputs, 2), batch).astype(np.float32 if outputs == 1 else np.int32)
+  )
   step = (lambda: model.train_on_batch(x, y)) if f.mode == "train" else (lambda: model.predict_on_batch(x))
   median = median_step(lambda: np.asarray(step()), f)  # np.asarray waits for the result
-  return {"images_per_second": batch / median, "step_seconds_median": median,
-          "params": int(model.count_params()), "backend": keras.backend.backend()}
+  return {
+    "images_per_second": batch / median,
+    "step_seconds_median": median,
+    "params": int(model.count_params()),
+    "backend": keras.backend.backend(),
+  }
 
 
 def main(argv):

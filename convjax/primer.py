@@ -6,6 +6,7 @@ not flipped), via `lax.conv_general_dilated`; `conv2d_loop` is the same sum
 written as loops over output positions, for checking and teaching. Pass
 `flip=True` for the mathematical convolution (kernel rotated 180 degrees).
 """
+
 import math
 from typing import Sequence, Union
 
@@ -49,9 +50,13 @@ def conv2d(image, kernel, stride: int = 1, padding: Padding = "valid", flip: boo
     kernel = kernel[::-1, ::-1]
   p = _pad_amount(kernel.shape[0], padding)
   out = jax.lax.conv_general_dilated(
-      jnp.asarray(image, jnp.float32)[None], jnp.asarray(kernel, jnp.float32)[..., None],
-      (stride, stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
+    jnp.asarray(image, jnp.float32)[None],
+    jnp.asarray(kernel, jnp.float32)[..., None],
+    (stride, stride),
+    ((p, p), (p, p)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return out[0, ..., 0]
 
 
@@ -67,7 +72,7 @@ def conv2d_loop(image, kernel, stride: int = 1, padding: Padding = "valid", flip
   out = np.zeros((h, w))
   for i in range(h):
     for j in range(w):
-      patch = padded[i * stride:i * stride + k, j * stride:j * stride + k]
+      patch = padded[i * stride : i * stride + k, j * stride : j * stride + k]
       out[i, j] = np.sum(patch * kernel)
   return out
 
@@ -76,11 +81,10 @@ def sobel(image):
   """(Gx, Gy, magnitude) of a grayscale image, 'same' size."""
   gx = conv2d(image, SOBEL_X, padding="same")
   gy = conv2d(image, SOBEL_Y, padding="same")
-  return gx, gy, jnp.sqrt(gx ** 2 + gy ** 2)
+  return gx, gy, jnp.sqrt(gx**2 + gy**2)
 
 
-def gabor_kernel(frequency: float, theta: float, sigma: float, offset: float = 0.0,
-                 size: int = 0) -> np.ndarray:
+def gabor_kernel(frequency: float, theta: float, sigma: float, offset: float = 0.0, size: int = 0) -> np.ndarray:
   """Real Gabor kernel: a cosine wave of `frequency` (cycles/pixel) travelling in direction
   `theta` (radians), under a Gaussian envelope of width `sigma` (pixels).
 
@@ -88,19 +92,24 @@ def gabor_kernel(frequency: float, theta: float, sigma: float, offset: float = 0
   to oriented structure and not to plain brightness.
   """
   half = size // 2 if size else int(math.ceil(3 * sigma))
-  y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+  y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
   rotated = x * np.cos(theta) + y * np.sin(theta)
-  envelope = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2)) / (2 * np.pi * sigma ** 2)
+  envelope = np.exp(-(x**2 + y**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
   kernel = envelope * np.cos(2 * np.pi * frequency * rotated + offset)
   kernel -= envelope * kernel.sum() / envelope.sum()
   return kernel.astype(np.float32)
 
 
-def gabor_bank(frequencies: Sequence[float] = (0.1, 0.25), thetas: int = 4,
-               sigmas: Sequence[float] = (2.0, 4.0)) -> list:
+def gabor_bank(
+  frequencies: Sequence[float] = (0.1, 0.25), thetas: int = 4, sigmas: Sequence[float] = (2.0, 4.0)
+) -> list:
   """[(frequency, theta, sigma, kernel)] over a grid of parameters."""
-  return [(f, t * np.pi / thetas, s, gabor_kernel(f, t * np.pi / thetas, s))
-          for s in sigmas for f in frequencies for t in range(thetas)]
+  return [
+    (f, t * np.pi / thetas, s, gabor_kernel(f, t * np.pi / thetas, s))
+    for s in sigmas
+    for f in frequencies
+    for t in range(thetas)
+  ]
 
 
 # Conv arithmetic.

@@ -13,6 +13,7 @@ Everything that reads a run (the trainer resuming it, init_from, visualisation,
 benchmarks, predict, evaluate, export) goes through this module: `load_run(workdir)`
 (or `run_variables` for a chosen checkpoint) is the one reader, and verifies what it reads.
 """
+
 import contextlib
 import errno
 import gc
@@ -37,14 +38,29 @@ from convjax.errors import UserError
 from convjax.models import get_model, with_num_classes
 
 # What a run owns in its workdir; `overwrite` removes exactly these.
-RUN_FILES = ("config.json", "history.json", "summary.txt", "model.png", "checkpoints", "plots", "tensorboard",
-             "features", "eval")
+RUN_FILES = (
+  "config.json",
+  "history.json",
+  "summary.txt",
+  "model.png",
+  "checkpoints",
+  "plots",
+  "tensorboard",
+  "features",
+  "eval",
+)
 
 
-_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a directory",
-           errno.EISDIR: "it is a directory", errno.ENOENT: "a directory on the way does not exist"}
+_CAUSES = {
+  errno.ENOSPC: "the disk is full",
+  errno.EDQUOT: "the disk quota is exceeded",
+  errno.EROFS: "the file system is read-only",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "permission denied",
+  errno.ENOTDIR: "a part of the path is a file, not a directory",
+  errno.EISDIR: "it is a directory",
+  errno.ENOENT: "a directory on the way does not exist",
+}
 
 
 @contextlib.contextmanager
@@ -60,9 +76,12 @@ def writing(what: str):
     raise
   except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types; only known causes are caught)
     text = str(e)
-    for marker, cause in (("No space left", "the disk is full"), ("RESOURCE_EXHAUSTED", "the disk is full"),
-                          ("Read-only file system", "the file system is read-only"),
-                          ("Permission denied", "permission denied")):
+    for marker, cause in (
+      ("No space left", "the disk is full"),
+      ("RESOURCE_EXHAUSTED", "the disk is full"),
+      ("Read-only file system", "the file system is read-only"),
+      ("Permission denied", "permission denied"),
+    ):
       if marker in text:
         raise UserError(f"cannot write {what}: {cause}") from None
     raise
@@ -90,8 +109,10 @@ def check_identity(workdir: str, config: ConfigDict) -> list:
   else:
     diff = []
   if diff and not config.overwrite:
-    raise UserError(f"{workdir} holds a run of a different config (differs in: {', '.join(diff)}); "
-                    "use another --workdir, or --config.overwrite=True to replace that run")
+    raise UserError(
+      f"{workdir} holds a run of a different config (differs in: {', '.join(diff)}); "
+      "use another --workdir, or --config.overwrite=True to replace that run"
+    )
   return diff
 
 
@@ -130,6 +151,7 @@ class TensorBoard:
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
+
       path = os.path.join(workdir, "tensorboard")
       with writing(path):
         self._writer = SummaryWriter(path, flush_secs=30)
@@ -150,11 +172,12 @@ class TensorBoard:
 
 # Checkpoints.
 
+
 class Restored(NamedTuple):
-  step: int            # train steps taken (the checkpoint's orbax step)
-  state: object        # TrainState
-  history: list        # the records of the epochs completed
-  sums: object         # the train metric sums of the epoch in progress (zeros at an epoch's end)
+  step: int  # train steps taken (the checkpoint's orbax step)
+  state: object  # TrainState
+  history: list  # the records of the epochs completed
+  sums: object  # the train metric sums of the epoch in progress (zeros at an epoch's end)
 
 
 def _val_accuracy(metrics) -> float:
@@ -165,12 +188,15 @@ def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
   """The orbax manager of <workdir>/checkpoints/<step>/ (step: train steps taken): keeps the
   latest `keep` checkpoints and the best epoch-end one by val_accuracy, also across resumes
   (the metric is stored with each epoch-end checkpoint; mid-epoch ones have none)."""
-  policy = pp.AnyPreservationPolicy([
+  policy = pp.AnyPreservationPolicy(
+    [
       pp.LatestN(n=keep),
       pp.BestN(get_metric_fn=_val_accuracy, n=1, keep_checkpoints_without_metrics=False),
-  ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_val_accuracy, best_mode="max",
-                                         create=True)
+    ]
+  )
+  options = ocp.CheckpointManagerOptions(
+    preservation_policy=policy, best_fn=_val_accuracy, best_mode="max", create=True
+  )
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   _repair_metrics(directory)
   with writing(directory):
@@ -181,7 +207,7 @@ def _repair_metrics(directory: str) -> None:
   """Rewrites a checkpoint's unreadable metrics file (orbax reads them all when it opens the
   directory, and fails on one) from the history saved with it; without one, removes it (the
   checkpoint then only counts as a latest one)."""
-  for step in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
+  for step in ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []:
     path = os.path.join(directory, str(step), "metrics", "metrics")
     try:
       with open(path) as f:
@@ -204,8 +230,11 @@ def _repair_metrics(directory: str) -> None:
         os.remove(path)
       else:
         write_json(path, metrics)
-    logging.warning("checkpoint %s had an unreadable metrics file: %s", os.path.dirname(os.path.dirname(path)),
-                    "rewritten from its history" if metrics else "removed (it now counts only as a latest one)")
+    logging.warning(
+      "checkpoint %s had an unreadable metrics file: %s",
+      os.path.dirname(os.path.dirname(path)),
+      "rewritten from its history" if metrics else "removed (it now counts only as a latest one)",
+    )
 
 
 def tree_digest(tree) -> dict:
@@ -227,9 +256,17 @@ def save(manager: ocp.CheckpointManager, step: int, state, history: list, sums, 
   progress = {"step": step, "epochs": len(history), "epoch_end": epoch_end}
   metrics = {"val_accuracy": history[-1]["val_accuracy"], "epoch": len(history)} if epoch_end else None
   digest = {"state": tree_digest(state), "sums": tree_digest(sums), "history": _json_digest(history)}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), sums=ocp.args.StandardSave(sums), history=ocp.args.JsonSave(history),
-      progress=ocp.args.JsonSave(progress), digest=ocp.args.JsonSave(digest)), metrics=metrics)
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      sums=ocp.args.StandardSave(sums),
+      history=ocp.args.JsonSave(history),
+      progress=ocp.args.JsonSave(progress),
+      digest=ocp.args.JsonSave(digest),
+    ),
+    metrics=metrics,
+  )
 
 
 def _json_digest(value) -> str:
@@ -279,8 +316,10 @@ def _drop_failed_reads() -> None:
   sys.unraisablehook = unraisable_hook
   # A read task collected later is reported by asyncio's exception handler, through logging.
   py_logging.getLogger("asyncio").addFilter(
-      lambda record: "Task exception was never retrieved" not in record.getMessage()
-      or "async_deserialize" not in record.getMessage())
+    lambda record: (
+      "Task exception was never retrieved" not in record.getMessage() or "async_deserialize" not in record.getMessage()
+    )
+  )
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_sums) -> Restored:
@@ -311,8 +350,10 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_
       got["sums"] = tree_digest(sums)
     differ = _differences(expected, got)
     if differ:
-      raise Damaged(f"{len(differ)} of its arrays differ from the digest saved with them "
-                    f"(first: {differ[0]}): the files were changed after they were written")
+      raise Damaged(
+        f"{len(differ)} of its arrays differ from the digest saved with them "
+        f"(first: {differ[0]}): the files were changed after they were written"
+      )
   return Restored(step, restored["state"], list(restored["history"]), sums)
 
 
@@ -337,16 +378,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, abstract_sums
       logging.warning("resuming from checkpoint %s, the newest that verifies", step)
     return restored
   if damaged:
-    raise UserError(f"no checkpoint in {manager.directory} can be restored: {'; '.join(damaged)}; move the "
-                    "checkpoints away (or --config.overwrite=True) to start the run again")
+    raise UserError(
+      f"no checkpoint in {manager.directory} can be restored: {'; '.join(damaged)}; move the "
+      "checkpoints away (or --config.overwrite=True) to start the run again"
+    )
   return None
 
 
 def best_checkpoint(manager: ocp.CheckpointManager) -> tuple:
   """(step, epoch) of the kept epoch-end checkpoint of highest val_accuracy (the earliest of
   equals), or None."""
-  scored = [(m["val_accuracy"], -m["epoch"], step) for step in manager.all_steps()
-            if (m := manager.metrics(step)) is not None]
+  scored = [
+    (m["val_accuracy"], -m["epoch"], step) for step in manager.all_steps() if (m := manager.metrics(step)) is not None
+  ]
   if not scored:
     return None
   _, neg_epoch, step = max(scored)
@@ -358,7 +402,7 @@ def checkpoints(workdir: str) -> dict:
   completed), 'epoch_end'}, or {} for a checkpoint from before it was recorded."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   out = {}
-  for step in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
+  for step in ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []:
     path = os.path.join(directory, str(step), "progress", "metadata")
     try:
       with open(path) as f:
@@ -386,6 +430,7 @@ def read_state(path: str):
 
 
 # Reading a run.
+
 
 def read_config(workdir: str) -> ConfigDict:
   """The run's config.json as a ConfigDict (fields it predates take their defaults)."""
@@ -448,8 +493,10 @@ def select_checkpoint(workdir: str, weights: str) -> tuple:
     return step, f"the latest checkpoint (step {step}; the run has no test record)"
   ends = [s for s, p in kept.items() if p.get("epoch_end") and p.get("epochs") == tested[-1]]
   if not ends:
-    raise UserError(f"the weights the run tested (epoch {tested[-1]}) are no longer kept in {workdir}/checkpoints;"
-                    " use --weights=last or --weights=best")
+    raise UserError(
+      f"the weights the run tested (epoch {tested[-1]}) are no longer kept in {workdir}/checkpoints;"
+      " use --weights=last or --weights=best"
+    )
   return ends[-1], f"the weights the run tested (epoch {tested[-1]}, step {ends[-1]})"
 
 
@@ -497,6 +544,7 @@ def model_of(config: ConfigDict):
   kwargs = dict(config.model_kwargs)
   if "num_classes" not in kwargs:
     from convjax.data.splits import open_source
+
     kwargs = with_num_classes(config.model, kwargs, len(open_source(config.data).classes))
   return get_model(config.model, **kwargs)
 

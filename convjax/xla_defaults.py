@@ -11,6 +11,7 @@ added only for the jaxlib versions it was measured on, only when XLA_FLAGS
 doesn't already set it, and never when CONVJAX_XLA_DEFAULTS=0. It only matters
 on CPU; the benchmark records the XLA_FLAGS in force.
 """
+
 import importlib.metadata
 import os
 

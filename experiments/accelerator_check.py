@@ -21,6 +21,7 @@ Each part is one of the project's binaries in its own process; <workdir>/check.j
 check.md gather them. --tiny runs each part for a few steps (CI runs it on CPU with
 TensorFlow blocked, so the check cannot rot).
 """
+
 import json
 import os
 import shutil
@@ -40,14 +41,16 @@ flags.DEFINE_string("prepare", None, "Write the carried data to this folder (nee
 flags.DEFINE_integer("cats_per_class", 500, "--prepare: training photos per class carried (validation: half).")
 flags.DEFINE_bool("tiny", False, "A few steps of each part (CI, on CPU).")
 
-CATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets",
-                    "cats_and_dogs_small")
+CATS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "cats_and_dogs_small"
+)
 
 
 def prepare(out: str, cats_per_class: int) -> None:
   """<out>/mnist/{train,test}.npz from TFDS' MNIST and <out>/cats_and_dogs_small, a copy of
   the first photos of each class: small enough to carry (the device machine reads no TFDS)."""
   from convjax.data import tfds as tfds_data
+
   if os.path.exists(out):
     raise UserError(f"--prepare={out} exists; give a new folder")
   builder = tfds_data.get_builder("mnist", None, False)
@@ -69,8 +72,10 @@ def binary(name: str, *args: str) -> tuple:
   result = subprocess.run([sys.executable, "-m", f"experiments.{name}", *args], capture_output=True, text=True)
   seconds = time.perf_counter() - started
   if result.returncode:
-    raise UserError(f"experiments.{name} failed (exit {result.returncode}): "
-                    f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+    raise UserError(
+      f"experiments.{name} failed (exit {result.returncode}): "
+      f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}"
+    )
   return seconds, result.stderr
 
 
@@ -81,34 +86,71 @@ def check(data: str, workdir: str, tiny: bool) -> dict:
       raise UserError(f"--data={data}: {path} is missing (write it with --prepare where TFDS is installed)")
   out = {}
   small = ["--config.steps=20", "--config.warmup=1", "--config.batch_sizes=(8,)"] if tiny else []
-  seconds, _ = binary("benchmark", "--config=configs/benchmark.py", f"--workdir={workdir}/benchmark", "--config.pipeline=",
-                      *(small + ["--config.models=mnist_convnet@28x28x1", "--config.precisions=('float32',)",
-                                 "--config.peers=", "--config.modes=('train',)"] if tiny else []))
+  seconds, _ = binary(
+    "benchmark",
+    "--config=configs/benchmark.py",
+    f"--workdir={workdir}/benchmark",
+    "--config.pipeline=",
+    *(
+      small
+      + [
+        "--config.models=mnist_convnet@28x28x1",
+        "--config.precisions=('float32',)",
+        "--config.peers=",
+        "--config.modes=('train',)",
+      ]
+      if tiny
+      else []
+    ),
+  )
   with open(os.path.join(workdir, "benchmark", "benchmark.json")) as f:
     out["benchmark"] = json.load(f)
   out["benchmark"]["seconds"] = seconds
 
   mnist_run = os.path.join(workdir, "mnist")
-  budget = ["--config.num_epochs=1", "--config.steps_per_epoch=20", "--config.target_accuracy=0.5"] if tiny else \
-      ["--config.num_epochs=10", "--config.target_accuracy=0.99", "--config.batch_size=128"]
-  seconds, _ = binary("train", "--config=configs/mnist.py", f"--workdir={mnist_run}", "--config.data.dataset=",
-                      f"--config.data.arrays={mnist}", "--config.data.train_split=train",
-                      "--config.data.test_split=test", "--config.data.validation_size=0.1",
-                      "--config.target_split=test", "--config.overwrite=True", *budget)
+  budget = (
+    ["--config.num_epochs=1", "--config.steps_per_epoch=20", "--config.target_accuracy=0.5"]
+    if tiny
+    else ["--config.num_epochs=10", "--config.target_accuracy=0.99", "--config.batch_size=128"]
+  )
+  seconds, _ = binary(
+    "train",
+    "--config=configs/mnist.py",
+    f"--workdir={mnist_run}",
+    "--config.data.dataset=",
+    f"--config.data.arrays={mnist}",
+    "--config.data.train_split=train",
+    "--config.data.test_split=test",
+    "--config.data.validation_size=0.1",
+    "--config.target_split=test",
+    "--config.overwrite=True",
+    *budget,
+  )
   history = run.read_history(mnist_run)
   epochs = [r for r in history if "epoch" in r]
   target = 0.5 if tiny else 0.99
   reached = [r for r in epochs if r.get("test_accuracy", 0) >= target]
-  out["mnist"] = {"wall_seconds": seconds, "epochs": len(epochs), "history": history, "target": target,
-                  "reached": reached[0] if reached else None,
-                  # the epochs' own seconds (training and evaluation; the first includes compilation)
-                  "epoch_seconds_to_target": sum(r["seconds"] for r in epochs[:epochs.index(reached[0]) + 1])
-                  if reached else None}
+  out["mnist"] = {
+    "wall_seconds": seconds,
+    "epochs": len(epochs),
+    "history": history,
+    "target": target,
+    "reached": reached[0] if reached else None,
+    # the epochs' own seconds (training and evaluation; the first includes compilation)
+    "epoch_seconds_to_target": sum(r["seconds"] for r in epochs[: epochs.index(reached[0]) + 1]) if reached else None,
+  }
 
   image = "@64x64" if tiny else "@150x150"
-  seconds, _ = binary("benchmark", "--config=configs/benchmark.py", f"--workdir={workdir}/cats", "--config.models=",
-                      f"--config.pipeline=cats_dogs_convnet:folder:{cats}/train{image}", "--config.pipeline_modes=('stream',)",
-                      f"--config.workers=({'0' if tiny else '0, 4'},)", *(small or ["--config.batch_sizes=(32, 128)"]))
+  seconds, _ = binary(
+    "benchmark",
+    "--config=configs/benchmark.py",
+    f"--workdir={workdir}/cats",
+    "--config.models=",
+    f"--config.pipeline=cats_dogs_convnet:folder:{cats}/train{image}",
+    "--config.pipeline_modes=('stream',)",
+    f"--config.workers=({'0' if tiny else '0, 4'},)",
+    *(small or ["--config.batch_sizes=(32, 128)"]),
+  )
   with open(os.path.join(workdir, "cats", "benchmark.json")) as f:
     rows = json.load(f)["pipeline"]
   for r in rows:
@@ -120,27 +162,44 @@ def check(data: str, workdir: str, tiny: bool) -> dict:
 
 def markdown(result: dict) -> str:
   env = result["benchmark"]["environment"]
-  lines = [f"# Accelerator check: {env['device_kind']} x{env['device_count']}, jax {env['jax']}", "",
-           "| model | input | batch | precision | mode | images/s | % of peak | peers (convjax / peer) |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Accelerator check: {env['device_kind']} x{env['device_count']}, jax {env['jax']}",
+    "",
+    "| model | input | batch | precision | mode | images/s | % of peak | peers (convjax / peer) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in result["benchmark"]["rows"]:
-    peers = "; ".join(f"{p} {v['images_per_second']:.0f} ({v['ratio']:.2f}x)" for p, v in r.get("peers", {}).items()
-                      if "ratio" in v)
-    lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
-                 f"{r['mode']} | {r['images_per_second']:.1f} | "
-                 f"{'-' if r['percent_of_peak'] is None else format(r['percent_of_peak'], '.1f')} | {peers} |")
+    peers = "; ".join(
+      f"{p} {v['images_per_second']:.0f} ({v['ratio']:.2f}x)" for p, v in r.get("peers", {}).items() if "ratio" in v
+    )
+    lines.append(
+      f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
+      f"{r['mode']} | {r['images_per_second']:.1f} | "
+      f"{'-' if r['percent_of_peak'] is None else format(r['percent_of_peak'], '.1f')} | {peers} |"
+    )
   m = result["mnist"]
   reached = m["reached"]
-  lines += ["", f"MNIST to test accuracy {m['target']}: " + (
+  lines += [
+    "",
+    f"MNIST to test accuracy {m['target']}: "
+    + (
       f"{reached['test_accuracy']:.4f} at epoch {reached['epoch']}, {m['epoch_seconds_to_target']:.1f} s of "
       f"epochs (the first includes compilation), {reached['wall_seconds']:.1f} s since the start"
-      if reached else f"not reached in {m['epochs']} epochs") +
-      f" (binary wall {m['wall_seconds']:.0f} s with start-up)", "",
-      "Cats vs dogs, JPEG folders streamed:", "",
-      "| batch | workers | real step ms | on-device step ms | input images/s | bound |", "|---|---|---|---|---|---|"]
-  lines += [f"| {r['batch']} | {r['workers']} | {1e3 * r['real_step_seconds_median']:.1f} | "
-            f"{1e3 * r['synthetic_step_seconds_median']:.1f} | {r['input_images_per_second'] or 0:,.0f} | {r['bound']} |"
-            for r in result["cats"]["rows"]]
+      if reached
+      else f"not reached in {m['epochs']} epochs"
+    )
+    + f" (binary wall {m['wall_seconds']:.0f} s with start-up)",
+    "",
+    "Cats vs dogs, JPEG folders streamed:",
+    "",
+    "| batch | workers | real step ms | on-device step ms | input images/s | bound |",
+    "|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['batch']} | {r['workers']} | {1e3 * r['real_step_seconds_median']:.1f} | "
+    f"{1e3 * r['synthetic_step_seconds_median']:.1f} | {r['input_images_per_second'] or 0:,.0f} | {r['bound']} |"
+    for r in result["cats"]["rows"]
+  ]
   return "\n".join(lines) + "\n"
 
 

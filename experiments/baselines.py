@@ -9,6 +9,7 @@ classic models fit on train + validation (flattened pixels in [0, 1]) and all
 are scored on the same test images. Writes baselines.json, baselines.md (a
 table) and baselines.png (a bar chart). Re-running resumes or reuses the runs.
 """
+
 import json
 import os
 import time
@@ -23,8 +24,7 @@ from convjax.data.splits import open_source
 from convjax.train.loop import train_and_evaluate
 from convjax.viz.plots import bar_chart
 
-config_flags.DEFINE_config_file("config", None, "The CNN's experiment config (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "The CNN's experiment config (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for the runs and the comparison.")
 flags.DEFINE_integer("mlp_epochs", 50, "Epochs for the MLP (the notes: 50).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -35,11 +35,12 @@ def classic_models(seed: int = 0) -> dict:
   from sklearn.linear_model import LogisticRegression
   from sklearn.neighbors import KNeighborsClassifier
   from sklearn.svm import SVC
+
   return {
-      "SVM (RBF)": SVC(gamma="scale", decision_function_shape="ovo"),
-      "kNN (k=3)": KNeighborsClassifier(n_neighbors=3),
-      "Logistic regression": LogisticRegression(solver="lbfgs", max_iter=1000, random_state=seed),
-      "Random forest (100 trees)": RandomForestClassifier(n_estimators=100, random_state=seed),
+    "SVM (RBF)": SVC(gamma="scale", decision_function_shape="ovo"),
+    "kNN (k=3)": KNeighborsClassifier(n_neighbors=3),
+    "Logistic regression": LogisticRegression(solver="lbfgs", max_iter=1000, random_state=seed),
+    "Random forest (100 trees)": RandomForestClassifier(n_estimators=100, random_state=seed),
   }
 
 
@@ -55,11 +56,11 @@ def compare(config, workdir: str, mlp_epochs: int) -> list:
   if "test" not in splits:
     raise ValueError("the config has no test split to compare on")
   rescale = config.data.rescale
-  x_train, y_train = map(np.concatenate, zip(flat_arrays(splits["train"], rescale),
-                                              flat_arrays(splits["validation"], rescale), strict=True))
+  x_train, y_train = map(
+    np.concatenate, zip(flat_arrays(splits["train"], rescale), flat_arrays(splits["validation"], rescale), strict=True)
+  )
   x_test, y_test = flat_arrays(splits["test"], rescale)
-  logging.info("classic models: %d train, %d test, %d features", *x_train.shape[:1], len(y_test),
-               x_train.shape[1])
+  logging.info("classic models: %d train, %d test, %d features", *x_train.shape[:1], len(y_test), x_train.shape[1])
   results = []
   for name, model in classic_models(config.seed).items():
     t0 = time.perf_counter()
@@ -76,8 +77,14 @@ def compare(config, workdir: str, mlp_epochs: int) -> list:
     t0 = time.perf_counter()
     subdir = "mlp" if run_config is mlp else "cnn"
     history = train_and_evaluate(run_config, os.path.join(workdir, subdir))
-    results.append({"method": name, "test_accuracy": history[-1]["test_accuracy"],
-                    "seconds": time.perf_counter() - t0, "epochs": len(history) - 1})
+    results.append(
+      {
+        "method": name,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "seconds": time.perf_counter() - t0,
+        "epochs": len(history) - 1,
+      }
+    )
   return results
 
 
@@ -88,8 +95,13 @@ def write_report(results: list, workdir: str, title: str) -> None:
   lines += [f"| {r['method']} | {r['test_accuracy']:.4f} | {r['seconds']:.1f} |" for r in results]
   with open(os.path.join(workdir, "baselines.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  bar_chart([r["method"] for r in results], [r["test_accuracy"] for r in results],
-            os.path.join(workdir, "baselines.png"), ylabel="test accuracy", title=title)
+  bar_chart(
+    [r["method"] for r in results],
+    [r["test_accuracy"] for r in results],
+    os.path.join(workdir, "baselines.png"),
+    ylabel="test accuracy",
+    title=title,
+  )
 
 
 def main(argv):

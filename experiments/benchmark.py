@@ -9,6 +9,7 @@ benchmark.png (images/s per row). Run it on an otherwise idle machine: other
 processes on the same cores make every number wrong. --compare prints, per row
 present in both files, the ratio of images/s (b / a): two devices, two versions.
 """
+
 import json
 import os
 import subprocess
@@ -28,18 +29,31 @@ flags.DEFINE_string("workdir", None, "Where benchmark.json/.md/.png go.")
 flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row ratios and exit.")
 
 KEY = ("model", "input", "batch", "precision", "mode")
-PEERS = {"keras_jax": ["--framework=keras"], "keras_tensorflow": ["--framework=keras"],
-         "torch_eager": ["--framework=torch"], "torch_compile": ["--framework=torch", "--compile"]}
+PEERS = {
+  "keras_jax": ["--framework=keras"],
+  "keras_tensorflow": ["--framework=keras"],
+  "torch_eager": ["--framework=torch"],
+  "torch_compile": ["--framework=torch", "--compile"],
+}
 KERAS_BACKENDS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
 
 
 def run_peer(peer: str, row: dict, config) -> dict:
   """The row's measurement in a Keras 3 process, and convjax's images/s over the peer's."""
   env = {**os.environ, "KERAS_BACKEND": KERAS_BACKENDS.get(peer, "jax")}
-  args = [sys.executable, "-m", "convjax.peers", *PEERS[peer], f"--model={row['model']}",
-          f"--input={'x'.join(map(str, row['input']))}", f"--batch={row['batch']}",
-          f"--precision={row['precision']}", f"--mode={row['mode']}", f"--steps={config.steps}",
-          f"--warmup={config.warmup}"]
+  args = [
+    sys.executable,
+    "-m",
+    "convjax.peers",
+    *PEERS[peer],
+    f"--model={row['model']}",
+    f"--input={'x'.join(map(str, row['input']))}",
+    f"--batch={row['batch']}",
+    f"--precision={row['precision']}",
+    f"--mode={row['mode']}",
+    f"--steps={config.steps}",
+    f"--warmup={config.warmup}",
+  ]
   result = subprocess.run(args, env=env, capture_output=True, text=True)
   lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
   if result.returncode or not lines:
@@ -69,6 +83,7 @@ def _label(row):
 def parse_models(spec: str) -> list:
   """'name@HxWxC,...' -> [(name, (H, W, C)), ...]; an unknown name or bad shape is a UserError."""
   from convjax.models import MODELS
+
   out = []
   for item in (s.strip() for s in spec.split(",") if s.strip()):
     name, _, shape = item.partition("@")
@@ -86,44 +101,69 @@ def parse_models(spec: str) -> list:
 
 def markdown(result: dict) -> str:
   env = result["environment"]
-  lines = [f"{env['device_kind']} x{env['device_count']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
-           f"f32 matmul precision: {env['matmul_precision']}"
-           + (f", XLA_FLAGS: `{env['xla_flags']}`" if env.get("xla_flags") else "")
-           + (f", measured sgemm peak {env['cpu_peak_tflops']:.3f} TFLOP/s" if env.get("cpu_peak_tflops") else ""),
-           "", "| model | input | batch | precision | mode | compile s | step ms (median) | IQR ms | images/s "
-           "| GFLOP/image | TFLOP/s | % of peak | peers: images/s (convjax / peer) |", "|" + "---|" * 13]
+  lines = [
+    f"{env['device_kind']} x{env['device_count']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
+    f"f32 matmul precision: {env['matmul_precision']}"
+    + (f", XLA_FLAGS: `{env['xla_flags']}`" if env.get("xla_flags") else "")
+    + (f", measured sgemm peak {env['cpu_peak_tflops']:.3f} TFLOP/s" if env.get("cpu_peak_tflops") else ""),
+    "",
+    "| model | input | batch | precision | mode | compile s | step ms (median) | IQR ms | images/s "
+    "| GFLOP/image | TFLOP/s | % of peak | peers: images/s (convjax / peer) |",
+    "|" + "---|" * 13,
+  ]
   for r in result["rows"]:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
-                 f"{r['mode']} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
-                 f"{1e3 * r['step_seconds_iqr'][0]:.2f}-{1e3 * r['step_seconds_iqr'][1]:.2f} | "
-                 f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
-                 f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
-                 + "; ".join(f"{p} {v['images_per_second']:.1f} ({v['ratio']:.2f}x)" if "ratio" in v
-                             else f"{p}: {v['error'].replace('|', '/')}" for p, v in r.get("peers", {}).items()) + " |")
+    lines.append(
+      f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
+      f"{r['mode']} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
+      f"{1e3 * r['step_seconds_iqr'][0]:.2f}-{1e3 * r['step_seconds_iqr'][1]:.2f} | "
+      f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
+      f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
+      + "; ".join(
+        f"{p} {v['images_per_second']:.1f} ({v['ratio']:.2f}x)"
+        if "ratio" in v
+        else f"{p}: {v['error'].replace('|', '/')}"
+        for p, v in r.get("peers", {}).items()
+      )
+      + " |"
+    )
   if result.get("pipeline"):
-    lines += ["", "Input pipeline (a train step fed by the real input path vs on a batch already on the devices; "
-              "input: the streamed batches alone):", "",
-              "| model | data | pipeline | workers | batch | real step ms | synthetic step ms | overhead | input images/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['model']} | {p['data']} | {p['pipeline']} | {p['workers']} | {p['batch']} | "
-              f"{1e3 * p['real_step_seconds_median']:.2f} | {1e3 * p['synthetic_step_seconds_median']:.2f} | "
-              f"{p['overhead_percent']:.1f}% | "
-              f"{'-' if p['input_images_per_second'] is None else format(p['input_images_per_second'], ',.0f')} |"
-              for p in result["pipeline"]]
+    lines += [
+      "",
+      "Input pipeline (a train step fed by the real input path vs on a batch already on the devices; "
+      "input: the streamed batches alone):",
+      "",
+      "| model | data | pipeline | workers | batch | real step ms | synthetic step ms | overhead | input images/s |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {p['model']} | {p['data']} | {p['pipeline']} | {p['workers']} | {p['batch']} | "
+      f"{1e3 * p['real_step_seconds_median']:.2f} | {1e3 * p['synthetic_step_seconds_median']:.2f} | "
+      f"{p['overhead_percent']:.1f}% | "
+      f"{'-' if p['input_images_per_second'] is None else format(p['input_images_per_second'], ',.0f')} |"
+      for p in result["pipeline"]
+    ]
   return "\n".join(lines) + "\n"
 
 
 def write_profile(path: str, label: str, row: dict) -> None:
   """A row's op_profile as a markdown table."""
   p = row["profile"]
-  lines = [f"# {label}: where the step's time goes", "",
-           f"{p['step_ms']:.2f} ms a step while traced ({1e3 * row['step_seconds_median']:.2f} ms untraced "
-           f"median); {p['traced_ms']:.2f} ms in traced HLO instructions, {p['untraced_ms']:.2f} ms in none "
-           "(library calls such as XLA:CPU's Eigen convolutions, and waiting).", "",
-           "| HLO instruction | kind | ms a step | % of step | calls a step | JAX op |", "|---|---|---|---|---|---|"]
-  lines += [f"| {o['op']} | {o['kind']} | {o['ms']:.2f} | {100 * o['ms'] / p['step_ms']:.1f} | {o['calls']:g} | "
-            f"{o['source'] or '- (made by an XLA rewrite)'} |" for o in p["ops"]]
+  lines = [
+    f"# {label}: where the step's time goes",
+    "",
+    f"{p['step_ms']:.2f} ms a step while traced ({1e3 * row['step_seconds_median']:.2f} ms untraced "
+    f"median); {p['traced_ms']:.2f} ms in traced HLO instructions, {p['untraced_ms']:.2f} ms in none "
+    "(library calls such as XLA:CPU's Eigen convolutions, and waiting).",
+    "",
+    "| HLO instruction | kind | ms a step | % of step | calls a step | JAX op |",
+    "|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {o['op']} | {o['kind']} | {o['ms']:.2f} | {100 * o['ms'] / p['step_ms']:.1f} | {o['calls']:g} | "
+    f"{o['source'] or '- (made by an XLA rewrite)'} |"
+    for o in p["ops"]
+  ]
   with open(path, "w") as out:
     out.write("\n".join(lines) + "\n")
   logging.info("profile of %s: %s", label, path)
@@ -167,8 +207,11 @@ def main(argv):
     env["preset"] = benchmark_config.resolve(config, env["platform"])
   except ValueError as e:
     raise UserError(f"config.preset: {e}") from None
-  logging.info("grid: the %s preset (%s)", env["preset"], ", ".join(f"{k}={config[k]!r}" for k in
-                                                                 benchmark_config.PRESETS[env["preset"]]))
+  logging.info(
+    "grid: the %s preset (%s)",
+    env["preset"],
+    ", ".join(f"{k}={config[k]!r}" for k in benchmark_config.PRESETS[env["preset"]]),
+  )
   cpu_peak = benchmark.measured_cpu_peak() if env["platform"] == "cpu" else None
   if cpu_peak:
     env["cpu_peak_tflops"] = cpu_peak / 1e12
@@ -200,40 +243,67 @@ def main(argv):
       for precision in config.precisions:
         for mode in config.modes:
           label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}"
-          row = benchmark.benchmark_row(name, {}, input_shape, batch, precision, mode, config.steps,
-                                        config.warmup, cpu_peak, config.profile_steps,
-                                        os.path.join(f.workdir, "profile", label))
+          row = benchmark.benchmark_row(
+            name,
+            {},
+            input_shape,
+            batch,
+            precision,
+            mode,
+            config.steps,
+            config.warmup,
+            cpu_peak,
+            config.profile_steps,
+            os.path.join(f.workdir, "profile", label),
+          )
           if "profile" in row:
             write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
           row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
           rows.append(row)
           _write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
-          logging.info("%s: %.1f images/s (compile %.1fs) %s", _label(row), row["images_per_second"],
-                       row["compile_seconds"],
-                       " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v))
+          logging.info(
+            "%s: %.1f images/s (compile %.1fs) %s",
+            _label(row),
+            row["images_per_second"],
+            row["compile_seconds"],
+            " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v),
+          )
   for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
     model_name, _, spec = item.partition(":")
     if not spec:
-      raise UserError(f"config.pipeline entry {item!r}: expected MODEL:DATA (DATA: a TFDS name, NAME@DIR, "
-                      "or folder:PATH[@HxW])")
+      raise UserError(
+        f"config.pipeline entry {item!r}: expected MODEL:DATA (DATA: a TFDS name, NAME@DIR, or folder:PATH[@HxW])"
+      )
     streams = open_source(benchmark.data_config(spec)).streams
     for kind in config.pipeline_modes:
       if kind == "stream" and not streams:
         logging.info("pipeline %s: %s cannot stream (TFRecord); skipped", item, spec)
         continue
-      for workers in (config.workers if kind == "stream" else (0,)):
+      for workers in config.workers if kind == "stream" else (0,):
         for batch in config.batch_sizes:
-          pipeline.append(benchmark.pipeline_overhead(model_name, spec, kind, workers, batch, config.steps,
-                                                      config.warmup))
+          pipeline.append(
+            benchmark.pipeline_overhead(model_name, spec, kind, workers, batch, config.steps, config.warmup)
+          )
           _write_json(os.path.join(f.workdir, "benchmark.json"), result)
-          logging.info("pipeline %s %s (%d workers) b%d: overhead %.1f%%", item, kind, workers, batch,
-                       pipeline[-1]["overhead_percent"])
+          logging.info(
+            "pipeline %s %s (%d workers) b%d: overhead %.1f%%",
+            item,
+            kind,
+            workers,
+            batch,
+            pipeline[-1]["overhead_percent"],
+          )
   _write_json(os.path.join(f.workdir, "benchmark.json"), result)
   with open(os.path.join(f.workdir, "benchmark.md"), "w") as out:
     out.write(markdown(result))
   if rows:
-    bar_chart([_label(r) for r in rows], [r["images_per_second"] for r in rows],
-              os.path.join(f.workdir, "benchmark.png"), ylabel="images/s", title=env["device_kind"])
+    bar_chart(
+      [_label(r) for r in rows],
+      [r["images_per_second"] for r in rows],
+      os.path.join(f.workdir, "benchmark.png"),
+      ylabel="images/s",
+      title=env["device_kind"],
+    )
   print(markdown(result))
 
 

@@ -10,6 +10,7 @@ wrong examples with their true and predicted labels). The split is read as the r
 read it and evaluated in its eval batches with the weights --weights names
 (default: those its test used, so the accuracy is history.json's test_accuracy).
 """
+
 import csv
 import os
 
@@ -54,19 +55,30 @@ def main(argv):
     writer = csv.writer(fh)
     writer.writerow(["row", "label", "predicted", "probability", "correct"])
     for i, (label, predicted) in enumerate(zip(result.labels, result.predicted, strict=True)):
-      writer.writerow([i, classes[label], classes[predicted], f"{result.probabilities[i, predicted]:.6f}",
-                       int(label == predicted)])
+      writer.writerow(
+        [i, classes[label], classes[predicted], f"{result.probabilities[i, predicted]:.6f}", int(label == predicted)]
+      )
   with run.writing(out):
-    plots.confusion_matrix(np.asarray(scores["confusion_matrix"]), classes,
-                           os.path.join(out, "confusion_matrix.png"),
-                           f"{f.split}: accuracy {scores['accuracy']:.4f} ({scores['count']:,} images)")
+    plots.confusion_matrix(
+      np.asarray(scores["confusion_matrix"]),
+      classes,
+      os.path.join(out, "confusion_matrix.png"),
+      f"{f.split}: accuracy {scores['accuracy']:.4f} ({scores['count']:,} images)",
+    )
     if result.wrong:
-      plots.image_grid([image for _, _, image in result.wrong], os.path.join(out, "misclassified.png"),
-                       cols=min(4, len(result.wrong)),
-                       titles=[f"row {row}: true {classes[result.labels[row]]}\npredicted "
-                               f"{classes[result.predicted[row]]} ({p:.3f})" for p, row, _ in result.wrong])
-  print(f"{f.split} ({scores['count']:,} images): loss {scores['loss']:.4f}  accuracy {scores['accuracy']:.4f}" +
-        (f"  top-5 {scores['top5_accuracy']:.4f}" if "top5_accuracy" in scores else ""))
+      plots.image_grid(
+        [image for _, _, image in result.wrong],
+        os.path.join(out, "misclassified.png"),
+        cols=min(4, len(result.wrong)),
+        titles=[
+          f"row {row}: true {classes[result.labels[row]]}\npredicted {classes[result.predicted[row]]} ({p:.3f})"
+          for p, row, _ in result.wrong
+        ],
+      )
+  print(
+    f"{f.split} ({scores['count']:,} images): loss {scores['loss']:.4f}  accuracy {scores['accuracy']:.4f}"
+    + (f"  top-5 {scores['top5_accuracy']:.4f}" if "top5_accuracy" in scores else "")
+  )
   width = max(len(c) for c in classes[:200]) if classes else 5
   print(f"{'class':<{width}}  precision  recall  support")
   for name, row in list(scores["per_class"].items())[:200]:

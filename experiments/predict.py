@@ -13,6 +13,7 @@ is printed and, with --output, written as CSV or JSON. Unreadable files are list
 and skipped. --export writes the run's classifier (pixels to probabilities) as a
 jax.export module loadable with jax alone (convjax.inference.export).
 """
+
 import csv
 import json
 
@@ -45,13 +46,19 @@ def write_table(path: str, rows: list, skipped: list, k: int) -> None:
     raise UserError(f"--output={path!r}: give a .csv or .json file")
   with run.writing(path), open(path, "w", newline="") as f:
     if path.endswith(".json"):
-      json.dump({"predictions": [{"file": file, "top": [{"index": i, "class": c, "probability": p} for i, c, p in top]}
-                                 for file, top in rows],
-                 "skipped": [{"file": file, "reason": why} for file, why in skipped]}, f, indent=1)
+      json.dump(
+        {
+          "predictions": [
+            {"file": file, "top": [{"index": i, "class": c, "probability": p} for i, c, p in top]} for file, top in rows
+          ],
+          "skipped": [{"file": file, "reason": why} for file, why in skipped],
+        },
+        f,
+        indent=1,
+      )
       return
     writer = csv.writer(f)
-    writer.writerow(["file"] + [f"{what}_{j + 1}" for j in range(k) for what in ("class", "probability")] +
-                    ["skipped"])
+    writer.writerow(["file"] + [f"{what}_{j + 1}" for j in range(k) for what in ("class", "probability")] + ["skipped"])
     for file, top in rows:
       writer.writerow([file] + [v for _, c, p in top for v in (c, f"{p:.6f}")] + [""] * 2 * (k - len(top)) + [""])
     for file, why in skipped:

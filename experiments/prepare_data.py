@@ -8,6 +8,7 @@ dog.0.jpg, ...). Each class's first 1000 files by number go to train/, the
 next 500 to validation/, the next 500 to test/ (--counts), into folders named
 <class>s: train/cats, train/dogs, ... An existing --output is never touched.
 """
+
 import os
 import re
 import shutil
@@ -41,8 +42,9 @@ def _index(names):
 def prepare(source: str, output: str, counts=(1000, 500, 500)) -> dict:
   """Writes the layout; returns {split: {class folder: count}}."""
   if os.path.exists(output):
-    raise UserError(f"output {output!r} already exists; refusing to overwrite it "
-                    "(remove it or choose another --output)")
+    raise UserError(
+      f"output {output!r} already exists; refusing to overwrite it (remove it or choose another --output)"
+    )
   if not os.path.exists(source):
     raise UserError(f"source {source!r} does not exist")
   archive = zipfile.ZipFile(source) if zipfile.is_zipfile(source) else None
@@ -55,8 +57,10 @@ def prepare(source: str, output: str, counts=(1000, 500, 500)) -> dict:
   need = sum(counts)
   for c, files in index.items():
     if len(files) < need:
-      raise UserError(f"source {source!r} has {len(files)} {c} files, fewer than the {need} "
-                      f"that --counts={','.join(map(str, counts))} takes")
+      raise UserError(
+        f"source {source!r} has {len(files)} {c} files, fewer than the {need} "
+        f"that --counts={','.join(map(str, counts))} takes"
+      )
   # Build beside the output and rename at the end: a failure leaves no half-made folder.
   parent = os.path.dirname(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)
@@ -68,7 +72,7 @@ def prepare(source: str, output: str, counts=(1000, 500, 500)) -> dict:
       for split, n in zip(SPLITS, counts, strict=True):
         folder = os.path.join(staging, split, c + "s")
         os.makedirs(folder)
-        for _, name in files[start:start + n]:
+        for _, name in files[start : start + n]:
           target = os.path.join(folder, os.path.basename(name))
           if archive:
             with archive.open(name) as src, open(target, "wb") as dst:
@@ -96,8 +100,7 @@ def main(argv):
     raise UserError(f"--counts must be integers, got {flags.FLAGS.counts}") from None
   if len(counts) != 3 or min(counts) <= 0:
     raise UserError(f"--counts needs three positive numbers (train, validation, test), got {counts}")
-  summary = prepare(os.path.expanduser(flags.FLAGS.source), os.path.expanduser(flags.FLAGS.output),
-                    counts)
+  summary = prepare(os.path.expanduser(flags.FLAGS.source), os.path.expanduser(flags.FLAGS.output), counts)
   logging.info("wrote %s: %s", flags.FLAGS.output, summary)
 
 

@@ -7,6 +7,7 @@ The image is loaded like the training data (config.data.image_size and
 channels) and passed through the configured augmentation (config.augment),
 the same jitted function the train step runs; the first tile is the original.
 """
+
 import jax
 import numpy as np
 from absl import app, flags, logging
@@ -19,8 +20,7 @@ from convjax.data.folders import decode_image
 from convjax.errors import UserError
 from convjax.viz.plots import image_grid
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("image", None, "Image file to augment.")
 flags.DEFINE_string("output", None, "PNG to write.")
 flags.DEFINE_integer("num", 7, "Number of augmented versions.")
@@ -36,13 +36,16 @@ def main(argv):
   config_lib.validate(config)
   augment = augment_lib.from_config(config.augment)
   if augment is None:
-    raise UserError("the config has no augmentation (every config.augment range is 0 and "
-                    "horizontal_flip is off)")
+    raise UserError("the config has no augmentation (every config.augment range is 0 and horizontal_flip is off)")
   image = decode_image(f.image, config.data.channels, tuple(config.data.image_size) or None)
   batch = np.repeat(image[None].astype(np.float32), f.num, axis=0)
   out = np.asarray(jax.jit(augment)(jax.random.key(f.seed), batch))
-  image_grid(np.concatenate([image[None], out]), f.output, cols=4,
-             titles=["original"] + [f"augmented {i + 1}" for i in range(f.num)])
+  image_grid(
+    np.concatenate([image[None], out]),
+    f.output,
+    cols=4,
+    titles=["original"] + [f"augmented {i + 1}" for i in range(f.num)],
+  )
   logging.info("wrote %s", f.output)
 
 

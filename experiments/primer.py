@@ -6,6 +6,7 @@ r"""The convolution primer's figures: Sobel edges and a Gabor filter bank on a r
 Writes sobel.png (image, Gx, Gy, gradient magnitude), gabor_bank.png (the
 kernels) and gabor_responses.png (each kernel's response map on the image).
 """
+
 import os
 
 import numpy as np
@@ -41,19 +42,21 @@ def main(argv):
 
   gx, gy, magnitude = primer.sobel(gray)
   maps = [gray, np.abs(gx), np.abs(gy), magnitude]
-  image_grid(np.stack([_normalise(m)[..., None] for m in maps]), os.path.join(f.output_dir, "sobel.png"),
-             cols=4, titles=["image", "|Gx| (vertical edges)", "|Gy| (horizontal edges)", "magnitude"],
-             size=3.5)
+  image_grid(
+    np.stack([_normalise(m)[..., None] for m in maps]),
+    os.path.join(f.output_dir, "sobel.png"),
+    cols=4,
+    titles=["image", "|Gx| (vertical edges)", "|Gy| (horizontal edges)", "magnitude"],
+    size=3.5,
+  )
 
   bank = primer.gabor_bank()
   titles = [f"f={fr:g} θ={np.degrees(t):.0f}° σ={s:g}" for fr, t, s, _ in bank]
   side = max(k.shape[0] for *_, k in bank)
   kernels = np.stack([np.pad(_normalise(k), (side - k.shape[0]) // 2)[..., None] for *_, k in bank])
   image_grid(kernels, os.path.join(f.output_dir, "gabor_bank.png"), cols=4, titles=titles)
-  responses = np.stack([_normalise(np.abs(primer.conv2d(gray, k, padding="same")))[..., None]
-                        for *_, k in bank])
-  image_grid(responses, os.path.join(f.output_dir, "gabor_responses.png"), cols=4, titles=titles,
-             size=3.0)
+  responses = np.stack([_normalise(np.abs(primer.conv2d(gray, k, padding="same")))[..., None] for *_, k in bank])
+  image_grid(responses, os.path.join(f.output_dir, "gabor_responses.png"), cols=4, titles=titles, size=3.0)
   logging.info("wrote sobel.png, gabor_bank.png, gabor_responses.png to %s", f.output_dir)
 
 

@@ -5,14 +5,14 @@ r"""Trains a model from a config file and writes the run to --workdir.
 
 Running the same command again resumes from the workdir's latest checkpoint.
 """
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from convjax import cli
 from convjax.train.loop import train_and_evaluate
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, history, plots.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -17,6 +17,7 @@ base) the ImageNet model (configs/visualize.py). Every method is a JAX
 transform of the model's apply function (convjax.viz); convjax.viz.figures
 draws them, each taking its own config.viz.<method> options.
 """
+
 import json
 import os
 import time
@@ -40,15 +41,20 @@ from convjax.viz import figures, layers
 config_flags.DEFINE_config_file("config", "configs/visualize.py", "Visualisation config.", lock_config=True)
 flags.DEFINE_string("workdir", None, "A trained run's workdir (figures go to <workdir>/viz).")
 flags.DEFINE_string("image", None, "The image to explain.")
-flags.DEFINE_string("images", None, "Many images (a folder, recursively, or a glob): Grad-CAM and saliency "
-                    "of each, one grid per method.")
+flags.DEFINE_string(
+  "images", None, "Many images (a folder, recursively, or a glob): Grad-CAM and saliency of each, one grid per method."
+)
 flags.mark_flags_as_required(["workdir"])
 
 METHODS = ("activations", "first_layer", "filters", "top_images", "gradcam", "saliency", "occlusion")
 CLASS_METHODS = ("top_images", "gradcam", "saliency", "occlusion")  # need a classifier / a run's data
 # Options of config.viz.<method> that count something: each must be >= 1.
-COUNTS = {"filters": ("num_filters", "size", "octaves"), "saliency": ("smoothgrad_samples", "ig_steps"),
-          "occlusion": ("patch", "stride"), "top_images": ("k",)}
+COUNTS = {
+  "filters": ("num_filters", "size", "octaves"),
+  "saliency": ("smoothgrad_samples", "ig_steps"),
+  "occlusion": ("patch", "stride"),
+  "top_images": ("k",),
+}
 
 
 def check_options(viz) -> list:
@@ -62,8 +68,10 @@ def check_options(viz) -> list:
       if viz[method][key] < 1:
         raise UserError(f"config.viz.{method}.{key} must be >= 1, got {viz[method][key]}")
   if viz.model and "top_images" in methods:
-    raise UserError(f"config.viz.methods: top_images needs a training run's images; {viz.model} has none "
-                    f"(--config.viz.methods={','.join(m for m in methods if m != 'top_images')})")
+    raise UserError(
+      f"config.viz.methods: top_images needs a training run's images; {viz.model} has none "
+      f"(--config.viz.methods={','.join(m for m in methods if m != 'top_images')})"
+    )
   return methods
 
 
@@ -110,14 +118,24 @@ def main(argv):
   if not classifier:
     refused = [m for m in methods if m in CLASS_METHODS]
     if refused:
-      raise UserError(f"config.viz.methods {refused} need a classifier and a run's data; "
-                      f"{viz.model} is a conv base: use activations, first_layer, filters")
+      raise UserError(
+        f"config.viz.methods {refused} need a classifier and a run's data; "
+        f"{viz.model} is a conv base: use activations, first_layer, filters"
+      )
   if flags.FLAGS.images:
-    return explain_images(viz, methods, model, variables, prepare, (size, channels), name,
-                          classes_of(viz, data, model, variables, size, channels), workdir)
+    return explain_images(
+      viz,
+      methods,
+      model,
+      variables,
+      prepare,
+      (size, channels),
+      name,
+      classes_of(viz, data, model, variables, size, channels),
+      workdir,
+    )
   image = decode_image(flags.FLAGS.image, channels, size)
-  subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None,
-                            prepare)
+  subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None, prepare)
   subject, probability, draw = figure_functions(viz, methods, subject, name, classifier, data, workdir)
   timings = {}
   for method in methods:
@@ -126,8 +144,16 @@ def main(argv):
     timings[method] = round(time.perf_counter() - t0, 3)
     logging.info("%s: %.2fs", method, timings[method])
   with open(os.path.join(workdir, "viz", "timings.json"), "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "class": subject.class_index,
-               "probability": probability, "seconds": timings}, f, indent=1)
+    json.dump(
+      {
+        "device": jax.devices()[0].device_kind,
+        "class": subject.class_index,
+        "probability": probability,
+        "seconds": timings,
+      },
+      f,
+      indent=1,
+    )
 
 
 def classes_of(viz, data, model, variables, size, channels) -> tuple:
@@ -165,8 +191,9 @@ def explain_images(viz, methods, model, variables, prepare, shape, name: str, cl
       logging.warning("skipped %s", e)
   if not images:
     raise UserError(f"--images={flags.FLAGS.images!r}: no image could be read")
-  true = [os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else "?"
-          for p in names]
+  true = [
+    os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else "?" for p in names
+  ]
   out = os.path.join(workdir, "viz")
   os.makedirs(out, exist_ok=True)
   layer = by_name.get(viz.gradcam.layer, (conv_paths or [None])[-1])
@@ -189,8 +216,9 @@ def figure_functions(viz, methods, subject, name: str, classifier: bool, data, w
   if needs_conv and not conv_paths:
     raise UserError(f"config.viz.methods {needs_conv} need a Conv2D layer; {name} has none")
   if viz.occlusion.patch > min(input_shape[:2]) and "occlusion" in methods:
-    raise UserError(f"config.viz.occlusion.patch={viz.occlusion.patch} is larger than the "
-                    f"{input_shape[0]}x{input_shape[1]} input")
+    raise UserError(
+      f"config.viz.occlusion.patch={viz.occlusion.patch} is larger than the {input_shape[0]}x{input_shape[1]} input"
+    )
   by_name = {p[-1]: p for p in conv_paths}
   for method in ("gradcam", "top_images"):
     if viz[method].layer and viz[method].layer not in by_name:
@@ -221,7 +249,10 @@ def figure_functions(viz, methods, subject, name: str, classifier: bool, data, w
     return figures.top_images(subject, split.read(0, split.size)["image"], path, options.filter, options.k, out)
 
   filter_paths = [p for p in chosen if p in conv_paths] if names else conv_paths[:1] + conv_paths[-1:]
-  return subject, prob, {
+  return (
+    subject,
+    prob,
+    {
       "activations": lambda: figures.layer_activations(subject, chosen, out),
       "first_layer": lambda: figures.first_layer_kernels(variables, conv_paths[0], out),
       "filters": lambda: figures.filter_patterns(subject, filter_paths, out, seed=viz.seed, **viz.filters),
@@ -229,7 +260,8 @@ def figure_functions(viz, methods, subject, name: str, classifier: bool, data, w
       "gradcam": lambda: figures.gradcam(subject, by_name.get(viz.gradcam.layer, last_conv), out),
       "saliency": lambda: figures.saliency_maps(subject, out, seed=viz.seed, **viz.saliency),
       "occlusion": lambda: figures.occlusion_map(subject, out, **viz.occlusion),
-  }
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -18,14 +18,16 @@ if "CONVJAX_WEIGHTS_DIR" not in os.environ and (SHARED / "weights").is_dir():
 def run_binary(module: str, *args, env=None, timeout=900):
   """Runs `python -m module args` from the repo root; returns CompletedProcess (text)."""
   full_env = {**os.environ, **(env or {})}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture
 def mnist_small():
   """A config on a 4,096-example slice of the real MNIST: seconds per epoch on 2 cores."""
   from configs.mnist import get_config
+
   config = get_config()
   config.data.train_split = "train[:4096]"
   config.data.validation_size = 1024
@@ -37,9 +39,16 @@ def mnist_small():
 
 
 # A run of 3 x 10 steps on a slice of the real MNIST, the latest two checkpoints kept.
-TINY_MNIST = ["--config=configs/mnist.py", "--config.data.train_split=train[:4096]",
-              "--config.data.validation_size=1024", "--config.data.test_split=test[:500]", "--config.num_epochs=3",
-              "--config.steps_per_epoch=10", "--config.keep_checkpoints=2", "--config.eval_batch_size=250"]
+TINY_MNIST = [
+  "--config=configs/mnist.py",
+  "--config.data.train_split=train[:4096]",
+  "--config.data.validation_size=1024",
+  "--config.data.test_split=test[:500]",
+  "--config.num_epochs=3",
+  "--config.steps_per_epoch=10",
+  "--config.keep_checkpoints=2",
+  "--config.eval_batch_size=250",
+]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +56,7 @@ def tiny_mnist_run(tmp_path_factory):
   """The finished TINY_MNIST run (checkpoints of steps 20 and 30, its test record), trained
   once for the session: copy it before changing it."""
   from convjax import run
+
   workdir = tmp_path_factory.mktemp("tiny_mnist") / "run"
   result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -58,6 +68,7 @@ def tiny_mnist_run(tmp_path_factory):
 def validation_best_at_epoch_1(monkeypatch):
   """Every later epoch reads 0.5 worse on validation per epoch than it is: epoch 1 is the best."""
   from convjax.train import loop
+
   real, seen = loop._metric_record, []
 
   def falling(prefix, sums):
@@ -73,6 +84,7 @@ def validation_best_at_epoch_1(monkeypatch):
 def epoch_checkpoint(workdir, epoch):
   """The path of the run's checkpoint at the end of `epoch`."""
   from convjax import run
+
   steps = [s for s, p in run.checkpoints(workdir).items() if p.get("epoch_end") and p["epochs"] == epoch]
   assert steps, f"no checkpoint of epoch {epoch} in {workdir}: {run.checkpoints(workdir)}"
   return os.path.join(os.path.abspath(workdir), "checkpoints", str(steps[0]))
@@ -85,8 +97,7 @@ def restore_state(workdir, epoch):
   from convjax import run
 
   state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(state)}
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def loop_probabilities(workdir, epoch: int, images):
@@ -114,9 +125,13 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   import time
   from convjax import run
 
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
-                          cwd=REPO, env={**os.environ, **(env or {})},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
+    cwd=REPO,
+    env={**os.environ, **(env or {})},
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 300
   while not run.checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)

@@ -1,4 +1,5 @@
 """Augmentation: parity with Keras' apply_affine_transform, randomness, determinism."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +13,14 @@ CAT = SHARED / "datasets" / "cats_and_dogs_small" / "train" / "cats" / "cat.3.jp
 
 # (theta, tx, ty, shear, zx, zy, flip): the notes' ranges at their extremes, a quarter
 # turn, a pure shift, a strong zoom-out (much filling), and identity with a flip.
-TRANSFORMS = [(30.0, 10.0, -20.0, 15.0, 0.85, 1.15, False), (-40.0, -30.0, 30.0, -0.2, 1.2, 0.8, True),
-              (90.0, 0.0, 0.0, 0.0, 1.0, 1.0, False), (0.0, 30.0, -30.0, 0.0, 1.0, 1.0, False),
-              (10.0, -50.0, 60.0, 30.0, 0.6, 1.4, True), (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, True)]
+TRANSFORMS = [
+  (30.0, 10.0, -20.0, 15.0, 0.85, 1.15, False),
+  (-40.0, -30.0, 30.0, -0.2, 1.2, 0.8, True),
+  (90.0, 0.0, 0.0, 0.0, 1.0, 1.0, False),
+  (0.0, 30.0, -30.0, 0.0, 1.0, 1.0, False),
+  (10.0, -50.0, 60.0, 30.0, 0.6, 1.4, True),
+  (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, True),
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +34,13 @@ def test_fixed_transforms_equal_keras_apply_affine_transform(cat, fill_mode):
   keras_transform = tf.keras.preprocessing.image.apply_affine_transform
   h, w, _ = cat.shape
   for theta, tx, ty, shear, zx, zy, flip in TRANSFORMS:
-    expected = keras_transform(cat, theta, tx, ty, shear, zx, zy, row_axis=0, col_axis=1,
-                               channel_axis=2, fill_mode=fill_mode, cval=17.0, order=1)
+    expected = keras_transform(
+      cat, theta, tx, ty, shear, zx, zy, row_axis=0, col_axis=1, channel_axis=2, fill_mode=fill_mode, cval=17.0, order=1
+    )
     if flip:  # ImageDataGenerator flips after the affine transform
       expected = expected[:, ::-1]
     p = augment.AugmentParams(*(jnp.float32(v) for v in (theta, tx, ty, shear, zx, zy)), jnp.bool_(flip))
-    ours = np.asarray(augment.warp(jnp.asarray(cat), augment.affine_matrix(p, h, w), p.flip,
-                                   fill_mode, 17.0))
+    ours = np.asarray(augment.warp(jnp.asarray(cat), augment.affine_matrix(p, h, w), p.flip, fill_mode, 17.0))
     off = (np.abs(ours - expected) > 0.01).any(-1)
     # Keras computes coordinates in float64, we in float32. Where a fill mode jumps
     # ('constant' at the edges, 'wrap' at each period) a sample a hair from the jump
@@ -57,18 +63,28 @@ def _near_a_jump(matrix, h, w, flip, tol=1e-3):
 def test_identity_and_pure_flip(cat):
   images = jnp.asarray(cat)[None]
   assert np.array_equal(augment.make_augment()(jax.random.key(0), images), images)
-  flips = [np.asarray(augment.make_augment(horizontal_flip=True)(jax.random.key(k), images))[0]
-           for k in range(16)]
-  kinds = {"same" if np.array_equal(f, cat) else "mirrored" if np.array_equal(f, cat[:, ::-1]) else "other"
-           for f in flips}
+  flips = [np.asarray(augment.make_augment(horizontal_flip=True)(jax.random.key(k), images))[0] for k in range(16)]
+  kinds = {
+    "same" if np.array_equal(f, cat) else "mirrored" if np.array_equal(f, cat[:, ::-1]) else "other" for f in flips
+  }
   assert kinds == {"same", "mirrored"}
 
 
 def test_random_parameters_cover_keras_ranges():
   keys = jax.random.split(jax.random.key(0), 2000)
-  p = jax.vmap(lambda k: augment.sample_params(k, 150, 100, rotation_range=40, width_shift_range=0.2,
-                                               height_shift_range=0.1, shear_range=0.2, zoom_range=0.2,
-                                               horizontal_flip=True))(keys)
+  p = jax.vmap(
+    lambda k: augment.sample_params(
+      k,
+      150,
+      100,
+      rotation_range=40,
+      width_shift_range=0.2,
+      height_shift_range=0.1,
+      shear_range=0.2,
+      zoom_range=0.2,
+      horizontal_flip=True,
+    )
+  )(keys)
   for value, bound in ((p.theta, 40), (p.tx, 0.1 * 150), (p.ty, 0.2 * 100), (p.shear, 0.2)):
     value = np.asarray(value)
     assert np.abs(value).max() <= bound and np.abs(value).max() > 0.95 * bound
@@ -83,8 +99,16 @@ def test_random_parameters_cover_keras_ranges():
 
 
 def test_each_image_gets_its_own_transform_deterministically(cat):
-  fn = jax.jit(augment.make_augment(rotation_range=40, width_shift_range=0.2, height_shift_range=0.2,
-                                    shear_range=0.2, zoom_range=0.2, horizontal_flip=True))
+  fn = jax.jit(
+    augment.make_augment(
+      rotation_range=40,
+      width_shift_range=0.2,
+      height_shift_range=0.2,
+      shear_range=0.2,
+      zoom_range=0.2,
+      horizontal_flip=True,
+    )
+  )
   batch = jnp.asarray(np.repeat(cat[None], 4, axis=0))
   a, b, c = fn(jax.random.key(3), batch), fn(jax.random.key(3), batch), fn(jax.random.key(4), batch)
   assert a.shape == batch.shape and a.dtype == jnp.float32

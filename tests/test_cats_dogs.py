@@ -1,4 +1,5 @@
 """The cats-vs-dogs pipeline end to end: real folders, the TFDS route, data preparation."""
+
 import csv
 import json
 import os
@@ -20,10 +21,17 @@ def test_short_real_run_learns(tmp_path):
   """600 real training photos at 64x64, 240 steps: the loss falls and validation beats chance."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 300, "validation": 500})
   workdir = tmp_path / "run"
-  result = run_binary("experiments.train", "--config=configs/cats_dogs.py", f"--workdir={workdir}",
-                      f"--config.data.folder={data}", "--config.data.test_split=",
-                      "--config.data.image_size=(64, 64)", "--config.num_epochs=8",
-                      "--config.steps_per_epoch=30", "--config.learning_rate=3e-4")
+  result = run_binary(
+    "experiments.train",
+    "--config=configs/cats_dogs.py",
+    f"--workdir={workdir}",
+    f"--config.data.folder={data}",
+    "--config.data.test_split=",
+    "--config.data.image_size=(64, 64)",
+    "--config.num_epochs=8",
+    "--config.steps_per_epoch=30",
+    "--config.learning_rate=3e-4",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   history = json.loads((workdir / "history.json").read_text())
   assert len(history) == 8
@@ -39,8 +47,9 @@ def test_short_real_run_learns(tmp_path):
   photo_dir.mkdir()
   for path in photos:
     os.symlink(path, photo_dir / os.path.basename(path))
-  predicted = run_binary("experiments.predict", f"--workdir={workdir}", f"--images={photo_dir}/*.jpg",
-                         f"--output={tmp_path / 'preds.csv'}")
+  predicted = run_binary(
+    "experiments.predict", f"--workdir={workdir}", f"--images={photo_dir}/*.jpg", f"--output={tmp_path / 'preds.csv'}"
+  )
   assert predicted.returncode == 0, predicted.stderr[-3000:]
   rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
   assert len(rows) == 20 and {r["class_1"] for r in rows} <= {"cats", "dogs"}
@@ -54,16 +63,21 @@ def _mock_cats_vs_dogs_metadata(data_dir, num_examples):
   """TFDS metadata (split sizes) for the mocked cats_vs_dogs, as a prepared copy would have."""
   builder = tfds.builder("cats_vs_dogs", data_dir=str(data_dir))
   os.makedirs(builder.data_dir)
-  template = tfds.core.naming.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name="cats_vs_dogs",
-                                                  split="train", filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name="train", shard_lengths=[num_examples], num_bytes=0, filename_template=template)]))
+  template = tfds.core.naming.ShardedFileTemplate(
+    data_dir=builder.data_dir, dataset_name="cats_vs_dogs", split="train", filetype_suffix="tfrecord"
+  )
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [tfds.core.SplitInfo(name="train", shard_lengths=[num_examples], num_bytes=0, filename_template=template)]
+    )
+  )
   builder.info.write_to_directory(builder.data_dir)
 
 
 def test_tfds_route_gives_balanced_subsets_and_trains_with_augmentation(tmp_path):
   """Online users' path: TFDS cats_vs_dogs (mocked), balanced by class, resized, augmented."""
   from configs.cats_dogs_augmented import get_config
+
   _mock_cats_vs_dogs_metadata(tmp_path / "tfds", 300)
   config = get_config()
   config.data.folder = ""
@@ -71,8 +85,9 @@ def test_tfds_route_gives_balanced_subsets_and_trains_with_augmentation(tmp_path
   config.data.per_class = (40, 20, 20)
   config.data.image_size = (48, 48)
   config.num_epochs, config.steps_per_epoch, config.batch_size, config.eval_batch_size = 1, 2, 8, 8
-  with tfds.testing.mock_data(num_examples=300, data_dir=str(tmp_path / "tfds"),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
+  with tfds.testing.mock_data(
+    num_examples=300, data_dir=str(tmp_path / "tfds"), policy=tfds.testing.MockPolicy.USE_FILES
+  ):
     opened = splits.open_source(config.data).splits()
     assert {k: s.size for k, s in opened.items()} == {"train": 80, "validation": 40, "test": 40}
     train = opened["train"].read(0, 80)
@@ -85,9 +100,11 @@ def test_tfds_route_gives_balanced_subsets_and_trains_with_augmentation(tmp_path
 
 def test_balanced_positions_take_each_class_in_order(tmp_path):
   _mock_cats_vs_dogs_metadata(tmp_path / "tfds", 200)
-  with tfds.testing.mock_data(num_examples=200, data_dir=str(tmp_path / "tfds"),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
+  with tfds.testing.mock_data(
+    num_examples=200, data_dir=str(tmp_path / "tfds"), policy=tfds.testing.MockPolicy.USE_FILES
+  ):
     from convjax.data import tfds as tfds_data
+
     builder = tfds_data.get_builder("cats_vs_dogs", str(tmp_path / "tfds"), download=False)
     labels = tfds_data.read_rows(builder, tfds_data.RowRange("train", 0, 200))["label"]
     subsets = tfds_data.balanced_positions(builder, "train", (10, 5, 5))
@@ -96,7 +113,10 @@ def test_balanced_positions_take_each_class_in_order(tmp_path):
   for c in (0, 1):
     where = np.flatnonzero(labels == c)
     assert [np.intersect1d(s, where).tolist() for s in subsets] == [
-        where[:10].tolist(), where[10:15].tolist(), where[15:20].tolist()]
+      where[:10].tolist(),
+      where[10:15].tolist(),
+      where[15:20].tolist(),
+    ]
 
 
 def _kaggle_zip(path, per_class):
@@ -110,11 +130,11 @@ def _kaggle_zip(path, per_class):
 def test_prepare_data_builds_the_layout_and_never_overwrites(tmp_path):
   source = _kaggle_zip(tmp_path / "train.zip", 12)
   out = tmp_path / "small"
-  result = run_binary("experiments.prepare_data", f"--source={source}", f"--output={out}",
-                      "--counts=5,3,2")
+  result = run_binary("experiments.prepare_data", f"--source={source}", f"--output={out}", "--counts=5,3,2")
   assert result.returncode == 0, result.stderr[-2000:]
-  listing = {split: {c: sorted(os.listdir(out / split / c)) for c in os.listdir(out / split)}
-             for split in os.listdir(out)}
+  listing = {
+    split: {c: sorted(os.listdir(out / split / c)) for c in os.listdir(out / split)} for split in os.listdir(out)
+  }
   # The first 5/3/2 files per class by number (numeric, not string, order: 10 after 9).
   assert listing["train"]["cats"] == sorted(f"cat.{i}.jpg" for i in range(5))
   assert listing["validation"]["dogs"] == sorted(f"dog.{i}.jpg" for i in range(5, 8))
@@ -133,41 +153,61 @@ def test_prepare_data_builds_the_layout_and_never_overwrites(tmp_path):
   folder = tmp_path / "extracted"
   with zipfile.ZipFile(source) as archive:
     archive.extractall(folder)
-  result = run_binary("experiments.prepare_data", f"--source={folder / 'train'}",
-                      f"--output={tmp_path / 'from_folder'}", "--counts=5,3,2")
+  result = run_binary(
+    "experiments.prepare_data", f"--source={folder / 'train'}", f"--output={tmp_path / 'from_folder'}", "--counts=5,3,2"
+  )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert sorted(os.listdir(tmp_path / "from_folder" / "train" / "dogs")) == sorted(
-      f"dog.{i}.jpg" for i in range(5))
+  assert sorted(os.listdir(tmp_path / "from_folder" / "train" / "dogs")) == sorted(f"dog.{i}.jpg" for i in range(5))
 
 
 def test_bad_file_in_a_folder_is_one_error_or_skipped_with_the_flag(tmp_path):
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 20, "validation": 10})
   (data / "train" / "dogs" / "dog.broken.jpg").write_bytes(b"\xff\xd8 truncated")
-  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
-          "--config.data.image_size=(48, 48)", "--config.num_epochs=1", "--config.steps_per_epoch=1"]
+  args = [
+    "--config=configs/cats_dogs.py",
+    f"--config.data.folder={data}",
+    "--config.data.test_split=",
+    "--config.data.image_size=(48, 48)",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=1",
+  ]
   failed = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'a'}")
   assert failed.returncode == 1
   last = failed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: cannot read image") and "dog.broken.jpg" in last
   assert not (tmp_path / "a").exists()
-  skipped = run_binary("experiments.train", *args, "--config.data.skip_bad_files=True",
-                       f"--workdir={tmp_path / 'b'}")
+  skipped = run_binary("experiments.train", *args, "--config.data.skip_bad_files=True", f"--workdir={tmp_path / 'b'}")
   assert skipped.returncode == 0, skipped.stderr[-2000:]
   assert "skipped 1 unreadable file(s)" in skipped.stderr and "train (40 images" in skipped.stderr
-  tiny = run_binary("experiments.train", *args[:3], "--config.data.image_size=(28, 28)",
-                    "--config.data.skip_bad_files=True", f"--workdir={tmp_path / 'c'}")
+  tiny = run_binary(
+    "experiments.train",
+    *args[:3],
+    "--config.data.image_size=(28, 28)",
+    "--config.data.skip_bad_files=True",
+    f"--workdir={tmp_path / 'c'}",
+  )
   assert tiny.returncode == 1 and not (tmp_path / "c").exists()
-  assert ("error: model 'cats_dogs_convnet' cannot take input of shape (28, 28, 3) (its feature map "
-          "comes out (0, 0, 128): the image is too small)") in tiny.stderr
+  assert (
+    "error: model 'cats_dogs_convnet' cannot take input of shape (28, 28, 3) (its feature map "
+    "comes out (0, 0, 128): the image is too small)"
+  ) in tiny.stderr
 
 
 def test_preview_binary_writes_a_grid(tmp_path):
   out = tmp_path / "aug.png"
-  result = run_binary("experiments.preview_augmentation", "--config=configs/cats_dogs_augmented.py",
-                      f"--image={CATS_DOGS / 'train' / 'cats' / 'cat.3.jpg'}", f"--output={out}",
-                      "--num=3")
+  result = run_binary(
+    "experiments.preview_augmentation",
+    "--config=configs/cats_dogs_augmented.py",
+    f"--image={CATS_DOGS / 'train' / 'cats' / 'cat.3.jpg'}",
+    f"--output={out}",
+    "--num=3",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert out.read_bytes()[:4] == b"\x89PNG"
-  none = run_binary("experiments.preview_augmentation", "--config=configs/cats_dogs.py",
-                    f"--image={CATS_DOGS / 'train' / 'cats' / 'cat.3.jpg'}", f"--output={out}")
+  none = run_binary(
+    "experiments.preview_augmentation",
+    "--config=configs/cats_dogs.py",
+    f"--image={CATS_DOGS / 'train' / 'cats' / 'cat.3.jpg'}",
+    f"--output={out}",
+  )
   assert none.returncode == 1 and "error: the config has no augmentation" in none.stderr

@@ -17,13 +17,16 @@ def test_validation_is_carved_from_the_end_of_train(mnist):
   assert splits["validation"] == tfds_data.RowRange("train", 50_000, 60_000)
   assert splits["test"] == tfds_data.RowRange("test", 0, 10_000)
   sliced = tfds_data.resolve_splits(mnist, "train[1000:5000]", "", 1000, "")
-  assert sliced == {"train": tfds_data.RowRange("train", 1000, 4000),
-                    "validation": tfds_data.RowRange("train", 4000, 5000)}
+  assert sliced == {
+    "train": tfds_data.RowRange("train", 1000, 4000),
+    "validation": tfds_data.RowRange("train", 4000, 5000),
+  }
 
 
 def test_validation_size_is_a_count_or_a_fraction_of_train():
   from convjax.config import default_config
   from convjax.data.splits import open_source
+
   data = default_config().data
   data.train_split = "train[:1000]"
   for size, expected in ((0.1, 100), (0.25, 250), (300, 300)):

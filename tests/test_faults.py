@@ -1,5 +1,6 @@
 """Faults of the disk and the files: each is one `error:` line or a logged fallback to a checkpoint
 that verifies, and nothing written earlier is damaged."""
+
 import errno
 import glob
 import json
@@ -42,26 +43,29 @@ def _garble(path):
 
 
 FAULTS = {
-    "garbled bytes in an array file": lambda d: _garble(_largest(f"{d}/state/ocdbt.process_0/d/*")),
-    "truncated array file": lambda d: os.truncate(p := _largest(f"{d}/state/ocdbt.process_0/d/*"),
-                                                  os.path.getsize(p) // 2),
-    "state deleted": lambda d: shutil.rmtree(f"{d}/state"),
-    "ocdbt.process_0 deleted": lambda d: shutil.rmtree(f"{d}/state/ocdbt.process_0"),
-    "garbled state metadata": lambda d: open(f"{d}/state/_METADATA", "w").write("{not json"),
-    "garbled history": lambda d: open(f"{d}/history/metadata", "w").write("[{not json"),
-    # Reads cleanly, but they are checkpoint 20's arrays: only the digest can tell.
-    "arrays of another checkpoint": lambda d: (shutil.rmtree(f"{d}/state"),
-                                               shutil.copytree(f"{d}/../20/state", f"{d}/state")),
+  "garbled bytes in an array file": lambda d: _garble(_largest(f"{d}/state/ocdbt.process_0/d/*")),
+  "truncated array file": lambda d: os.truncate(
+    p := _largest(f"{d}/state/ocdbt.process_0/d/*"), os.path.getsize(p) // 2
+  ),
+  "state deleted": lambda d: shutil.rmtree(f"{d}/state"),
+  "ocdbt.process_0 deleted": lambda d: shutil.rmtree(f"{d}/state/ocdbt.process_0"),
+  "garbled state metadata": lambda d: open(f"{d}/state/_METADATA", "w").write("{not json"),
+  "garbled history": lambda d: open(f"{d}/history/metadata", "w").write("[{not json"),
+  # Reads cleanly, but they are checkpoint 20's arrays: only the digest can tell.
+  "arrays of another checkpoint": lambda d: (
+    shutil.rmtree(f"{d}/state"),
+    shutil.copytree(f"{d}/../20/state", f"{d}/state"),
+  ),
 }
 MESSAGES = {
-    # Which check catches it depends on the bytes hit: the decompressor or the digest.
-    "garbled bytes in an array file": "(cannot be read: .*corrupt|of its arrays differ from the digest saved with them)",
-    "truncated array file": "cannot be read: OUT_OF_RANGE: Error reading",
-    "state deleted": "its state is missing",
-    "ocdbt.process_0 deleted": "cannot be read: ",
-    "garbled state metadata": "cannot be read: Expecting property name",
-    "garbled history": "cannot be read: Expecting property name",
-    "arrays of another checkpoint": "of its arrays differ from the digest saved with them",
+  # Which check catches it depends on the bytes hit: the decompressor or the digest.
+  "garbled bytes in an array file": "(cannot be read: .*corrupt|of its arrays differ from the digest saved with them)",
+  "truncated array file": "cannot be read: OUT_OF_RANGE: Error reading",
+  "state deleted": "its state is missing",
+  "ocdbt.process_0 deleted": "cannot be read: ",
+  "garbled state metadata": "cannot be read: Expecting property name",
+  "garbled history": "cannot be read: Expecting property name",
+  "arrays of another checkpoint": "of its arrays differ from the digest saved with them",
 }
 
 
@@ -111,11 +115,11 @@ def mnist_run(mnist_small):
   return mnist_small
 
 
-def test_a_full_disk_during_a_save_is_one_error_and_history_matches_the_checkpoints(tmp_path, mnist_run,
-                                                                                   monkeypatch):
+def test_a_full_disk_during_a_save_is_one_error_and_history_matches_the_checkpoints(tmp_path, mnist_run, monkeypatch):
   """The third epoch's checkpoint cannot be written (orbax reports ENOSPC as text): one error
   naming it; history.json lists the two epochs whose checkpoints were committed."""
   import orbax.checkpoint as ocp
+
   real_save, real_wait, saving = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished, []
 
   def save(self, step, *args, **kwargs):
@@ -135,11 +139,17 @@ def test_a_full_disk_during_a_save_is_one_error_and_history_matches_the_checkpoi
   assert {p["epochs"] for p in run.checkpoints(str(tmp_path)).values()} >= {2}
 
 
-@pytest.mark.parametrize("code, cause", [(errno.EROFS, "the file system is read-only"),
-                                         (errno.EACCES, "permission denied"),
-                                         (errno.ENOSPC, "the disk is full")])
+@pytest.mark.parametrize(
+  "code, cause",
+  [
+    (errno.EROFS, "the file system is read-only"),
+    (errno.EACCES, "permission denied"),
+    (errno.ENOSPC, "the disk is full"),
+  ],
+)
 def test_a_workdir_that_cannot_be_written_is_one_error_naming_it(tmp_path, mnist_run, monkeypatch, code, cause):
   """(As root, chmod cannot make a directory read-only: the refusal is the OS's, injected.)"""
+
   def refuse(path, *args, **kwargs):
     raise OSError(code, os.strerror(code), path)
 
@@ -159,9 +169,20 @@ def test_a_workdir_that_is_a_file_is_one_error_and_the_file_is_left_alone(tmp_pa
 
 
 def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config=configs/mnist.py",
-                           f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.log_every_steps=50"],
-                          cwd=REPO, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      "--config=configs/mnist.py",
+      f"--workdir={tmp_path}",
+      "--config.num_epochs=1",
+      "--config.log_every_steps=50",
+    ],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -191,6 +212,7 @@ def test_retention_keeps_the_latest_and_the_best_also_after_a_resume(tmp_path, m
 
 def test_16_bit_images_are_scaled_to_8_bits_and_float_images_are_refused(tmp_path):
   from convjax.data.folders import decode_image
+
   ramp = (np.arange(64 * 64) * 16).reshape(64, 64).astype(np.uint16)  # 0 .. 65520
   Image.fromarray(ramp).save(tmp_path / "ramp16.png")
   assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")

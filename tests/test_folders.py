@@ -1,4 +1,5 @@
 """Image folders on the real cats_and_dogs_small, resizing, and every bad-input case."""
+
 import os
 import shutil
 
@@ -29,8 +30,9 @@ def test_listing_counts_and_labels_of_the_real_folders():
 
 def test_decoded_split_shapes_and_values():
   listing = folders.list_split(str(CATS_DOGS), "validation")
-  small = listing._replace(files=listing.files[:3] + listing.files[-3:],
-                           labels=np.concatenate([listing.labels[:3], listing.labels[-3:]]))
+  small = listing._replace(
+    files=listing.files[:3] + listing.files[-3:], labels=np.concatenate([listing.labels[:3], listing.labels[-3:]])
+  )
   arrays = folders.decode_split(small, channels=3, image_size=(150, 150))
   assert arrays["image"].shape == (6, 150, 150, 3) and arrays["image"].dtype == np.uint8
   assert arrays["label"].tolist() == [0, 0, 0, 1, 1, 1]
@@ -42,8 +44,7 @@ def test_decoded_split_shapes_and_values():
 
 
 def test_load_folder_label_modes():
-  images, labels, classes = folders.load_folder(str(CATS_DOGS), "test", (32, 32),
-                                                label_mode="categorical")
+  images, labels, classes = folders.load_folder(str(CATS_DOGS), "test", (32, 32), label_mode="categorical")
   assert images.shape == (1000, 32, 32, 3) and classes == ("cats", "dogs")
   assert labels.shape == (1000, 2) and labels.sum(0).tolist() == [500.0, 500.0]
   binary = folders.encode_labels(np.array([0, 1, 1]), 2, "binary")
@@ -138,6 +139,7 @@ def test_config_splits_from_a_folder(tmp_path):
 
 def test_an_archive_is_extracted_once_into_the_cache(tmp_path):
   import tarfile
+
   root = _tiny_folder(tmp_path / "pets", per_class=2)
   archive = tmp_path / "pets.tar.gz"
   with tarfile.open(archive, "w:gz") as tar:

@@ -9,35 +9,34 @@ from convjax.models.summary import layer_table, summary
 
 # Keras' model.summary() for Chollet's MNIST convnet, from the reference notes.
 MNIST_TABLE = [
-    ("conv2d", "Conv2D", (None, 26, 26, 32), 320),
-    ("max_pooling2d", "MaxPooling2D", (None, 13, 13, 32), 0),
-    ("conv2d_1", "Conv2D", (None, 11, 11, 64), 18496),
-    ("max_pooling2d_1", "MaxPooling2D", (None, 5, 5, 64), 0),
-    ("conv2d_2", "Conv2D", (None, 3, 3, 64), 36928),
-    ("flatten", "Flatten", (None, 576), 0),
-    ("dense", "Dense", (None, 64), 36928),
-    ("dense_1", "Dense", (None, 10), 650),
+  ("conv2d", "Conv2D", (None, 26, 26, 32), 320),
+  ("max_pooling2d", "MaxPooling2D", (None, 13, 13, 32), 0),
+  ("conv2d_1", "Conv2D", (None, 11, 11, 64), 18496),
+  ("max_pooling2d_1", "MaxPooling2D", (None, 5, 5, 64), 0),
+  ("conv2d_2", "Conv2D", (None, 3, 3, 64), 36928),
+  ("flatten", "Flatten", (None, 576), 0),
+  ("dense", "Dense", (None, 64), 36928),
+  ("dense_1", "Dense", (None, 10), 650),
 ]
 
 # Chollet's cats-vs-dogs convnet (Deep Learning with Python, 5.2).
 CATS_DOGS_TABLE = [
-    ("conv2d", "Conv2D", (None, 148, 148, 32), 896),
-    ("max_pooling2d", "MaxPooling2D", (None, 74, 74, 32), 0),
-    ("conv2d_1", "Conv2D", (None, 72, 72, 64), 18496),
-    ("max_pooling2d_1", "MaxPooling2D", (None, 36, 36, 64), 0),
-    ("conv2d_2", "Conv2D", (None, 34, 34, 128), 73856),
-    ("max_pooling2d_2", "MaxPooling2D", (None, 17, 17, 128), 0),
-    ("conv2d_3", "Conv2D", (None, 15, 15, 128), 147584),
-    ("max_pooling2d_3", "MaxPooling2D", (None, 7, 7, 128), 0),
-    ("flatten", "Flatten", (None, 6272), 0),
-    ("dense", "Dense", (None, 512), 3211776),
-    ("dense_1", "Dense", (None, 1), 513),
+  ("conv2d", "Conv2D", (None, 148, 148, 32), 896),
+  ("max_pooling2d", "MaxPooling2D", (None, 74, 74, 32), 0),
+  ("conv2d_1", "Conv2D", (None, 72, 72, 64), 18496),
+  ("max_pooling2d_1", "MaxPooling2D", (None, 36, 36, 64), 0),
+  ("conv2d_2", "Conv2D", (None, 34, 34, 128), 73856),
+  ("max_pooling2d_2", "MaxPooling2D", (None, 17, 17, 128), 0),
+  ("conv2d_3", "Conv2D", (None, 15, 15, 128), 147584),
+  ("max_pooling2d_3", "MaxPooling2D", (None, 7, 7, 128), 0),
+  ("flatten", "Flatten", (None, 6272), 0),
+  ("dense", "Dense", (None, 512), 3211776),
+  ("dense_1", "Dense", (None, 1), 513),
 ]
 
 
 def _rows(model, shape):
-  return [(r.path[-1], r.type_name, r.output_shape, r.trainable + r.non_trainable)
-          for r in layer_table(model, shape)]
+  return [(r.path[-1], r.type_name, r.output_shape, r.trainable + r.non_trainable) for r in layer_table(model, shape)]
 
 
 def test_mnist_convnet_matches_keras_summary():
@@ -62,9 +61,9 @@ def test_dropout_shows_as_a_layer_and_adds_no_params():
 
 def test_dense_baseline():
   assert _rows(get_model("mnist_dense"), (28, 28, 1)) == [
-      ("flatten", "Flatten", (None, 784), 0),
-      ("dense", "Dense", (None, 512), 401_920),
-      ("dense_1", "Dense", (None, 10), 5_130),
+    ("flatten", "Flatten", (None, 784), 0),
+    ("dense", "Dense", (None, 512), 401_920),
+    ("dense_1", "Dense", (None, 10), 5_130),
   ]
 
 
@@ -98,8 +97,7 @@ def test_conv_layer_is_keras_valid_convolution():
   out = state["intermediates"]["features"]["conv2d"]["__call__"][0]
   patch = np.asarray(x[0, :3, :3, 0])
   assert out.shape == (1, 26, 26, 32)
-  np.testing.assert_allclose(float(out[0, 0, 0, 0]), float((patch * np.arange(9).reshape(3, 3)).sum()),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(out[0, 0, 0, 0]), float((patch * np.arange(9).reshape(3, 3)).sum()), rtol=1e-6)
 
 
 def test_unknown_model_lists_valid_names():
@@ -112,6 +110,7 @@ def test_max_pooling_equals_flax_max_pool_and_routes_gradients_to_the_maxima():
   without ties both send each output's gradient to its window's maximum."""
   import flax.linen as nn
   from convjax.models.layers import MaxPooling2D
+
   pool = MaxPooling2D()
   x = jax.random.normal(jax.random.key(0), (2, 11, 9, 3))  # continuous: no ties
   want = nn.max_pool(x, (2, 2), (2, 2), padding="VALID")
@@ -124,7 +123,7 @@ def test_max_pooling_equals_flax_max_pool_and_routes_gradients_to_the_maxima():
   np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
   assert float(jnp.abs(grad[:, 10]).max()) == 0.0  # the floored-away row gets nothing
   # A tie: all of the gradient to the first maximum in row-major order, never shared or duplicated.
-  tie = jax.grad(lambda x: jnp.sum(pool.apply({}, x)))(jnp.asarray([[0., 2.], [2., 2.]]).reshape(1, 2, 2, 1))
+  tie = jax.grad(lambda x: jnp.sum(pool.apply({}, x)))(jnp.asarray([[0.0, 2.0], [2.0, 2.0]]).reshape(1, 2, 2, 1))
   np.testing.assert_array_equal(np.asarray(tie).ravel(), [0, 1, 0, 0])
 
 
@@ -137,6 +136,7 @@ def test_max_pooling_gradient_on_ties_is_tensorflows(shape, k, form, monkeypatch
   tf = pytest.importorskip("tensorflow")
   from convjax.models import layers
   from convjax.models.layers import MaxPooling2D
+
   monkeypatch.setattr(layers, "_ELEMENTWISE_MAX_BYTES", 2**62 if form == "elementwise" else 0)
   rng = np.random.default_rng(0)
   x = rng.integers(0, 3, shape).astype(np.float32)  # three values: ties in most windows
@@ -153,6 +153,7 @@ def test_max_pooling_gradient_on_ties_is_tensorflows(shape, k, form, monkeypatch
 def test_xla_cpu_default_is_added_only_where_it_applies(monkeypatch):
   import importlib.metadata
   from convjax import xla_defaults
+
   flag = f"{xla_defaults.FLAG}={xla_defaults.VALUE}"
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -174,21 +175,23 @@ def test_batch_norm_equals_flax_batch_norm(momentum, epsilon):
   import flax.linen as nn
 
   from convjax.models.layers import BatchNorm
+
   x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5)) * 3 + 1
   ours, flax_bn = BatchNorm(momentum=momentum, epsilon=epsilon), nn.BatchNorm(momentum=momentum, epsilon=epsilon)
   init = ours.init(jax.random.key(0), x, use_running_average=False)
   assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(
-      flax_bn.init(jax.random.key(0), x, use_running_average=False))
+    flax_bn.init(jax.random.key(0), x, use_running_average=False)
+  )
   params = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.arange(5.0) / 3}
   stats = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 2.0)}
 
   def run(module, p, x):
-    y, new = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False,
-                          mutable=["batch_stats"])
+    y, new = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"])
     return jnp.sum(jnp.sin(y) * jnp.arange(5.0)), (y, new["batch_stats"])
 
-  results = [jax.value_and_grad(lambda p, x, m=m: run(m, p, x), argnums=(0, 1), has_aux=True)(params, x)
-             for m in (ours, flax_bn)]
+  results = [
+    jax.value_and_grad(lambda p, x, m=m: run(m, p, x), argnums=(0, 1), has_aux=True)(params, x) for m in (ours, flax_bn)
+  ]
   (_, (y, new)), (d_params, dx) = results[0]
   (_, (y_ref, new_ref)), (d_params_ref, dx_ref) = results[1]
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -199,5 +202,6 @@ def test_batch_norm_equals_flax_batch_norm(momentum, epsilon):
     np.testing.assert_allclose(new[k], new_ref[k], rtol=1e-6)
     assert not np.allclose(new[k], stats[k])  # the running statistics moved
   variables = {"params": params, "batch_stats": stats}
-  np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
-                             flax_bn.apply(variables, x, use_running_average=True), rtol=1e-6)
+  np.testing.assert_allclose(
+    ours.apply(variables, x, use_running_average=True), flax_bn.apply(variables, x, use_running_average=True), rtol=1e-6
+  )

@@ -3,6 +3,7 @@
 Each run is a subprocess, since the device count is fixed when JAX starts
 (XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
+
 import json
 import os
 import re
@@ -16,11 +17,18 @@ import pytest
 from tests.conftest import REPO, kill_after_first_checkpoint, restore_state, run_binary
 
 EPOCHS = 3
-ARGS = ["--config=configs/mnist.py", f"--config.num_epochs={EPOCHS}", "--config.steps_per_epoch=10",
-        "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
-        "--config.data.test_split=test[:500]", "--config.eval_batch_size=128",
-        "--config.model_kwargs.dropout_rate=0.25", "--config.optimizer=sgd",
-        "--config.learning_rate=0.01"]
+ARGS = [
+  "--config=configs/mnist.py",
+  f"--config.num_epochs={EPOCHS}",
+  "--config.steps_per_epoch=10",
+  "--config.data.train_split=train[:2048]",
+  "--config.data.validation_size=512",
+  "--config.data.test_split=test[:500]",
+  "--config.eval_batch_size=128",
+  "--config.model_kwargs.dropout_rate=0.25",
+  "--config.optimizer=sgd",
+  "--config.learning_rate=0.01",
+]
 # Runs on different device counts differ only by float reduction order. RMSprop's
 # 1/sqrt(v) early in training amplifies that noise (to ~4e-4 over 30 steps with
 # dropout), so these runs use SGD, where the 1e-5 tolerance holds with margin;
@@ -34,13 +42,15 @@ def devices_env(n):
   # moves losses by ~1e-4 after a few epochs, beyond these checks' tolerance; with
   # jaxlib's default (YNNPACK) convolutions 1 and 8 devices agree within it. Both sides of
   # every comparison here run the same setting.
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
-          "CONVJAX_XLA_DEFAULTS": "0"}
+  return {
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+    "JAX_PLATFORMS": "cpu",
+    "CONVJAX_XLA_DEFAULTS": "0",
+  }
 
 
 def train(workdir, devices_visible, *extra):
-  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}", *extra,
-                      env=devices_env(devices_visible))
+  result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}", *extra, env=devices_env(devices_visible))
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -76,14 +86,20 @@ def test_eight_devices_match_one(tmp_path, one_device_run):
 
 
 def test_num_devices_limits_the_mesh_and_batch_must_divide(tmp_path):
-  result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60",
-                      env=devices_env(8))
+  result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60", env=devices_env(8))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      "error: config.batch_size=60 is not divisible by the 8 devices in use; "
-      "change it or set --config.num_devices")
-  result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60",
-                      "--config.num_devices=4", "--config.eval_batch_size=100", env=devices_env(8))
+    "error: config.batch_size=60 is not divisible by the 8 devices in use; change it or set --config.num_devices"
+  )
+  result = run_binary(
+    "experiments.train",
+    *ARGS,
+    f"--workdir={tmp_path}",
+    "--config.batch_size=60",
+    "--config.num_devices=4",
+    "--config.eval_batch_size=100",
+    env=devices_env(8),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mesh: 4 x cpu" in result.stderr
 
@@ -114,8 +130,14 @@ print("modules", text.count("HloModule "), "partitions", header.split("num_parti
 
 
 def test_compiled_step_is_one_spmd_program():
-  result = subprocess.run([sys.executable, "-c", SINGLE_PROGRAM], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **devices_env(8)}, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", SINGLE_PROGRAM],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, **devices_env(8)},
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   line = result.stdout.strip().splitlines()[-1]
   # One module for all 8 devices, gradients all-reduced inside it, params replicated.
@@ -130,11 +152,26 @@ def _free_port():
 
 def test_two_processes_match_one_process(tmp_path, one_device_run):
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", *ARGS, f"--workdir={tmp_path}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env={**os.environ, **devices_env(2)}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        *ARGS,
+        f"--workdir={tmp_path}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env={**os.environ, **devices_env(2)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
@@ -160,10 +197,19 @@ def test_batch_norm_statistics_are_global_over_eight_devices(tmp_path):
   computes them over the global batch. One step, so that float reduction-order
   noise (amplified by BatchNorm over many steps) stays far below the tolerance.
   """
-  args = ["--config=configs/mnist.py", "--config.model=resnet18", "--config.data.image_size=(32, 32)",
-          "--config.num_epochs=1", "--config.steps_per_epoch=1", "--config.data.train_split=train[:1024]",
-          "--config.data.validation_size=256", "--config.data.test_split=", "--config.eval_batch_size=128",
-          "--config.optimizer=sgd", "--config.learning_rate=0.01"]
+  args = [
+    "--config=configs/mnist.py",
+    "--config.model=resnet18",
+    "--config.data.image_size=(32, 32)",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=1",
+    "--config.data.train_split=train[:1024]",
+    "--config.data.validation_size=256",
+    "--config.data.test_split=",
+    "--config.eval_batch_size=128",
+    "--config.optimizer=sgd",
+    "--config.learning_rate=0.01",
+  ]
   runs = {}
   for n in (1, 8):
     result = run_binary("experiments.train", *args, f"--workdir={tmp_path / str(n)}", env=devices_env(n))

@@ -1,5 +1,6 @@
 """The input pipelines: on-device vs streamed (same batches), any device or process count, no
 TensorFlow needed, crops for images of any size, and the choice between the two."""
+
 import json
 import os
 import socket
@@ -33,9 +34,14 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def run_without_tensorflow(module, *args, timeout=900):
-  return subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, module, *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout,
-                        env={k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"})
+  return subprocess.run(
+    [sys.executable, "-c", WITHOUT_TENSORFLOW, module, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"},
+  )
 
 
 def history(workdir):
@@ -55,9 +61,14 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
   runs = {}
   for n in (1, 8):
     workdir = tmp_path / str(n)
-    result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
-                        "--config.num_epochs=1", "--config.batch_size=128",
-                        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    result = run_binary(
+      "experiments.train",
+      "--config=configs/mnist.py",
+      f"--workdir={workdir}",
+      "--config.num_epochs=1",
+      "--config.batch_size=128",
+      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"mesh: {n} x cpu" in result.stderr and "input pipeline: device" in result.stderr
     runs[n] = history(workdir)
@@ -70,7 +81,9 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
   assert [sorted(r) for r in runs[1]] == [sorted(r) for r in runs[8]]
   for one, eight in zip(runs[1], runs[8], strict=True):
     for key in one:
-      tolerance = {"train_loss": 0.02 * one[key], "val_loss": 0.2 * one[key], "test_loss": 0.2 * one[key]}.get(key, 0.005)
+      tolerance = {"train_loss": 0.02 * one[key], "val_loss": 0.2 * one[key], "test_loss": 0.2 * one[key]}.get(
+        key, 0.005
+      )
       assert abs(one[key] - eight[key]) <= tolerance, (key, one, eight)
 
 
@@ -94,13 +107,15 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=()):
   the PNGs of the rows in truncated_images cut short."""
   from tensorflow_datasets.proto import tf_example_pb2
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
   source = ARRAY_RECORD / "mnist" / "3.0.1"
   target = root / "mnist" / "3.0.1"
   target.mkdir(parents=True)
   (target / "features.json").write_text((source / "features.json").read_text())
   info = json.loads((source / "dataset_info.json").read_text())
-  info["splits"] = [{**split, "shardLengths": [str(n) for n in shard_lengths]}
-                    for split in info["splits"] if split["name"] == "test"]
+  info["splits"] = [
+    {**split, "shardLengths": [str(n) for n in shard_lengths]} for split in info["splits"] if split["name"] == "test"
+  ]
   (target / "dataset_info.json").write_text(json.dumps(info))
   reader = ArrayRecordReader(str(source / "mnist-test.array_record-00000-of-00001"))
   records = reader.read(0, sum(shard_lengths))
@@ -111,9 +126,10 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=()):
     records[row] = example.SerializeToString()
   start = 0
   for i, n in enumerate(shard_lengths):
-    writer = ArrayRecordWriter(str(target / f"mnist-test.array_record-{i:05d}-of-{len(shard_lengths):05d}"),
-                               "group_size:1")
-    for record in records[start:start + n]:
+    writer = ArrayRecordWriter(
+      str(target / f"mnist-test.array_record-{i:05d}-of-{len(shard_lengths):05d}"), "group_size:1"
+    )
+    for record in records[start : start + n]:
       writer.write(record)
     writer.close()
     start += n
@@ -125,6 +141,7 @@ def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
   give what TFDS' own data source decodes, across shard files, with TensorFlow absent."""
   import tensorflow_datasets as tfds
   from convjax.data.tfds import Rows
+
   builder = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path, (300, 200, 500))))
   assert len(builder.info.splits["test"].file_instructions) == 3
   positions = np.random.default_rng(0).choice(1000, 200, replace=False)
@@ -139,9 +156,11 @@ def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
       assert a["image"].shape == (28, 28, 1) and a["image"].dtype == np.uint8 and np.array_equal(a["image"], b["image"])
   assert np.array_equal(fast[7]["image"], want[7]["image"])
   # The proto comes with TFDS, so rows still read with TensorFlow absent.
-  script = ("import sys, numpy as np, tensorflow_datasets as tfds; from convjax.data.tfds import Rows; "
-            f"rows = Rows(tfds.builder('mnist', data_dir={str(tmp_path)!r}), 'test', np.arange(295, 305)); "
-            "print(rows.as_proto, [r['label'] for r in rows.read(range(10))], 'tensorflow' in sys.modules)")
+  script = (
+    "import sys, numpy as np, tensorflow_datasets as tfds; from convjax.data.tfds import Rows; "
+    f"rows = Rows(tfds.builder('mnist', data_dir={str(tmp_path)!r}), 'test', np.arange(295, 305)); "
+    "print(rows.as_proto, [r['label'] for r in rows.read(range(10))], 'tensorflow' in sys.modules)"
+  )
   hide = WITHOUT_TENSORFLOW.replace('("tensorflow", "tensorflow_datasets")', '("tensorflow",)').split("module = ")[0]
   assert '("tensorflow",)' in hide
   result = subprocess.run([sys.executable, "-c", hide + script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -174,8 +193,9 @@ def test_batches_are_read_at_low_priority_and_the_stepping_thread_keeps_its_own(
 
   rows, main = Rows(), threading.get_native_id()
   before = os.getpriority(os.PRIO_PROCESS, main)
-  stream = pipeline.Stream({"train": SimpleNamespace(rows=rows, size=64)}, parallel.make_mesh(1), 0, 8, 8, 8,
-                           (4, 4, 1), Fit())
+  stream = pipeline.Stream(
+    {"train": SimpleNamespace(rows=rows, size=64)}, parallel.make_mesh(1), 0, 8, 8, 8, (4, 4, 1), Fit()
+  )
   try:
     batches = list(stream.train_batches(1))
   finally:
@@ -186,10 +206,20 @@ def test_batches_are_read_at_low_priority_and_the_stepping_thread_keeps_its_own(
   assert os.getpriority(os.PRIO_PROCESS, main) == before
 
 
-SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
-         "--config.data.test_split=test[:512]", "--config.eval_batch_size=128", "--config.batch_size=64",
-         "--config.num_epochs=3", "--config.steps_per_epoch=10", "--config.model_kwargs.dropout_rate=0.25",
-         "--config.optimizer=sgd", "--config.learning_rate=0.01", *STREAM]
+SMALL = [
+  "--config=configs/mnist.py",
+  "--config.data.train_split=train[:2048]",
+  "--config.data.validation_size=512",
+  "--config.data.test_split=test[:512]",
+  "--config.eval_batch_size=128",
+  "--config.batch_size=64",
+  "--config.num_epochs=3",
+  "--config.steps_per_epoch=10",
+  "--config.model_kwargs.dropout_rate=0.25",
+  "--config.optimizer=sgd",
+  "--config.learning_rate=0.01",
+  *STREAM,
+]
 
 
 def test_a_killed_streaming_run_resumes_to_the_uninterrupted_run(tmp_path):
@@ -214,14 +244,36 @@ def _free_port():
 def test_two_streaming_processes_match_one(tmp_path):
   """Each process streams only its own devices' rows; together they train what one process does."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "CONVJAX_XLA_DEFAULTS": "0"}
-  one = subprocess.run([sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  one = subprocess.run(
+    [sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'two'}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        *SMALL,
+        f"--workdir={tmp_path / 'two'}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs, strict=True):
     assert p.returncode == 0, err[-3000:]
@@ -244,11 +296,20 @@ def _mixed_size_folder(root, per_class=12):
 
 def test_a_folder_of_mixed_image_sizes_trains_with_random_resized_crops(tmp_path):
   data = _mixed_size_folder(tmp_path / "data")
-  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
-          "--config.data.image_size=(32, 32)", "--config.data.random_resized_crop=(0.3, 1.0)",
-          "--config.data.center_crop=0.875", "--config.model=mnist_convnet", "--config.batch_size=8",
-          "--config.eval_batch_size=8", "--config.num_epochs=2", "--config.steps_per_epoch=6",
-          "--config.learning_rate=1e-3"]
+  args = [
+    "--config=configs/cats_dogs.py",
+    f"--config.data.folder={data}",
+    "--config.data.test_split=",
+    "--config.data.image_size=(32, 32)",
+    "--config.data.random_resized_crop=(0.3, 1.0)",
+    "--config.data.center_crop=0.875",
+    "--config.model=mnist_convnet",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.num_epochs=2",
+    "--config.steps_per_epoch=6",
+    "--config.learning_rate=1e-3",
+  ]
   result = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "input pipeline: stream" in result.stderr  # random crops are drawn as the epoch goes
@@ -261,20 +322,33 @@ def test_a_folder_of_mixed_image_sizes_trains_with_random_resized_crops(tmp_path
   broken = run_binary("experiments.train", *args, "--config.num_epochs=1", f"--workdir={tmp_path / 'z'}")
   assert broken.returncode == 1
   assert broken.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.jpg" in broken.stderr
-  skipped = run_binary("experiments.train", *args, "--config.num_epochs=1", "--config.data.skip_bad_files=True",
-                       f"--workdir={tmp_path / 'w'}")
+  skipped = run_binary(
+    "experiments.train",
+    *args,
+    "--config.num_epochs=1",
+    "--config.data.skip_bad_files=True",
+    f"--workdir={tmp_path / 'w'}",
+  )
   assert skipped.returncode == 0, skipped.stderr[-3000:]
   assert "unreadable file(s) (masked out of their batches)" in skipped.stderr
   (data / "train" / "reds" / "broken.jpg").unlink()
-  plain = run_binary("experiments.train", *args[:3], "--config.data.image_size=()", "--config.model=mnist_convnet",
-                     "--config.num_epochs=1", "--config.steps_per_epoch=6", "--config.data.pipeline=stream",
-                     f"--workdir={tmp_path / 'y'}")
+  plain = run_binary(
+    "experiments.train",
+    *args[:3],
+    "--config.data.image_size=()",
+    "--config.model=mnist_convnet",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=6",
+    "--config.data.pipeline=stream",
+    f"--workdir={tmp_path / 'y'}",
+  )
   assert plain.returncode == 1
   assert "set config.data.image_size to resize every image" in plain.stderr.strip().splitlines()[-1]
 
 
 def test_random_resized_crop_draws_as_torchvision_and_center_crop_is_centred():
   from convjax.data.preprocess import Fit, center_crop_box, random_resized_crop_box
+
   rng = np.random.default_rng(0)
   boxes = [random_resized_crop_box(rng, 100, 200, (0.25, 0.5), (0.5, 2.0)) for _ in range(500)]
   for top, left, h, w in boxes:
@@ -288,17 +362,33 @@ def test_random_resized_crop_draws_as_torchvision_and_center_crop_is_centred():
 
 
 def test_the_pipeline_choice_is_logged_and_a_device_that_cannot_hold_the_data_is_one_error(tmp_path):
-  args = ["--config=configs/mnist.py", "--config.data.train_split=train[:1024]", "--config.data.validation_size=256",
-          "--config.data.test_split=", "--config.num_epochs=1", "--config.steps_per_epoch=2",
-          f"--config.data.data_dir={ARRAY_RECORD}"]
+  args = [
+    "--config=configs/mnist.py",
+    "--config.data.train_split=train[:1024]",
+    "--config.data.validation_size=256",
+    "--config.data.test_split=",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=2",
+    f"--config.data.data_dir={ARRAY_RECORD}",
+  ]
   small = run_binary("experiments.train", *args, "--config.data.device_fraction=1e-6", f"--workdir={tmp_path / 'a'}")
   assert small.returncode == 0, small.stderr[-3000:]
   assert "input pipeline: stream (1,024 images 28x28x1 = 0.8 MB; budget 1e-06 x free host RAM" in small.stderr
-  forced = run_binary("experiments.train", *args, "--config.data.device_fraction=1e-6",
-                      "--config.data.pipeline=device", f"--workdir={tmp_path / 'b'}")
+  forced = run_binary(
+    "experiments.train",
+    *args,
+    "--config.data.device_fraction=1e-6",
+    "--config.data.pipeline=device",
+    f"--workdir={tmp_path / 'b'}",
+  )
   assert forced.returncode == 1 and not (tmp_path / "b").exists()
-  assert forced.stderr.strip().splitlines()[-1].startswith(
-      "error: config.data.pipeline='device': the data does not fit (1,024 images 28x28x1 = 0.8 MB; budget 1e-06")
+  assert (
+    forced.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      "error: config.data.pipeline='device': the data does not fit (1,024 images 28x28x1 = 0.8 MB; budget 1e-06"
+    )
+  )
   tfrecord = run_binary("experiments.train", *args[:-1], "--config.data.pipeline=stream", f"--workdir={tmp_path / 'c'}")
   assert tfrecord.returncode == 1 and "prepared as TFRecord" in tfrecord.stderr
   assert "file_format='array_record'" in tfrecord.stderr.strip().splitlines()[-1]
@@ -307,6 +397,7 @@ def test_the_pipeline_choice_is_logged_and_a_device_that_cannot_hold_the_data_is
 def _digit_arrays(directory, n_train=3072, n_test=256):
   """Real MNIST digits written as the arrays a user brings (.npz and .npy pairs)."""
   from convjax.data import tfds as tfds_data
+
   builder = tfds_data.get_builder("mnist", str(ARRAY_RECORD), download=False)
   train = tfds_data.read_rows(builder, tfds_data.RowRange("train", 0, n_train))
   test = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, n_test))
@@ -323,40 +414,63 @@ def test_training_without_tensorflow_from_a_folder_and_from_arrays(tmp_path):
   resumes, writes history, plots and TensorBoard files; arrays train too; visualisation and
   the benchmark run; a TFDS dataset is one error naming the extra to install."""
   data = _mixed_size_folder(tmp_path / "folder")
-  args = ["--config=configs/cats_dogs.py", f"--config.data.folder={data}", "--config.data.test_split=",
-          "--config.data.image_size=(32, 32)", "--config.model=mnist_convnet", "--config.batch_size=8",
-          "--config.eval_batch_size=8", "--config.steps_per_epoch=3", "--config.learning_rate=1e-3"]
+  args = [
+    "--config=configs/cats_dogs.py",
+    f"--config.data.folder={data}",
+    "--config.data.test_split=",
+    "--config.data.image_size=(32, 32)",
+    "--config.model=mnist_convnet",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.steps_per_epoch=3",
+    "--config.learning_rate=1e-3",
+  ]
   workdir = tmp_path / "run"
   first = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=1", f"--workdir={workdir}")
   assert first.returncode == 0, first.stderr[-3000:]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "plots" / "learning_curves.png").exists()
-  straight = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", "--config.overwrite=True",
-                                    f"--workdir={tmp_path / 'straight'}")
+  straight = run_without_tensorflow(
+    "experiments.train", *args, "--config.num_epochs=2", "--config.overwrite=True", f"--workdir={tmp_path / 'straight'}"
+  )
   assert straight.returncode == 0, straight.stderr[-3000:]
   # The same run, resumed from the first one's checkpoint: a kill between epochs, as far as it knows.
   (workdir / "config.json").write_text((tmp_path / "straight" / "config.json").read_text())
   resumed = run_without_tensorflow("experiments.train", *args, "--config.num_epochs=2", f"--workdir={workdir}")
-  assert resumed.returncode == 0 and "resumed from the checkpoint of step 3 (the end of epoch 1)" in resumed.stderr, resumed.stderr[-3000:]
+  assert resumed.returncode == 0 and "resumed from the checkpoint of step 3 (the end of epoch 1)" in resumed.stderr, (
+    resumed.stderr[-3000:]
+  )
   assert history(workdir) == history(tmp_path / "straight")
 
   arrays = _digit_arrays(tmp_path / "arrays")
   on_arrays = run_without_tensorflow(
-      "experiments.train", "--config=configs/mnist.py", f"--config.data.arrays={arrays}",
-      "--config.data.validation_size=0.25", "--config.num_epochs=2", f"--workdir={tmp_path / 'arrays_run'}")
+    "experiments.train",
+    "--config=configs/mnist.py",
+    f"--config.data.arrays={arrays}",
+    "--config.data.validation_size=0.25",
+    "--config.num_epochs=2",
+    f"--workdir={tmp_path / 'arrays_run'}",
+  )
   assert on_arrays.returncode == 0, on_arrays.stderr[-3000:]
   records = history(tmp_path / "arrays_run")
   assert records[-1]["test_accuracy"] > 0.85, records  # 72 steps of real digits
   assert "2304 of 3072 rows" in on_arrays.stderr  # 25% of the training arrays held out
 
   image = data / "validation" / "reds" / "0.jpg"
-  viz = run_without_tensorflow("experiments.visualize", f"--workdir={workdir}", f"--image={image}",
-                               "--config.viz.methods=activations,gradcam")
+  viz = run_without_tensorflow(
+    "experiments.visualize", f"--workdir={workdir}", f"--image={image}", "--config.viz.methods=activations,gradcam"
+  )
   assert viz.returncode == 0, viz.stderr[-3000:]
-  bench = run_without_tensorflow("experiments.benchmark", f"--workdir={tmp_path / 'bench'}",
-                                 "--config.models=mnist_convnet@28x28x1", "--config.batch_sizes=(8,)",
-                                 "--config.precisions=('float32',)", "--config.modes=('inference',)",
-                                 "--config.peers=", "--config.pipeline=")
+  bench = run_without_tensorflow(
+    "experiments.benchmark",
+    f"--workdir={tmp_path / 'bench'}",
+    "--config.models=mnist_convnet@28x28x1",
+    "--config.batch_sizes=(8,)",
+    "--config.precisions=('float32',)",
+    "--config.modes=('inference',)",
+    "--config.peers=",
+    "--config.pipeline=",
+  )
   assert bench.returncode == 0, bench.stderr[-3000:]
   tfds = run_without_tensorflow("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path / 'tfds'}")
   assert tfds.returncode == 1 and "pip install 'convjax[tfds]'" in tfds.stderr.strip().splitlines()[-1]

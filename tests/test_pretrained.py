@@ -1,4 +1,5 @@
 """VGG16 with ImageNet weights: counts, HDF5 loading and its errors, Keras parity, transfer."""
+
 import json
 import os
 import shutil
@@ -17,19 +18,31 @@ from convjax.pretrained import fetch, imagenet, keras_h5
 from tests.conftest import SHARED, link_cats_dogs_subset, run_binary
 
 NOTOP = SHARED / "weights" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGES = [SHARED / "datasets" / "images" / n for n in
-          ("creative_commons_elephant.jpg", "skimage_chelsea_cat.png", "dog.4999.jpg")]
+IMAGES = [
+  SHARED / "datasets" / "images" / n
+  for n in ("creative_commons_elephant.jpg", "skimage_chelsea_cat.png", "dog.4999.jpg")
+]
 # The notes' conv_base.summary() at 150x150 (transcribed), then block5 as Keras prints it.
 REFERENCE_150 = [
-    ("block1_conv1", (150, 150, 64), 1792), ("block1_conv2", (150, 150, 64), 36928),
-    ("block1_pool", (75, 75, 64), 0), ("block2_conv1", (75, 75, 128), 73856),
-    ("block2_conv2", (75, 75, 128), 147584), ("block2_pool", (37, 37, 128), 0),
-    ("block3_conv1", (37, 37, 256), 295168), ("block3_conv2", (37, 37, 256), 590080),
-    ("block3_conv3", (37, 37, 256), 590080), ("block3_pool", (18, 18, 256), 0),
-    ("block4_conv1", (18, 18, 512), 1180160), ("block4_conv2", (18, 18, 512), 2359808),
-    ("block4_conv3", (18, 18, 512), 2359808), ("block4_pool", (9, 9, 512), 0),
-    ("block5_conv1", (9, 9, 512), 2359808), ("block5_conv2", (9, 9, 512), 2359808),
-    ("block5_conv3", (9, 9, 512), 2359808), ("block5_pool", (4, 4, 512), 0)]
+  ("block1_conv1", (150, 150, 64), 1792),
+  ("block1_conv2", (150, 150, 64), 36928),
+  ("block1_pool", (75, 75, 64), 0),
+  ("block2_conv1", (75, 75, 128), 73856),
+  ("block2_conv2", (75, 75, 128), 147584),
+  ("block2_pool", (37, 37, 128), 0),
+  ("block3_conv1", (37, 37, 256), 295168),
+  ("block3_conv2", (37, 37, 256), 590080),
+  ("block3_conv3", (37, 37, 256), 590080),
+  ("block3_pool", (18, 18, 256), 0),
+  ("block4_conv1", (18, 18, 512), 1180160),
+  ("block4_conv2", (18, 18, 512), 2359808),
+  ("block4_conv3", (18, 18, 512), 2359808),
+  ("block4_pool", (9, 9, 512), 0),
+  ("block5_conv1", (9, 9, 512), 2359808),
+  ("block5_conv2", (9, 9, 512), 2359808),
+  ("block5_conv3", (9, 9, 512), 2359808),
+  ("block5_pool", (4, 4, 512), 0),
+]
 
 
 def _params(model, size):
@@ -40,8 +53,11 @@ def test_vgg16_base_summary_equals_the_reference_table():
   rows = layer_table(get_model("vgg16", include_top=False), (150, 150, 3))
   assert [(r.path[-1], r.output_shape[1:], r.trainable) for r in rows] == REFERENCE_150
   assert sum(r.trainable for r in rows) == 14_714_688
-  pooled = jax.eval_shape(lambda: get_model("vgg16", include_top=False, pooling="avg").init_with_output(
-      jax.random.key(0), jnp.zeros((2, 150, 150, 3)))[0])
+  pooled = jax.eval_shape(
+    lambda: get_model("vgg16", include_top=False, pooling="avg").init_with_output(
+      jax.random.key(0), jnp.zeros((2, 150, 150, 3))
+    )[0]
+  )
   assert pooled.shape == (2, 512)
 
 
@@ -104,8 +120,9 @@ def test_conv_base_equals_keras_on_real_images(size, highest_precision):
   theirs = reference.predict(keras.applications.vgg16.preprocess_input(photos.copy()), verbose=0)
   assert ours.shape == theirs.shape == (3, size // 32, size // 32, 512)
   assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
-  np.testing.assert_allclose(preprocess_input(jnp.asarray(photos)),
-                             keras.applications.vgg16.preprocess_input(photos.copy()), atol=1e-4)
+  np.testing.assert_allclose(
+    preprocess_input(jnp.asarray(photos)), keras.applications.vgg16.preprocess_input(photos.copy()), atol=1e-4
+  )
 
 
 def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision):
@@ -114,8 +131,10 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   rng = np.random.default_rng(0)
   layers = keras_h5.read(str(NOTOP))
   for name, shape in (("fc1", (25088, 4096)), ("fc2", (4096, 4096)), ("predictions", (4096, 1000))):
-    layers[name] = {"kernel": rng.normal(0, 0.01, shape).astype(np.float32),
-                    "bias": rng.normal(0, 0.01, shape[1:]).astype(np.float32)}
+    layers[name] = {
+      "kernel": rng.normal(0, 0.01, shape).astype(np.float32),
+      "bias": rng.normal(0, 0.01, shape[1:]).astype(np.float32),
+    }
   full = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
   keras_h5.write(str(full), layers)
   model = get_model("vgg16")
@@ -124,22 +143,34 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   logits = model.apply({"params": params}, preprocess_input(jnp.asarray(photos)))
   ours = np.asarray(jax.nn.softmax(logits))
   theirs = keras.applications.VGG16(weights=str(full)).predict(
-      keras.applications.vgg16.preprocess_input(photos.copy()), verbose=0)
+    keras.applications.vgg16.preprocess_input(photos.copy()), verbose=0
+  )
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-7)
   decoded = imagenet.decode_predictions(ours, top=3, index_path=str(SHARED / "datasets" / "imagenet_class_index.json"))
   assert len(decoded) == 3 and all(len(d) == 3 for d in decoded)
   assert decoded[0][0][2] == pytest.approx(float(ours[0].max()))
   # The visualisation binary explains the same with-top model, by class index, from the file.
-  result = run_binary("experiments.visualize", f"--workdir={tmp_path}", "--config.viz.model=vgg16",
-                      f"--config.viz.weights={full}", "--config.viz.methods=gradcam",
-                      f"--image={IMAGES[0]}")
+  result = run_binary(
+    "experiments.visualize",
+    f"--workdir={tmp_path}",
+    "--config.viz.model=vgg16",
+    f"--config.viz.weights={full}",
+    "--config.viz.methods=gradcam",
+    f"--image={IMAGES[0]}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   timings = json.loads((tmp_path / "viz" / "timings.json").read_text())
   assert (tmp_path / "viz" / "gradcam.png").stat().st_size > 0 and 0 <= timings["class"] < 1000
   # experiments.predict --model=vgg16 (no run): the same probabilities, named by ImageNet's index.
   os.symlink(SHARED / "datasets" / "imagenet_class_index.json", tmp_path / "imagenet_class_index.json")
-  predicted = run_binary("experiments.predict", "--model=vgg16", f"--images={IMAGES[0]}", "--top_k=3",
-                         f"--output={tmp_path / 'preds.json'}", env={"CONVJAX_WEIGHTS_DIR": str(tmp_path)})
+  predicted = run_binary(
+    "experiments.predict",
+    "--model=vgg16",
+    f"--images={IMAGES[0]}",
+    "--top_k=3",
+    f"--output={tmp_path / 'preds.json'}",
+    env={"CONVJAX_WEIGHTS_DIR": str(tmp_path)},
+  )
   assert predicted.returncode == 0, predicted.stderr[-3000:]
   top = json.loads((tmp_path / "preds.json").read_text())["predictions"][0]["top"]
   assert [t["class"] for t in top] == [name for _, name, _ in decoded[0]]
@@ -184,6 +215,7 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   from convjax.train.optim import make_optimizer
   from convjax.train.state import create_train_state
   from convjax.train.steps import make_train_step
+
   mnist_small.model = "vgg16_classifier"
   mnist_small.trainable = "head/.*"
   model = get_model("vgg16_classifier", num_classes=10)
@@ -194,9 +226,14 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   before = jax.device_get(state.params)
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255, trainable=trainable))
   rng = np.random.default_rng(0)
-  batches = [{"image": jnp.asarray(rng.integers(0, 255, (8, 32, 32, 3), np.uint8)),
-              "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32), "mask": jnp.ones(8)}
-             for _ in range(3)]
+  batches = [
+    {
+      "image": jnp.asarray(rng.integers(0, 255, (8, 32, 32, 3), np.uint8)),
+      "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+      "mask": jnp.ones(8),
+    }
+    for _ in range(3)
+  ]
   for batch in batches:
     state, _ = step(state, batch, jax.random.key(1))
   after = jax.device_get(state.params)
@@ -205,11 +242,18 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   # XLA drops them. 13 convolutions, against 13 + 12 + 13 when everything trains.
   def convolutions(tx, trainable):
     train_state = create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
-    hlo = jax.jit(make_train_step(model, tx, lambda x: x / 255, trainable=trainable)).lower(
-        train_state, batches[0], jax.random.key(1)).compile().as_text()
+    hlo = (
+      jax.jit(make_train_step(model, tx, lambda x: x / 255, trainable=trainable))
+      .lower(train_state, batches[0], jax.random.key(1))
+      .compile()
+      .as_text()
+    )
     return sum(" convolution(" in line for line in hlo.splitlines())
+
   assert (convolutions(tx, trainable), convolutions(optax.rmsprop(1e-3), None)) == (13, 38)
-  for a, b in zip(jax.tree_util.tree_leaves(before["features"]), jax.tree_util.tree_leaves(after["features"]), strict=True):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(before["features"]), jax.tree_util.tree_leaves(after["features"]), strict=True
+  ):
     assert np.array_equal(a, b)
   assert not np.array_equal(before["head"]["dense"]["kernel"], after["head"]["dense"]["kernel"])
   head_size = sum(x.size for x in jax.tree_util.tree_leaves(before["head"]))
@@ -221,9 +265,15 @@ def test_feature_extraction_run_on_a_small_slice(tmp_path):
   """120 training photos through the ImageNet VGG16 base: the classifier clearly beats chance."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 60, "validation": 50})
   workdir = tmp_path / "run"
-  args = ["--config=configs/cats_dogs_vgg16_features.py", f"--workdir={workdir}",
-          f"--config.data.folder={data}", "--config.data.test_split=", "--config.num_epochs=6",
-          "--config.learning_rate=1e-4", "--config.eval_batch_size=20"]
+  args = [
+    "--config=configs/cats_dogs_vgg16_features.py",
+    f"--workdir={workdir}",
+    f"--config.data.folder={data}",
+    "--config.data.test_split=",
+    "--config.num_epochs=6",
+    "--config.learning_rate=1e-4",
+    "--config.eval_batch_size=20",
+  ]
   env = {"CONVJAX_WEIGHTS_DIR": str(NOTOP.parent)}
   result = run_binary("experiments.train", *args, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -244,6 +294,7 @@ def test_frozen_recipe_starts_from_the_imagenet_notop_weights():
   from configs import cats_dogs_vgg16_frozen
   from convjax.pretrained import transfer
   from convjax.train.state import starting_params
+
   config = cats_dogs_vgg16_frozen.get_config()
   model = get_model(config.model, **config.model_kwargs)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 150, 150, 3)))["params"]

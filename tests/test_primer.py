@@ -1,4 +1,5 @@
 """The convolution primer: the notes' worked examples, three equal convolutions, arithmetic."""
+
 import numpy as np
 import pytest
 
@@ -8,16 +9,42 @@ from convjax.models.summary import layer_table
 from tests.conftest import SHARED, run_binary
 
 # The notes' 5x5 image patch and the 7x7 curve-detector example.
-PATCH = np.array([[105, 102, 100, 97, 96], [103, 99, 103, 101, 102], [101, 98, 104, 102, 100],
-                  [99, 101, 106, 104, 99], [104, 104, 104, 100, 98]], np.float32)
+PATCH = np.array(
+  [
+    [105, 102, 100, 97, 96],
+    [103, 99, 103, 101, 102],
+    [101, 98, 104, 102, 100],
+    [99, 101, 106, 104, 99],
+    [104, 104, 104, 100, 98],
+  ],
+  np.float32,
+)
 CURVE = np.zeros((7, 7), np.float32)
 CURVE[[0, 1, 2, 3, 4, 5], [5, 4, 3, 3, 3, 3]] = 30
-CURVE_FIELD = np.array([[0, 0, 0, 0, 0, 0, 30], [0, 0, 0, 0, 50, 50, 50], [0, 0, 0, 20, 50, 0, 0],
-                        [0, 0, 0, 50, 50, 0, 0], [0, 0, 0, 50, 50, 0, 0], [0, 0, 0, 50, 50, 0, 0],
-                        [0, 0, 0, 50, 50, 0, 0]], np.float32)
-OTHER_FIELD = np.array([[0, 0, 0, 0, 0, 0, 0], [0, 40, 0, 0, 0, 0, 0], [40, 0, 40, 0, 0, 0, 0],
-                        [40, 20, 0, 0, 0, 0, 0], [0, 50, 0, 0, 0, 0, 0], [0, 0, 50, 0, 0, 0, 0],
-                        [25, 25, 0, 50, 0, 0, 0]], np.float32)
+CURVE_FIELD = np.array(
+  [
+    [0, 0, 0, 0, 0, 0, 30],
+    [0, 0, 0, 0, 50, 50, 50],
+    [0, 0, 0, 20, 50, 0, 0],
+    [0, 0, 0, 50, 50, 0, 0],
+    [0, 0, 0, 50, 50, 0, 0],
+    [0, 0, 0, 50, 50, 0, 0],
+    [0, 0, 0, 50, 50, 0, 0],
+  ],
+  np.float32,
+)
+OTHER_FIELD = np.array(
+  [
+    [0, 0, 0, 0, 0, 0, 0],
+    [0, 40, 0, 0, 0, 0, 0],
+    [40, 0, 40, 0, 0, 0, 0],
+    [40, 20, 0, 0, 0, 0, 0],
+    [0, 50, 0, 0, 0, 0, 0],
+    [0, 0, 50, 0, 0, 0, 0],
+    [25, 25, 0, 50, 0, 0, 0],
+  ],
+  np.float32,
+)
 
 
 def test_sharpen_kernel_gives_320_at_the_first_position():
@@ -41,9 +68,12 @@ def test_lax_convolution_equals_the_loop(stride, padding):
   assert fast.shape == slow.shape
   np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
   # flip=True is the mathematical convolution: the same as correlating with the rotated kernel.
-  np.testing.assert_allclose(primer.conv2d(image, kernel, stride, padding, flip=True),
-                             primer.conv2d_loop(image, kernel[::-1, ::-1], stride, padding),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    primer.conv2d(image, kernel, stride, padding, flip=True),
+    primer.conv2d_loop(image, kernel[::-1, ::-1], stride, padding),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_sobel_finds_vertical_and_horizontal_edges():
@@ -61,8 +91,9 @@ def test_gabor_bank_answers_to_matching_orientation_and_frequency():
   y, x = np.mgrid[0:64, 0:64]
   for theta in (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4):
     grating = np.cos(2 * np.pi * 0.25 * (x * np.cos(theta) + y * np.sin(theta))).astype(np.float32)
-    energy = [(float(np.abs(primer.conv2d(grating, k)).mean()), f, t)
-              for f, t, _, k in primer.gabor_bank(sigmas=(3.0,))]
+    energy = [
+      (float(np.abs(primer.conv2d(grating, k)).mean()), f, t) for f, t, _, k in primer.gabor_bank(sigmas=(3.0,))
+    ]
     _, best_f, best_t = max(energy)
     assert best_f == 0.25 and np.isclose(best_t, theta), (theta, best_f, best_t)
   kernel = primer.gabor_kernel(0.1, 0.3, 2.0)
@@ -80,15 +111,22 @@ def test_conv_arithmetic_and_the_mnist_chain():
   rows = layer_table(get_model("mnist_convnet"), (28, 28, 1))
   assert [r.output_shape[1] for r in rows if r.type_name in ("Conv2D", "MaxPooling2D")] == chain[1:]
   convs = [r for r in rows if r.type_name == "Conv2D"]
-  assert [r.trainable for r in convs] == [primer.conv_params(3, 1, 32), primer.conv_params(3, 32, 64),
-                                          primer.conv_params(3, 64, 64)]
+  assert [r.trainable for r in convs] == [
+    primer.conv_params(3, 1, 32),
+    primer.conv_params(3, 32, 64),
+    primer.conv_params(3, 64, 64),
+  ]
   with pytest.raises(ValueError, match="odd kernels"):
     primer.same_padding(4)
 
 
 def test_primer_binary_writes_the_figures(tmp_path):
-  result = run_binary("experiments.primer", f"--image={SHARED / 'datasets' / 'images' / 'skimage_chelsea_cat.png'}",
-                      f"--output_dir={tmp_path}", "--size=96")
+  result = run_binary(
+    "experiments.primer",
+    f"--image={SHARED / 'datasets' / 'images' / 'skimage_chelsea_cat.png'}",
+    f"--output_dir={tmp_path}",
+    "--size=96",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   for name in ("sobel.png", "gabor_bank.png", "gabor_responses.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -13,9 +13,11 @@ from convjax.train.steps import loss_and_correct, make_eval_step, make_train_ste
 
 def _batch(n=8, classes=10):
   rng = np.random.default_rng(0)
-  return {"image": jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)),
-          "label": jnp.asarray(rng.integers(0, classes, n, dtype=np.int32)),
-          "mask": jnp.ones(n, jnp.float32)}
+  return {
+    "image": jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)),
+    "label": jnp.asarray(rng.integers(0, classes, n, dtype=np.int32)),
+    "mask": jnp.ones(n, jnp.float32),
+  }
 
 
 def _setup(trainable=""):
@@ -31,11 +33,13 @@ def test_frozen_params_stay_bit_identical_and_carry_no_optimizer_state():
   model, tx, state = _setup(trainable=r"head/.*")
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
   new, _ = step(state, _batch(), jax.random.key(1))
-  for a, b in zip(jax.tree_util.tree_leaves(state.params["features"]),
-                  jax.tree_util.tree_leaves(new.params["features"]), strict=True):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(state.params["features"]), jax.tree_util.tree_leaves(new.params["features"]), strict=True
+  ):
     assert np.array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(state.params["head"]["dense"]["kernel"]),
-                            np.asarray(new.params["head"]["dense"]["kernel"]))
+  assert not np.array_equal(
+    np.asarray(state.params["head"]["dense"]["kernel"]), np.asarray(new.params["head"]["dense"]["kernel"])
+  )
   head_size = sum(x.size for x in jax.tree_util.tree_leaves(state.params["head"]))
   opt_size = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
   assert opt_size == head_size  # RMSprop's one accumulator per trainable value, none for the base

@@ -1,4 +1,5 @@
 """The training contract: real MNIST, the workdir layout, resume, overrides, errors."""
+
 import hashlib
 import json
 import pathlib
@@ -11,9 +12,13 @@ from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
 from tests.conftest import kill_after_first_checkpoint, restore_state, run_binary
 
-SMALL = ["--config.data.train_split=train[:6144]", "--config.data.validation_size=1024",
-         "--config.data.test_split=test[:1000]", "--config.eval_batch_size=256",
-         "--config.model_kwargs.dropout_rate=0.25"]
+SMALL = [
+  "--config.data.train_split=train[:6144]",
+  "--config.data.validation_size=1024",
+  "--config.data.test_split=test[:1000]",
+  "--config.eval_batch_size=256",
+  "--config.model_kwargs.dropout_rate=0.25",
+]
 
 
 def _history_without_seconds(workdir):
@@ -24,18 +29,25 @@ def _history_without_seconds(workdir):
 def test_binary_trains_real_mnist_with_overrides(tmp_path):
   """The main job on the real data, shortened to 400 steps: test accuracy >= 0.95."""
   workdir = tmp_path / "run"
-  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
-                      "--config.num_epochs=1", "--config.batch_size=64",
-                      "--config.learning_rate=1e-3", "--config.seed=1",
-                      "--config.steps_per_epoch=400")
+  result = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    f"--workdir={workdir}",
+    "--config.num_epochs=1",
+    "--config.batch_size=64",
+    "--config.learning_rate=1e-3",
+    "--config.seed=1",
+    "--config.steps_per_epoch=400",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((workdir / "config.json").read_text())
   assert (config["num_epochs"], config["batch_size"], config["seed"]) == (1, 64, 1)
   assert config["learning_rate"] == 1e-3 and config["steps_per_epoch"] == 400
   history = json.loads((workdir / "history.json").read_text())
   assert [sorted(r) for r in history] == [
-      ["epoch", "seconds", "train_accuracy", "train_loss", "val_accuracy", "val_loss"],
-      ["test_accuracy", "test_epoch", "test_loss"]]
+    ["epoch", "seconds", "train_accuracy", "train_loss", "val_accuracy", "val_loss"],
+    ["test_accuracy", "test_epoch", "test_loss"],
+  ]
   assert history[-1]["test_accuracy"] >= 0.95 and history[-1]["test_epoch"] == 1, history
   assert history[0]["val_accuracy"] >= 0.95, history
   assert "epoch 1/1" in result.stderr and "steps/s" in result.stderr and "left" in result.stderr
@@ -70,18 +82,18 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 
 def test_unknown_config_key_is_refused_by_name(tmp_path):
-  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
-                      "--config.num_epoch=1")
+  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}", "--config.num_epoch=1")
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: bad config override: 'num_epoch'") and "num_epochs" in last
   assert "Traceback" not in result.stderr
   assert not any(tmp_path.iterdir())
-  moved = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
-                     "--config.train_split=train[:100]")
+  moved = run_binary(
+    "experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}", "--config.train_split=train[:100]"
+  )
   assert moved.returncode == 1 and moved.stderr.strip().splitlines()[-1] == (
-      "error: bad config override: config.train_split is now config.data.train_split "
-      "(--config.data.train_split=...)")
+    "error: bad config override: config.train_split is now config.data.train_split (--config.data.train_split=...)"
+  )
 
 
 def test_compiles_once_whatever_the_number_of_epochs(tmp_path, mnist_small):
@@ -120,8 +132,10 @@ def _tree_digest(workdir):
 @pytest.fixture
 def no_compilation(monkeypatch):
   """Fails any test whose error comes only after something was jitted."""
+
   def refuse(*args, **kwargs):
     raise AssertionError("jax.jit was reached before the error")
+
   monkeypatch.setattr(jax, "jit", refuse)
 
 
@@ -133,12 +147,14 @@ def no_data_read(monkeypatch):
 
   def refuse(*args, **kwargs):
     raise AssertionError("data was read before the error")
-  for module, name in ((tfds_data, "read_rows"), (tfds_data, "balanced_positions"),
-                       (folders, "decode_split")):
+
+  for module, name in ((tfds_data, "read_rows"), (tfds_data, "balanced_positions"), (folders, "decode_split")):
     monkeypatch.setattr(module, name, refuse)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("batch_size", 0, "config.batch_size must be positive, got 0"),
     ("learning_rate", -1e-3, "config.learning_rate must be positive"),
     ("num_epochs", 0, "config.num_epochs must be positive"),
@@ -147,9 +163,9 @@ def no_data_read(monkeypatch):
     ("data.dataset", "mnsit", r"unknown dataset 'mnsit' \(did you mean mnist"),
     ("batch_size", 10_000, "batch_size=10000 exceeds the 3072 training examples"),
     ("test_weights", "final", "config.test_weights must be 'last' or 'best', got 'final'"),
-])
-def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, no_data_read, field, value,
-                                       message):
+  ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, no_data_read, field, value, message):
   *parents, leaf = field.split(".")
   node = mnist_small
   for name in parents:
@@ -160,8 +176,7 @@ def test_bad_config_is_one_clear_error(tmp_path, mnist_small, no_compilation, no
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_dataset_missing_offline_says_to_set_tfds_data_dir(tmp_path, mnist_small, no_compilation,
-                                                          monkeypatch):
+def test_dataset_missing_offline_says_to_set_tfds_data_dir(tmp_path, mnist_small, no_compilation, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
   mnist_small.data.download = False
   with pytest.raises(UserError, match=r"'mnist' is not prepared in .*empty.*set TFDS_DATA_DIR"):
@@ -182,19 +197,20 @@ def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, mnist_sm
   history = train_and_evaluate(other, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
   assert len(history) == 2 and _history_without_seconds(tmp_path) == [
-      {k: v for k, v in r.items() if k != "seconds"} for r in history]
+    {k: v for k, v in r.items() if k != "seconds"} for r in history
+  ]
 
 
 def test_binary_prints_one_error_line(tmp_path):
-  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}",
-                      "--config.model=lenet9")
+  result = run_binary(
+    "experiments.train", "--config=configs/mnist.py", f"--workdir={tmp_path}", "--config.model=lenet9"
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'lenet9'; valid models:")
   assert "Traceback" not in result.stderr
 
 
-def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_small, no_compilation,
-                                                               no_data_read):
+def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_small, no_compilation, no_data_read):
   (tmp_path / "config.json").write_text("{not json")
   (tmp_path / "history.json").write_text('[{"epoch": 1}]')
   before = _tree_digest(tmp_path)
@@ -205,8 +221,10 @@ def test_corrupt_config_json_is_refused_by_name_and_left_intact(tmp_path, mnist_
 
 def test_early_stopping_follows_keras_rules():
   from convjax.train.loop import early_stop_epoch
-  history = [{"epoch": e, "val_loss": v} for e, v in enumerate([1.0, 0.9, 0.8995, 0.91, 0.85, 0.86,
-                                                                0.87, 0.851], start=1)]
+
+  history = [
+    {"epoch": e, "val_loss": v} for e, v in enumerate([1.0, 0.9, 0.8995, 0.91, 0.85, 0.86, 0.87, 0.851], start=1)
+  ]
   # min_delta 0.001: epoch 3 (0.8995) is no improvement on 0.9; epoch 5 is (0.85).
   assert early_stop_epoch(history, 3, 0.001) == 8
   assert early_stop_epoch(history, 2, 0.001) == 4
@@ -227,6 +245,7 @@ def test_early_stopping_stops_the_run_and_resume_keeps_it_stopped(tmp_path, mnis
 
 def test_a_stored_config_predating_new_fields_reads_with_defaults():
   from convjax import config as config_lib
+
   stored = config_lib.to_dict(config_lib.default_config())
   del stored["data"]["preprocess"], stored["data"]["per_class"]
   stored["data"]["image_size"] = [150, 150]
@@ -236,8 +255,13 @@ def test_a_stored_config_predating_new_fields_reads_with_defaults():
   assert config.data.image_size == (150, 150) and dict(config.model_kwargs) == {"dropout_rate": 0.5}
   assert config_lib.differences(stored, config_lib.to_dict(config)) == []
   # A run of an earlier convjax: data fields at the top level, a hold-out per source.
-  old = {"dataset": "mnist", "train_split": "train[:6144]", "validation_size": 1024, "rescale": 0.5,
-         "data": {"folder": "", "validation_fraction": 0.3, "test_fraction": 0.25}}
+  old = {
+    "dataset": "mnist",
+    "train_split": "train[:6144]",
+    "validation_size": 1024,
+    "rescale": 0.5,
+    "data": {"folder": "", "validation_fraction": 0.3, "test_fraction": 0.25},
+  }
   config = config_lib.from_stored(old)
   assert (config.data.dataset, config.data.train_split, config.data.rescale) == ("mnist", "train[:6144]", 0.5)
   assert (config.data.validation_size, config.data.test_size) == (1024, 0.25)  # TFDS: its row count
@@ -250,6 +274,7 @@ def test_a_stored_config_predating_new_fields_reads_with_defaults():
 
 def test_time_to_accuracy_stops_at_the_first_epoch_reaching_the_target(tmp_path, mnist_small):
   from convjax.train.loop import target_epoch
+
   mnist_small.num_epochs = 6
   mnist_small.steps_per_epoch = 8
   mnist_small.target_accuracy = 0.5  # a few dozen steps of batch 64 reach 50% on MNIST
@@ -287,6 +312,7 @@ def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, m
   import jax.numpy as jnp
   from convjax.models import get_model
   from convjax.train.state import starting_params
+
   mnist_small.num_epochs = 1
   mnist_small.steps_per_epoch = 8
   train_and_evaluate(mnist_small, str(tmp_path / "first"))
@@ -296,7 +322,7 @@ def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, m
   fresh = get_model("mnist_convnet").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]
   params, _ = starting_params(config, fresh, {})
   got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  assert got.keys() == {k[len("['params']"):] for k in stored if k.startswith("['params']")}
+  assert got.keys() == {k[len("['params']") :] for k in stored if k.startswith("['params']")}
   for key, value in got.items():
     np.testing.assert_array_equal(value, stored["['params']" + key])
   other = get_model("mnist_dense").init(jax.random.key(5), jnp.zeros((1, 28, 28, 1)))["params"]

@@ -1,5 +1,6 @@
 """The trainer of long runs: progress, step checkpoints and SIGTERM, extension, no silent NaN,
 mixed precision, optimizers and regularisers, frozen BatchNorm, the model from the command line."""
+
 import json
 import os
 import signal
@@ -20,9 +21,15 @@ from convjax.train.state import create_train_state
 from convjax.train.steps import loss_and_correct, make_train_step
 from tests.conftest import REPO, epoch_checkpoint, restore_state, run_binary
 
-SMALL = ["--config=configs/mnist.py", "--config.data.train_split=train[:6144]", "--config.data.validation_size=1024",
-         "--config.data.test_split=test[:1000]", "--config.eval_batch_size=256", "--config.steps_per_epoch=40",
-         "--config.model_kwargs.dropout_rate=0.25"]
+SMALL = [
+  "--config=configs/mnist.py",
+  "--config.data.train_split=train[:6144]",
+  "--config.data.validation_size=1024",
+  "--config.data.test_split=test[:1000]",
+  "--config.eval_batch_size=256",
+  "--config.steps_per_epoch=40",
+  "--config.model_kwargs.dropout_rate=0.25",
+]
 
 
 def _history(workdir):
@@ -46,11 +53,17 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_equals_the_uninterrupted_run(tmp_
   lines = straight.stderr.splitlines()
   first_epoch_end = next(i for i, line in enumerate(lines) if "epoch 1/2  train loss" in line)
   assert any("epoch 1/2 step 1/781: first step done" in line for line in lines[:first_epoch_end])
-  assert any("epoch 1/2 step 401/781  loss" in line and "images/s" in line and "ETA epoch" in line
-             for line in lines[:first_epoch_end])
+  assert any(
+    "epoch 1/2 step 401/781  loss" in line and "images/s" in line and "ETA epoch" in line
+    for line in lines[:first_epoch_end]
+  )
 
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / 'killed'}"],
-                          cwd=REPO, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / 'killed'}"],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   seen = []
   for line in proc.stderr:
     seen.append(line)
@@ -73,8 +86,14 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_equals_the_uninterrupted_run(tmp_
 
 
 def test_a_diverging_run_stops_with_one_error_and_saves_nothing_non_finite(tmp_path):
-  result = run_binary("experiments.train", *SMALL, "--config.learning_rate=1e6", "--config.num_epochs=2",
-                      "--config.log_every_steps=10", f"--workdir={tmp_path}")
+  result = run_binary(
+    "experiments.train",
+    *SMALL,
+    "--config.learning_rate=1e6",
+    "--config.num_epochs=2",
+    "--config.log_every_steps=10",
+    f"--workdir={tmp_path}",
+  )
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite loss or gradient at epoch 1, step ") and "train step" in last, last
@@ -87,25 +106,42 @@ def test_a_diverging_run_stops_with_one_error_and_saves_nothing_non_finite(tmp_p
 def test_raising_num_epochs_continues_a_finished_run(tmp_path):
   """2 epochs, then the same command with num_epochs=3: it continues to epoch 3 and equals a
   3-epoch run. Logging and checkpoint cadence may change on the way; other fields may not."""
-  two = run_binary("experiments.train", *SMALL, "--config.num_epochs=2", "--config.profile_steps=(2, 4)",
-                   f"--workdir={tmp_path / 'extended'}")
+  two = run_binary(
+    "experiments.train",
+    *SMALL,
+    "--config.num_epochs=2",
+    "--config.profile_steps=(2, 4)",
+    f"--workdir={tmp_path / 'extended'}",
+  )
   assert two.returncode == 0, two.stderr[-3000:]
   assert list((tmp_path / "extended" / "tensorboard").rglob("*.xplane.pb"))  # the profile of steps 2-4
-  three = run_binary("experiments.train", *SMALL, "--config.num_epochs=3", "--config.log_every_steps=7",
-                     "--config.checkpoint_every_steps=30", f"--workdir={tmp_path / 'extended'}")
+  three = run_binary(
+    "experiments.train",
+    *SMALL,
+    "--config.num_epochs=3",
+    "--config.log_every_steps=7",
+    "--config.checkpoint_every_steps=30",
+    f"--workdir={tmp_path / 'extended'}",
+  )
   assert three.returncode == 0, three.stderr[-3000:]
   assert "resumed from the checkpoint of step 80 (the end of epoch 2)" in three.stderr
   straight = run_binary("experiments.train", *SMALL, "--config.num_epochs=3", f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert _history(tmp_path / "extended") == _history(tmp_path / "straight")
-  other = run_binary("experiments.train", *SMALL, "--config.num_epochs=4", "--config.learning_rate=0.01",
-                     f"--workdir={tmp_path / 'extended'}")
+  other = run_binary(
+    "experiments.train",
+    *SMALL,
+    "--config.num_epochs=4",
+    "--config.learning_rate=0.01",
+    f"--workdir={tmp_path / 'extended'}",
+  )
   assert other.returncode == 1 and "differs in: learning_rate)" in other.stderr.strip().splitlines()[-1]
 
 
 def test_bfloat16_compute_trains_with_float32_params(tmp_path):
-  result = run_binary("experiments.train", *SMALL, "--config.num_epochs=1", "--config.compute_dtype=bfloat16",
-                      f"--workdir={tmp_path}")
+  result = run_binary(
+    "experiments.train", *SMALL, "--config.num_epochs=1", "--config.compute_dtype=bfloat16", f"--workdir={tmp_path}"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   history = _history(tmp_path)
   assert history[-1]["test_accuracy"] > 0.85, history
@@ -115,9 +151,14 @@ def test_bfloat16_compute_trains_with_float32_params(tmp_path):
 
 def _mnist_batches(n, batch):
   rng = np.random.default_rng(0)
-  return [{"image": jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), np.uint8)),
-           "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32), "mask": jnp.ones(batch)}
-          for _ in range(n)]
+  return [
+    {
+      "image": jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), np.uint8)),
+      "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32),
+      "mask": jnp.ones(batch),
+    }
+    for _ in range(n)
+  ]
 
 
 def _train(config, batches, **options):
@@ -137,7 +178,7 @@ def test_gradient_accumulation_of_4_x_32_equals_batch_128():
   config = default_config()
   config.optimizer = "adam"
   big = _mnist_batches(3, 128)
-  small = [{k: v[i * 32:(i + 1) * 32] for k, v in b.items()} for b in big for i in range(4)]
+  small = [{k: v[i * 32 : (i + 1) * 32] for k, v in b.items()} for b in big for i in range(4)]
   once, _ = _train(config, big)
   config.grad_accum_steps = 4
   accumulated, trajectory = _train(config, small)
@@ -170,8 +211,9 @@ def test_ema_is_the_moving_average_of_the_params_and_weight_decay_is_decoupled()
   kernel = ("features", "conv2d", "kernel")
   bias = ("features", "conv2d", "bias")
   get = lambda tree, path: tree[path[0]][path[1]][path[2]]  # noqa: E731
-  np.testing.assert_allclose(get(plain.params, kernel) - get(decayed.params, kernel),
-                             1e-3 * 0.5 * get(start, kernel), atol=1e-7)  # float32 rounding of ~0.1 params
+  np.testing.assert_allclose(
+    get(plain.params, kernel) - get(decayed.params, kernel), 1e-3 * 0.5 * get(start, kernel), atol=1e-7
+  )  # float32 rounding of ~0.1 params
   np.testing.assert_array_equal(get(plain.params, bias), get(decayed.params, bias))
 
 
@@ -196,6 +238,7 @@ def test_a_frozen_batch_norm_runs_in_inference_mode_as_keras_does():
   statistics untouched, and the stem computes with them, as Keras does for trainable=False."""
   from convjax.models.layers import frozen_batch_norm
   from convjax.train.loop import frozen_batch_norms
+
   config = default_config()
   config.trainable = "(?!features/(conv1|bn1)/).*"
   model = get_model("resnet18", num_classes=10)
@@ -205,45 +248,81 @@ def test_a_frozen_batch_norm_runs_in_inference_mode_as_keras_does():
   tx, _ = make_optimizer(config, 100, params)
   state = create_train_state(model, tx, (32, 32, 1), jax.random.key(0))
   stats = {"mean": jnp.full((64,), 0.3), "var": jnp.full((64,), 2.0)}
-  state = state.replace(model_state={"batch_stats": {**state.model_state["batch_stats"],
-                                                     "features": {**state.model_state["batch_stats"]["features"],
-                                                                  "bn1": stats}}})
+  state = state.replace(
+    model_state={
+      "batch_stats": {
+        **state.model_state["batch_stats"],
+        "features": {**state.model_state["batch_stats"]["features"], "bn1": stats},
+      }
+    }
+  )
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 1), np.uint8)),
-           "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32), "mask": jnp.ones(8)}
+  batch = {
+    "image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 1), np.uint8)),
+    "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+    "mask": jnp.ones(8),
+  }
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255, frozen=frozen))
   after, _ = step(state, batch, jax.random.key(1))
   for name in ("mean", "var"):
     np.testing.assert_array_equal(after.model_state["batch_stats"]["features"]["bn1"][name], stats[name])
-  assert not np.array_equal(after.model_state["batch_stats"]["features"]["layer1_0"]["BatchNorm_0"]["mean"],
-                            state.model_state["batch_stats"]["features"]["layer1_0"]["BatchNorm_0"]["mean"])
+  assert not np.array_equal(
+    after.model_state["batch_stats"]["features"]["layer1_0"]["BatchNorm_0"]["mean"],
+    state.model_state["batch_stats"]["features"]["layer1_0"]["BatchNorm_0"]["mean"],
+  )
   variables = {"params": state.params, **state.model_state}
   x = batch["image"] / 255
   capture = lambda m, _: m.path == ("features", "bn1")  # noqa: E731
   with frozen_batch_norm(frozen):
-    _, train_mode = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
-                                capture_intermediates=capture)
+    _, train_mode = model.apply(
+      variables, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=capture
+    )
   _, inference = model.apply(variables, x, train=False, mutable=["intermediates"], capture_intermediates=capture)
-  np.testing.assert_allclose(train_mode["intermediates"]["features"]["bn1"]["__call__"][0],
-                             inference["intermediates"]["features"]["bn1"]["__call__"][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    train_mode["intermediates"]["features"]["bn1"]["__call__"][0],
+    inference["intermediates"]["features"]["bn1"]["__call__"][0],
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_any_model_field_from_the_command_line_and_a_switched_model_takes_its_own_defaults():
   """README's include_top example and --config.model=alexnet on the MNIST config; --config.help lists."""
-  listing = run_binary("experiments.train", "--config=configs/mnist.py", "--workdir=/nonexistent",
-                       "--config.model=vgg16", "--config.model_kwargs.include_top=False", "--config.help")
+  listing = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    "--workdir=/nonexistent",
+    "--config.model=vgg16",
+    "--config.model_kwargs.include_top=False",
+    "--config.help",
+  )
   assert listing.returncode == 0, listing.stderr[-3000:]
   out = listing.stdout
   assert "model = 'vgg16' (default 'mnist_convnet')" in out and "model_kwargs = {'include_top': False}" in out
   assert "learning_rate = 0.001  # the peak learning rate of the schedule" in out
   assert "data.pipeline = 'auto'  # " in out and "  include_top = True" in out
-  switched = run_binary("experiments.train", "--config=configs/mnist.py", "--workdir=/nonexistent",
-                        "--config.model=alexnet", "--config.help")
+  switched = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    "--workdir=/nonexistent",
+    "--config.model=alexnet",
+    "--config.help",
+  )
   assert "model_kwargs = {}" in switched.stdout and "  dropout_rate = 0.5" in switched.stdout
-  kept = run_binary("experiments.train", "--config=configs/mnist.py", "--workdir=/nonexistent",
-                    "--config.model_kwargs.hidden=(128, 32)", "--config.help")
+  kept = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    "--workdir=/nonexistent",
+    "--config.model_kwargs.hidden=(128, 32)",
+    "--config.help",
+  )
   assert "model_kwargs = {'dropout_rate': 0.0, 'hidden': [128, 32]}" in kept.stdout  # as JSON (config.json) has it
-  bad = run_binary("experiments.train", "--config=configs/mnist.py", "--workdir=/nonexistent",
-                   "--config.model_kwargs.include_tops=False")
+  bad = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    "--workdir=/nonexistent",
+    "--config.model_kwargs.include_tops=False",
+  )
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
-      "error: model 'mnist_convnet' has no field 'include_tops' (--config.model_kwargs.include_tops); its fields: ")
+    "error: model 'mnist_convnet' has no field 'include_tops' (--config.model_kwargs.include_tops); its fields: "
+  )

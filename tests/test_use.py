@@ -1,4 +1,5 @@
 """Using a trained run: experiments.predict, experiments.evaluate, the export, the model diagram."""
+
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from convjax.models import get_model
 from convjax.models.diagram import layer_graph
 from convjax.models.summary import layer_labels, layer_table
 from tests.conftest import loop_probabilities, run_binary
+
 
 @pytest.fixture
 def mnist_run(tiny_mnist_run):
@@ -56,8 +58,13 @@ def test_predict_gives_the_loops_labels_skips_a_corrupt_file_and_takes_any_size(
     files.append(str(path))
   Image.fromarray(digits["image"][0, ..., 0]).resize((56, 40)).save(folder / "resized.png")
   (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
-  result = run_binary("experiments.predict", f"--workdir={mnist_run}", f"--images={folder}", "--top_k=3",
-                      f"--output={tmp_path / 'preds.json'}")
+  result = run_binary(
+    "experiments.predict",
+    f"--workdir={mnist_run}",
+    f"--images={folder}",
+    "--top_k=3",
+    f"--output={tmp_path / 'preds.json'}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = json.loads((tmp_path / "preds.json").read_text())
   got = {p["file"]: p["top"] for p in table["predictions"]}
@@ -83,16 +90,18 @@ def test_the_export_runs_in_a_program_with_only_jax_and_numpy(mnist_run, tmp_pat
   images = mnist_test_images(100)["image"]
   np.save(tmp_path / "images.npy", images)
   program = (
-      "import sys, numpy as np, jax\n"
-      "from jax import export\n"
-      f"module = export.deserialize(open({str(export / 'model.jax')!r}, 'rb').read())\n"
-      f"np.save({str(tmp_path / 'probs.npy')!r}, np.asarray(module.call(np.load({str(tmp_path / 'images.npy')!r}))))\n"
-      "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n")
+    "import sys, numpy as np, jax\n"
+    "from jax import export\n"
+    f"module = export.deserialize(open({str(export / 'model.jax')!r}, 'rb').read())\n"
+    f"np.save({str(tmp_path / 'probs.npy')!r}, np.asarray(module.call(np.load({str(tmp_path / 'images.npy')!r}))))\n"
+    "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n"
+  )
   loaded = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True)
   assert loaded.returncode == 0, loaded.stderr[-3000:]
   test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
-  np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), loop_probabilities(mnist_run, test_epoch, images),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.load(tmp_path / "probs.npy"), loop_probabilities(mnist_run, test_epoch, images), atol=1e-5
+  )
 
 
 def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):
@@ -100,12 +109,15 @@ def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_p
   shutil.copytree(mnist_run, workdir)
   step = max(run.checkpoints(str(workdir)))
   shutil.rmtree(workdir / "checkpoints" / str(step) / "state")
-  shutil.copytree(workdir / "checkpoints" / str(min(run.checkpoints(str(workdir)))) / "state",
-                  workdir / "checkpoints" / str(step) / "state")
+  shutil.copytree(
+    workdir / "checkpoints" / str(min(run.checkpoints(str(workdir)))) / "state",
+    workdir / "checkpoints" / str(step) / "state",
+  )
   result = run_binary("experiments.evaluate", f"--workdir={workdir}", "--weights=last")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: checkpoint {workdir}/checkpoints/{step} is damaged: its arrays differ from the digest saved with them")
+    f"error: checkpoint {workdir}/checkpoints/{step} is damaged: its arrays differ from the digest saved with them"
+  )
 
 
 def test_a_run_has_its_model_diagram_and_resnet18s_shows_every_layer_and_its_branches(mnist_run):
@@ -127,8 +139,12 @@ def test_visualize_explains_a_folder_of_images_in_grids(mnist_run, tmp_path):
   folder.mkdir(parents=True)
   for i, image in enumerate(mnist_test_images(6)["image"]):
     Image.fromarray(image[..., 0]).save(folder / f"{i}.png")
-  result = run_binary("experiments.visualize", f"--workdir={workdir}", f"--images={tmp_path / 'digits'}",
-                      "--config.viz.methods=gradcam,saliency")
+  result = run_binary(
+    "experiments.visualize",
+    f"--workdir={workdir}",
+    f"--images={tmp_path / 'digits'}",
+    "--config.viz.methods=gradcam,saliency",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "gradcam and saliency of 6 images" in result.stderr
   for name in ("gradcam_images.png", "saliency_images.png"):

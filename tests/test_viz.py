@@ -1,4 +1,5 @@
 """What convnets learn: correctness of Grad-CAM, saliency, occlusion and filter maximisation."""
+
 import json
 import re
 
@@ -52,8 +53,11 @@ def trained_mnist():
   fresh = {"params": state.params}
   step = jax.jit(make_train_step(model, tx, lambda x: x / 255))
   for i in range(300):
-    batch = {"image": train["image"][i * 32:(i + 1) * 32], "label": train["label"][i * 32:(i + 1) * 32],
-             "mask": jnp.ones(32)}
+    batch = {
+      "image": train["image"][i * 32 : (i + 1) * 32],
+      "label": train["label"][i * 32 : (i + 1) * 32],
+      "mask": jnp.ones(32),
+    }
     state, _ = step(state, batch, jax.random.key(1))
   x = test["image"].astype(np.float32) / 255
   variables = {"params": state.params}
@@ -66,8 +70,9 @@ def test_integrated_gradients_are_complete(trained_mnist):
   model, variables, _, x, labels = trained_mnist
   attributions = saliency.integrated_gradients(model, variables, x[:4], steps=128)
   classes = layers.predicted_class(model.apply(variables, x[:4]))
-  gap = (layers.class_score(model.apply(variables, x[:4]), classes)
-         - layers.class_score(model.apply(variables, jnp.zeros_like(x[:4])), classes))
+  gap = layers.class_score(model.apply(variables, x[:4]), classes) - layers.class_score(
+    model.apply(variables, jnp.zeros_like(x[:4])), classes
+  )
   np.testing.assert_allclose(attributions.sum(axis=(1, 2, 3)), gap, rtol=0.01)
 
 
@@ -89,21 +94,28 @@ def test_maps_of_a_randomised_model_decorrelate(trained_mnist):
   model, trained, fresh, x, labels = trained_mnist
   layer = layers.last_conv(model, (28, 28, 1))
   methods = {
-      "gradient": lambda v, xi, c: saliency.vanilla_gradient(model, v, xi, c),
-      "|gradient| interior": lambda v, xi, c: saliency.saliency_map(
-          saliency.vanilla_gradient(model, v, xi, c))[:, 4:24, 4:24],
-      "grad-cam": lambda v, xi, c: cam.grad_cam(model, v, xi, layer, c)[0],
+    "gradient": lambda v, xi, c: saliency.vanilla_gradient(model, v, xi, c),
+    "|gradient| interior": lambda v, xi, c: saliency.saliency_map(saliency.vanilla_gradient(model, v, xi, c))[
+      :, 4:24, 4:24
+    ],
+    "grad-cam": lambda v, xi, c: cam.grad_cam(model, v, xi, layer, c)[0],
   }
   for name, method in methods.items():
-    pairs = [(np.asarray(method(trained, x[i:i + 1], int(labels[i]))),
-              np.asarray(method(fresh, x[i:i + 1], int(labels[i])))) for i in range(len(x))]
+    pairs = [
+      (
+        np.asarray(method(trained, x[i : i + 1], int(labels[i]))),
+        np.asarray(method(fresh, x[i : i + 1], int(labels[i]))),
+      )
+      for i in range(len(x))
+    ]
     # Only pairs of maps that vary: a constant map (a fresh model's Grad-CAM is often all
     # zero after its ReLU) would score 0 and pass vacuously.
     rhos = [_rank_correlation(t, f) for t, f in pairs if t.min() < t.max() and f.min() < f.max()]
     assert len(rhos) >= 8 and np.mean(rhos) < 0.5, (name, rhos)
   # The check can fail: the same model against itself correlates perfectly.
-  same = _rank_correlation(methods["grad-cam"](trained, x[:1], int(labels[0])),
-                           methods["grad-cam"](trained, x[:1], int(labels[0])))
+  same = _rank_correlation(
+    methods["grad-cam"](trained, x[:1], int(labels[0])), methods["grad-cam"](trained, x[:1], int(labels[0]))
+  )
   assert same == pytest.approx(1.0)
 
 
@@ -113,7 +125,7 @@ def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_m
   drops_cam, drops_random = [], []
   rng = np.random.default_rng(0)
   for i in range(16):
-    xi = x[i:i + 1]
+    xi = x[i : i + 1]
     cls = int(labels[i])
     heat = np.asarray(cam.grad_cam(model, variables, xi, layer, cls)[0][0])
     occ = occlusion.occlusion_map(model, variables, x[i], cls, patch=10, stride=2, fill=0.0)
@@ -174,13 +186,15 @@ def test_filter_maximisation_raises_activation_and_is_deterministic(trained_mnis
   np.testing.assert_array_equal(images, again)
   other, _, _ = filters.maximize_filters(model, variables, layer, range(8), seed=4, **kwargs)
   assert not np.allclose(images, other)
-  _, start_reg, end_reg = filters.maximize_filters(model, variables, layer, range(8), seed=3, jitter=1,
-                                                   blur_sigma=0.5, l2=1e-4, tv=1e-2, **kwargs)
+  _, start_reg, end_reg = filters.maximize_filters(
+    model, variables, layer, range(8), seed=3, jitter=1, blur_sigma=0.5, l2=1e-4, tv=1e-2, **kwargs
+  )
   live_reg = np.asarray(start_reg) > 0
   assert live_reg.sum() >= 4 and np.all(np.asarray(end_reg)[live_reg] > np.asarray(start_reg)[live_reg])
   assert filters.deprocess(images[0]).dtype == np.uint8
-  octave_images, start_oct, end_oct = filters.maximize_filters(model, variables, layer, range(8), seed=3,
-                                                               octaves=3, octave_scale=1.15, **kwargs)
+  octave_images, start_oct, end_oct = filters.maximize_filters(
+    model, variables, layer, range(8), seed=3, octaves=3, octave_scale=1.15, **kwargs
+  )
   live = np.asarray(start_oct) > 0  # measured on the first octave's 21x21 grey image
   assert octave_images.shape == (8, 28, 28, 1) and live.sum() >= 4
   assert np.all(np.asarray(end_oct)[live] > 5 * np.asarray(start_oct)[live]), (start_oct, end_oct)
@@ -204,16 +218,15 @@ def test_activation_grid_and_top_images(trained_mnist):
   model, variables, _, x, _ = trained_mnist
   paths = layers.layer_paths(model, (28, 28, 1))
   acts = layers.layer_outputs(model, variables, x[:1], paths)
-  assert [acts[p].shape[1:] for p in paths] == [(26, 26, 32), (13, 13, 32), (11, 11, 64), (5, 5, 64),
-                                                (3, 3, 64)]
+  assert [acts[p].shape[1:] for p in paths] == [(26, 26, 32), (13, 13, 32), (11, 11, 64), (5, 5, 64), (3, 3, 64)]
   grid = activations.channel_grid(acts[paths[0]][0])
   assert grid.shape == (2 * 26, 16 * 26) and grid.dtype == np.uint8
   images = (x * 255).astype(np.uint8)
-  order, scores = activations.top_images(model, variables, images, paths[0], channel=3, k=5,
-                                         prepare=lambda v: v / 255)
+  order, scores = activations.top_images(model, variables, images, paths[0], channel=3, k=5, prepare=lambda v: v / 255)
   assert len(order) == 5 and np.all(np.diff(scores) <= 0)
-  everything = [float(np.mean(acts_i)) for acts_i in np.asarray(
-      layers.layer_output(model, variables, x, paths[0])[..., 3])]
+  everything = [
+    float(np.mean(acts_i)) for acts_i in np.asarray(layers.layer_output(model, variables, x, paths[0])[..., 3])
+  ]
   assert scores[0] == pytest.approx(max(everything), rel=1e-5)
 
 
@@ -221,57 +234,100 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   """A short real MNIST run, then every method of experiments.visualize on a test digit."""
   from PIL import Image
   from tests.conftest import run_binary
+
   workdir = tmp_path / "run"
-  trained = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
-                       "--config.num_epochs=1", "--config.steps_per_epoch=100",
-                       "--config.data.train_split=train[:8192]", "--config.data.validation_size=1024",
-                       "--config.data.test_split=")
+  trained = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    f"--workdir={workdir}",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=100",
+    "--config.data.train_split=train[:8192]",
+    "--config.data.validation_size=1024",
+    "--config.data.test_split=",
+  )
   assert trained.returncode == 0, trained.stderr[-3000:]
   builder = tfds_data.get_builder("mnist", download=False)
   digit = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 1))["image"][0, ..., 0]
   Image.fromarray(digit).save(tmp_path / "digit.png")
-  result = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
-                      "--config.viz.filters.size=28", "--config.viz.filters.num_filters=8", "--config.viz.filters.steps=10",
-                      "--config.viz.filters.step_size=10", "--config.viz.occlusion.patch=6",
-                      "--config.viz.occlusion.stride=3", "--config.viz.saliency.smoothgrad_samples=4",
-                      "--config.viz.saliency.ig_steps=8")
+  result = run_binary(
+    "experiments.visualize",
+    f"--workdir={workdir}",
+    f"--image={tmp_path / 'digit.png'}",
+    "--config.viz.filters.size=28",
+    "--config.viz.filters.num_filters=8",
+    "--config.viz.filters.steps=10",
+    "--config.viz.filters.step_size=10",
+    "--config.viz.occlusion.patch=6",
+    "--config.viz.occlusion.stride=3",
+    "--config.viz.saliency.smoothgrad_samples=4",
+    "--config.viz.saliency.ig_steps=8",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Metadata file does not exist" not in result.stderr  # the run's checkpoint read cleanly
   viz = workdir / "viz"
-  expected = {"activations_conv2d.png", "activations_conv2d_1.png", "activations_conv2d_2.png",
-              "activations_max_pooling2d.png", "activations_max_pooling2d_1.png", "first_layer_filters.png",
-              "filters_conv2d.png", "filters_conv2d_2.png", "top_images_conv2d_2.png", "gradcam.png",
-              "saliency.png", "occlusion.png", "timings.json"}
+  expected = {
+    "activations_conv2d.png",
+    "activations_conv2d_1.png",
+    "activations_conv2d_2.png",
+    "activations_max_pooling2d.png",
+    "activations_max_pooling2d_1.png",
+    "first_layer_filters.png",
+    "filters_conv2d.png",
+    "filters_conv2d_2.png",
+    "top_images_conv2d_2.png",
+    "gradcam.png",
+    "saliency.png",
+    "occlusion.png",
+    "timings.json",
+  }
   assert {p.name for p in viz.iterdir()} == expected
   timings = json.loads((viz / "timings.json").read_text())
-  assert set(timings["seconds"]) == {"activations", "first_layer", "filters", "top_images", "gradcam",
-                                     "saliency", "occlusion"}
-  bad = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={tmp_path / 'digit.png'}",
-                   "--config.viz.methods=gradcam,dreams")
+  assert set(timings["seconds"]) == {
+    "activations",
+    "first_layer",
+    "filters",
+    "top_images",
+    "gradcam",
+    "saliency",
+    "occlusion",
+  }
+  bad = run_binary(
+    "experiments.visualize",
+    f"--workdir={workdir}",
+    f"--image={tmp_path / 'digit.png'}",
+    "--config.viz.methods=gradcam,dreams",
+  )
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
-      "error: unknown config.viz.methods ['dreams']; valid: activations, first_layer, filters, top_images, "
-      "gradcam, saliency, occlusion")
+    "error: unknown config.viz.methods ['dreams']; valid: activations, first_layer, filters, top_images, "
+    "gradcam, saliency, occlusion"
+  )
   # The binary's other checks, in this process (each a run of the binary would only add start-up time).
   from configs.visualize import get_config
   from convjax.errors import UserError
   from experiments import visualize
+
   model, variables, prepare, (size, channels), config = visualize.trained(str(workdir))
   image = np.asarray(Image.open(tmp_path / "digit.png"))[..., None]
   from convjax.viz import figures
+
   subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None, prepare)
-  for field, value, message in (("layers", "conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
-                                ("gradcam.layer", "max_pooling2d", "gradcam.layer='max_pooling2d' is not a Conv2D layer"),
-                                ("class_index", 10, "config.viz.class_index=10: mnist_convnet has 10 classes"),
-                                ("saliency.ig_steps", 0, "config.viz.saliency.ig_steps must be >= 1, got 0"),
-                                ("occlusion.patch", 40, "occlusion.patch=40 is larger than the 28x28 input"),
-                                ("top_images.split", "train2", "config.viz.top_images.split='train2': the run has")):
+  for field, value, message in (
+    ("layers", "conv2d,conv9", "no Conv2D or MaxPooling2D layer named ['conv9']"),
+    ("gradcam.layer", "max_pooling2d", "gradcam.layer='max_pooling2d' is not a Conv2D layer"),
+    ("class_index", 10, "config.viz.class_index=10: mnist_convnet has 10 classes"),
+    ("saliency.ig_steps", 0, "config.viz.saliency.ig_steps must be >= 1, got 0"),
+    ("occlusion.patch", 40, "occlusion.patch=40 is larger than the 28x28 input"),
+    ("top_images.split", "train2", "config.viz.top_images.split='train2': the run has"),
+  ):
     viz = get_config().viz
     *group, key = field.split(".")
     (viz[group[0]] if group else viz)[key] = value
     with pytest.raises(UserError, match=re.escape(message)):
       methods = visualize.check_options(viz)
-      _, _, draw = visualize.figure_functions(viz, methods, subject, config.model, True, config.data,
-                                              str(tmp_path / "checks"))
+      _, _, draw = visualize.figure_functions(
+        viz, methods, subject, config.model, True, config.data, str(tmp_path / "checks")
+      )
       draw["top_images"]()
 
 
@@ -279,29 +335,48 @@ def test_visualize_binary_on_the_imagenet_vgg16_base(tmp_path):
   """--config.viz.model=vgg16_base: the real notop ImageNet weights (../shared/weights),
   activations and filter patterns of chosen layers; class methods are refused for a base."""
   from tests.conftest import SHARED, run_binary
+
   image = SHARED / "datasets" / "images" / "skimage_chelsea_cat.png"
-  common = [f"--workdir={tmp_path}", f"--image={image}", "--config.viz.model=vgg16_base",
-            "--config.viz.image_size=32"]
-  result = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,first_layer,filters",
-                      "--config.viz.layers=block1_conv1,block3_pool,block5_conv1", "--config.viz.filters.num_filters=4",
-                      "--config.viz.filters.size=32", "--config.viz.filters.steps=5")
+  common = [f"--workdir={tmp_path}", f"--image={image}", "--config.viz.model=vgg16_base", "--config.viz.image_size=32"]
+  result = run_binary(
+    "experiments.visualize",
+    *common,
+    "--config.viz.methods=activations,first_layer,filters",
+    "--config.viz.layers=block1_conv1,block3_pool,block5_conv1",
+    "--config.viz.filters.num_filters=4",
+    "--config.viz.filters.size=32",
+    "--config.viz.filters.steps=5",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert {p.name for p in (tmp_path / "viz").iterdir()} == {
-      "activations_block1_conv1.png", "activations_block3_pool.png", "activations_block5_conv1.png",
-      "first_layer_filters.png", "filters_block1_conv1.png", "filters_block5_conv1.png", "timings.json",
-      "model.png"}  # the pretrained model's diagram
+    "activations_block1_conv1.png",
+    "activations_block3_pool.png",
+    "activations_block5_conv1.png",
+    "first_layer_filters.png",
+    "filters_block1_conv1.png",
+    "filters_block5_conv1.png",
+    "timings.json",
+    "model.png",
+  }  # the pretrained model's diagram
   assert "block5_conv1: mean activation" in result.stderr
   record = json.loads((tmp_path / "viz" / "timings.json").read_text())
   assert record["class"] is None and record["probability"] is None  # a conv base has no classes
   refused = run_binary("experiments.visualize", *common, "--config.viz.methods=activations,gradcam")
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1] == (
-      "error: config.viz.methods ['gradcam'] need a classifier and a run's data; vgg16_base is a conv base: "
-      "use activations, first_layer, filters")
-  with_top = run_binary("experiments.visualize", *common[:3], "--config.viz.model=vgg16",
-                        "--config.viz.image_size=150", "--config.viz.methods=gradcam")
+    "error: config.viz.methods ['gradcam'] need a classifier and a run's data; vgg16_base is a conv base: "
+    "use activations, first_layer, filters"
+  )
+  with_top = run_binary(
+    "experiments.visualize",
+    *common[:3],
+    "--config.viz.model=vgg16",
+    "--config.viz.image_size=150",
+    "--config.viz.methods=gradcam",
+  )
   assert with_top.returncode == 1 and "vgg16 with its top takes 224x224 images" in with_top.stderr
   no_run = run_binary("experiments.visualize", *common[:2], "--config.viz.model=vgg16")  # default methods
   assert no_run.returncode == 1 and no_run.stderr.strip().splitlines()[-1] == (
-      "error: config.viz.methods: top_images needs a training run's images; vgg16 has none "
-      "(--config.viz.methods=activations,first_layer,filters,gradcam,saliency,occlusion)")
+    "error: config.viz.methods: top_images needs a training run's images; vgg16 has none "
+    "(--config.viz.methods=activations,first_layer,filters,gradcam,saliency,occlusion)"
+  )

@@ -1,4 +1,5 @@
 """The classic architectures: parameter counts against their references, shapes, training."""
+
 import json
 
 import jax
@@ -17,17 +18,17 @@ from tests.conftest import run_binary
 # name, native input, params (trainable) at 1000 classes, other variables (BatchNorm
 # statistics), and where the figure comes from.
 REFERENCE = [
-    ("lenet5", (32, 32, 1), 61_706, 0, "LeCun 1998 layout, full C3, 10 classes"),
-    ("alexnet", (227, 227, 3), 62_378_344, 0, "Krizhevsky 2012, one tower"),
-    ("vgg11", (224, 224, 3), 132_863_336, 0, "torchvision vgg11"),
-    ("vgg13", (224, 224, 3), 133_047_848, 0, "torchvision vgg13"),
-    ("vgg16", (224, 224, 3), 138_357_544, 0, "keras.applications.VGG16"),
-    ("vgg19", (224, 224, 3), 143_667_240, 0, "keras.applications.VGG19"),
-    ("googlenet", (224, 224, 3), 6_624_904, None, "torchvision googlenet, no aux heads"),
-    ("resnet18", (224, 224, 3), 11_689_512, None, "torchvision resnet18"),
-    ("resnet34", (224, 224, 3), 21_797_672, None, "torchvision resnet34"),
-    ("resnet50", (224, 224, 3), 25_557_032, None, "torchvision resnet50"),
-    ("mobilenet", (224, 224, 3), 4_231_976, 21_888, "keras.applications.MobileNet: 4,253,864 total"),
+  ("lenet5", (32, 32, 1), 61_706, 0, "LeCun 1998 layout, full C3, 10 classes"),
+  ("alexnet", (227, 227, 3), 62_378_344, 0, "Krizhevsky 2012, one tower"),
+  ("vgg11", (224, 224, 3), 132_863_336, 0, "torchvision vgg11"),
+  ("vgg13", (224, 224, 3), 133_047_848, 0, "torchvision vgg13"),
+  ("vgg16", (224, 224, 3), 138_357_544, 0, "keras.applications.VGG16"),
+  ("vgg19", (224, 224, 3), 143_667_240, 0, "keras.applications.VGG19"),
+  ("googlenet", (224, 224, 3), 6_624_904, None, "torchvision googlenet, no aux heads"),
+  ("resnet18", (224, 224, 3), 11_689_512, None, "torchvision resnet18"),
+  ("resnet34", (224, 224, 3), 21_797_672, None, "torchvision resnet34"),
+  ("resnet50", (224, 224, 3), 25_557_032, None, "torchvision resnet50"),
+  ("mobilenet", (224, 224, 3), 4_231_976, 21_888, "keras.applications.MobileNet: 4,253,864 total"),
 ]
 
 
@@ -69,8 +70,7 @@ def test_lenet_partial_c3_has_1516_params_and_is_a_masked_convolution():
     for i in row:
       dense[:, :, i, j] = weights[:, :, n]
       n += 1
-  expected = jax.lax.conv_general_dilated(x, dense, (1, 1), "VALID",
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+  expected = jax.lax.conv_general_dilated(x, dense, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
   np.testing.assert_allclose(conv.apply(variables, x), expected, atol=1e-5)
   # Map 0 sees S2 maps 0-2 only: changing map 5 leaves it alone, and changes map 3.
   y0 = conv.apply(variables, x)
@@ -80,6 +80,7 @@ def test_lenet_partial_c3_has_1516_params_and_is_a_masked_convolution():
 
 def test_separable_convolution_costs_what_the_formula_says():
   from convjax.models.mobilenet import SeparableConv2D
+
   x = jnp.zeros((1, 16, 16, 32))
   variables = SeparableConv2D(64, use_bias=False).init(jax.random.key(0), x)
   n = sum(v.size for v in jax.tree_util.tree_leaves(variables))
@@ -87,14 +88,24 @@ def test_separable_convolution_costs_what_the_formula_says():
   assert n < 3 * 3 * 32 * 64 / 7  # vs a full 3x3 convolution
 
 
-@pytest.mark.parametrize("name,input_shape,kwargs", [
-    ("lenet5", (32, 32, 1), {"partial_c3": True}), ("alexnet", (227, 227, 3), {}),
-    ("vgg11", (64, 64, 3), {}), ("googlenet", (96, 96, 3), {}), ("resnet18", (64, 64, 3), {}),
-    ("resnet50", (64, 64, 3), {}), ("mobilenet", (96, 96, 3), {}), ("xception_small", (64, 64, 3), {}),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+  "name,input_shape,kwargs",
+  [
+    ("lenet5", (32, 32, 1), {"partial_c3": True}),
+    ("alexnet", (227, 227, 3), {}),
+    ("vgg11", (64, 64, 3), {}),
+    ("googlenet", (96, 96, 3), {}),
+    ("resnet18", (64, 64, 3), {}),
+    ("resnet50", (64, 64, 3), {}),
+    ("mobilenet", (96, 96, 3), {}),
+    ("xception_small", (64, 64, 3), {}),
+  ],
+  ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
   """num_classes is free; features/head compose to the model (what transfer and viz rely on)."""
   from convjax.models import apply_features, apply_head
+
   model = get_model(name, num_classes=7, **kwargs)
   x = jax.random.uniform(jax.random.key(0), (2, *input_shape))
   variables = jax.jit(model.init)(jax.random.key(1), x)
@@ -113,12 +124,20 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated;
   the run is read back (load_run, init_from, the visualisation binary) with those 10 classes."""
   workdir = tmp_path / "run"
-  result = run_binary("experiments.train", "--config=configs/mnist.py", f"--workdir={workdir}",
-                      "--config.model=resnet18", "--config.data.image_size=(32, 32)",
-                      "--config.data.train_split=train[:2048]", "--config.data.validation_size=512",
-                      "--config.data.test_split=test[:512]", "--config.num_epochs=2",
-                      "--config.steps_per_epoch=24", "--config.optimizer=adam",
-                      "--config.eval_batch_size=256")
+  result = run_binary(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    f"--workdir={workdir}",
+    "--config.model=resnet18",
+    "--config.data.image_size=(32, 32)",
+    "--config.data.train_split=train[:2048]",
+    "--config.data.validation_size=512",
+    "--config.data.test_split=test[:512]",
+    "--config.num_epochs=2",
+    "--config.steps_per_epoch=24",
+    "--config.optimizer=adam",
+    "--config.eval_batch_size=256",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "num_classes 1000 -> 10" in result.stderr
   history = json.loads((workdir / "history.json").read_text())
@@ -131,7 +150,8 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   model, variables, config = load_run(str(workdir))
   assert model.num_classes == 10 and config.model == "resnet18"
   assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
-      np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))))
+    np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
+  )
   config.init_from = str(workdir)
   fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   params, model_state = starting_params(config, fresh["params"], {"batch_stats": fresh["batch_stats"]})
@@ -139,10 +159,16 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path):
   assert model_state.keys() == {"batch_stats"}
   digit = tmp_path / "digit.png"
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
-  viz = run_binary("experiments.visualize", f"--workdir={workdir}", f"--image={digit}",
-                   "--config.viz.methods=activations,gradcam,saliency,occlusion",
-                   "--config.viz.saliency.smoothgrad_samples=2", "--config.viz.saliency.ig_steps=4",
-                   "--config.viz.occlusion.patch=8", "--config.viz.occlusion.stride=8")
+  viz = run_binary(
+    "experiments.visualize",
+    f"--workdir={workdir}",
+    f"--image={digit}",
+    "--config.viz.methods=activations,gradcam,saliency,occlusion",
+    "--config.viz.saliency.smoothgrad_samples=2",
+    "--config.viz.saliency.ig_steps=4",
+    "--config.viz.occlusion.patch=8",
+    "--config.viz.occlusion.stride=8",
+  )
   assert viz.returncode == 0, viz.stderr[-3000:]
   assert 0 <= json.loads((workdir / "viz" / "timings.json").read_text())["class"] < 10
   assert {"gradcam.png", "saliency.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
@@ -152,4 +178,6 @@ def test_notes_networks_have_the_notes_parameter_counts():
   """The sign-language CNN (64x64x1) and MLP from the notes, and the CIFAR-10 CNN (32x32x3)."""
   assert _shapes(get_model("notes_cnn"), (64, 64, 1))[0]["params"] == 4_970_122
   assert _shapes(get_model("notes_mlp"), (64, 64, 1))[0]["params"] == 2_097_664 + 262_656 + 5_130
-  assert _shapes(get_model("notes_cnn"), (32, 32, 3))[0]["params"] == 776_394  # convs 240,832 + Dense 2*2*128 -> 1024: 525,312 + 10,250
+  assert (
+    _shapes(get_model("notes_cnn"), (32, 32, 3))[0]["params"] == 776_394
+  )  # convs 240,832 + Dense 2*2*128 -> 1024: 525,312 + 10,250

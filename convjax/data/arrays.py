@@ -10,6 +10,7 @@
 and optionally DIR/classes.txt, one class name per line (label i is line i);
 without it the classes are '0', '1', ... up to the largest label.
 """
+
 import os
 import zipfile
 from typing import NamedTuple
@@ -26,8 +27,7 @@ class NpyFile:
   def __init__(self, path: str):
     with open(path, "rb") as f:
       version = np.lib.format.read_magic(f)
-      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                     else np.lib.format.read_array_header_2_0)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
       shape, fortran, dtype = read_header(f)
       self.offset = f.tell()
     if fortran and len(shape) > 1:
@@ -56,14 +56,16 @@ class NpyFile:
     index = np.asarray(index, np.int64)
     if len(index) and np.all(np.diff(index) == 1):  # a range: one read
       return self._read(int(index[0]), len(index))
-    return np.stack([self._read(int(i), 1)[0] for i in index]) if len(index) else \
-        np.zeros((0, *self.shape[1:]), self.dtype)
+    return (
+      np.stack([self._read(int(i), 1)[0] for i in index]) if len(index) else np.zeros((0, *self.shape[1:]), self.dtype)
+    )
 
 
 class ArraySplit(NamedTuple):
   """A split's arrays (.npy images: nothing is read until rows are)."""
+
   path: str
-  images: object     # (N, H, W, C) uint8: an array (.npz) or an NpyFile
+  images: object  # (N, H, W, C) uint8: an array (.npz) or an NpyFile
   labels: np.ndarray
 
 
@@ -84,11 +86,15 @@ def open_split(directory: str, split: str) -> ArraySplit:
       raise UserError(f"cannot read {npy[0]!r} / {npy[1]!r}: {e}") from None
   else:
     found = sorted(f for f in os.listdir(directory)) if os.path.isdir(directory) else None
-    raise UserError(f"no arrays for split {split!r}: expected {npz!r} or {npy[0]!r} with {npy[1]!r} "
-                    f"({'found: ' + ', '.join(found) if found else 'the folder does not exist' if found is None else 'the folder is empty'})")
+    raise UserError(
+      f"no arrays for split {split!r}: expected {npz!r} or {npy[0]!r} with {npy[1]!r} "
+      f"({'found: ' + ', '.join(found) if found else 'the folder does not exist' if found is None else 'the folder is empty'})"
+    )
   if images.ndim != 4 or images.dtype != np.uint8 or labels.shape != (images.shape[0],):
-    raise UserError(f"{path!r}: expected image uint8 (N, H, W, C) and label (N,), got image "
-                    f"{images.dtype} {images.shape} and label {labels.shape}")
+    raise UserError(
+      f"{path!r}: expected image uint8 (N, H, W, C) and label (N,), got image "
+      f"{images.dtype} {images.shape} and label {labels.shape}"
+    )
   return ArraySplit(path, images, labels.astype(np.int32))
 
 

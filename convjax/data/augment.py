@@ -6,6 +6,7 @@ horizontal flip, drawn as Keras draws them, then one bilinear resampling with
 the chosen fill mode. For fixed parameters `affine_matrix` + `warp` equal
 Keras' `apply_affine_transform` (scipy.ndimage, order 1); tests check it.
 """
+
 from typing import NamedTuple
 
 import jax
@@ -16,13 +17,14 @@ from convjax.config import AUGMENT_RANGES, FILL_MODES, augments
 
 class AugmentParams(NamedTuple):
   """One image's transform, in Keras' units (degrees, pixels, factors); a pytree."""
-  theta: jax.Array   # rotation, degrees
-  tx: jax.Array      # shift along rows (height), pixels
-  ty: jax.Array      # shift along columns (width), pixels
-  shear: jax.Array   # degrees
-  zx: jax.Array      # zoom along rows
-  zy: jax.Array      # zoom along columns
-  flip: jax.Array    # bool: mirror left-right after the affine transform
+
+  theta: jax.Array  # rotation, degrees
+  tx: jax.Array  # shift along rows (height), pixels
+  ty: jax.Array  # shift along columns (width), pixels
+  shear: jax.Array  # degrees
+  zx: jax.Array  # zoom along rows
+  zy: jax.Array  # zoom along columns
+  flip: jax.Array  # bool: mirror left-right after the affine transform
 
 
 def affine_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
@@ -33,8 +35,7 @@ def affine_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
   def mat(*rows):
     return jnp.stack([jnp.stack(r) for r in rows])
 
-  rotation = mat((jnp.cos(theta), -jnp.sin(theta), zero), (jnp.sin(theta), jnp.cos(theta), zero),
-                 (zero, zero, one))
+  rotation = mat((jnp.cos(theta), -jnp.sin(theta), zero), (jnp.sin(theta), jnp.cos(theta), zero), (zero, zero, one))
   shift = mat((one, zero, p.tx), (zero, one, p.ty), (zero, zero, one))
   shear_m = mat((one, -jnp.sin(shear), zero), (zero, jnp.cos(shear), zero), (zero, zero, one))
   zoom = mat((p.zx, zero, zero), (zero, p.zy, zero), (zero, zero, one))
@@ -65,23 +66,23 @@ def _sample_axis(coord, n: int, fill_mode: str):
   lo = lo.astype(jnp.int32)
   hi = lo + 1
   if fill_mode == "reflect":  # scipy 'reflect': half-sample symmetric, d c b a | a b c d | d c b a
+
     def reflect(i):
       i = jnp.mod(i, 2 * n)
       return jnp.where(i >= n, 2 * n - 1 - i, i)
+
     lo, hi = reflect(lo), reflect(hi)
   # 'nearest' repeats the edge pixel: clipping the indices does it.
   valid = inside if fill_mode == "constant" else jnp.ones(coord.shape, bool)
   return jnp.clip(lo, 0, n - 1), jnp.clip(hi, 0, n - 1), t, valid
 
 
-def warp(image: jax.Array, matrix: jax.Array, flip=False, fill_mode: str = "nearest",
-         cval: float = 0.0) -> jax.Array:
+def warp(image: jax.Array, matrix: jax.Array, flip=False, fill_mode: str = "nearest", cval: float = 0.0) -> jax.Array:
   """Bilinear resampling of (H, W, C) at matrix @ (row, col, 1) for every output pixel."""
   if fill_mode not in FILL_MODES:
     raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
   h, w, _ = image.shape
-  rows, cols = jnp.meshgrid(jnp.arange(h, dtype=matrix.dtype), jnp.arange(w, dtype=matrix.dtype),
-                            indexing="ij")
+  rows, cols = jnp.meshgrid(jnp.arange(h, dtype=matrix.dtype), jnp.arange(w, dtype=matrix.dtype), indexing="ij")
   cols = jnp.where(flip, w - 1 - cols, cols)  # Keras flips after transforming
   src_r = matrix[0, 0] * rows + matrix[0, 1] * cols + matrix[0, 2]
   src_c = matrix[1, 0] * rows + matrix[1, 1] * cols + matrix[1, 2]
@@ -94,9 +95,17 @@ def warp(image: jax.Array, matrix: jax.Array, flip=False, fill_mode: str = "near
   return jnp.where((vr & vc)[..., None], out, jnp.asarray(cval, image.dtype))
 
 
-def sample_params(rng, height: int, width: int, rotation_range=0.0, width_shift_range=0.0,
-                  height_shift_range=0.0, shear_range=0.0, zoom_range=0.0,
-                  horizontal_flip=False) -> AugmentParams:
+def sample_params(
+  rng,
+  height: int,
+  width: int,
+  rotation_range=0.0,
+  width_shift_range=0.0,
+  height_shift_range=0.0,
+  shear_range=0.0,
+  zoom_range=0.0,
+  horizontal_flip=False,
+) -> AugmentParams:
   """One image's random transform, drawn like ImageDataGenerator.get_random_transform."""
   k = jax.random.split(rng, 6)
 
@@ -111,14 +120,26 @@ def sample_params(rng, height: int, width: int, rotation_range=0.0, width_shift_
   return AugmentParams(uniform(k[0], rotation_range), tx, ty, uniform(k[3], shear_range), zx, zy, flip)
 
 
-def make_augment(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
-                 zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", cval=0.0):
+def make_augment(
+  rotation_range=0.0,
+  width_shift_range=0.0,
+  height_shift_range=0.0,
+  shear_range=0.0,
+  zoom_range=0.0,
+  horizontal_flip=False,
+  fill_mode="nearest",
+  cval=0.0,
+):
   """`augment(rng, images (B, H, W, C) float) -> images`, one random transform per image."""
   if fill_mode not in FILL_MODES:
     raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
-  ranges = dict(rotation_range=rotation_range, width_shift_range=width_shift_range,
-                height_shift_range=height_shift_range, shear_range=shear_range,
-                zoom_range=zoom_range)
+  ranges = dict(
+    rotation_range=rotation_range,
+    width_shift_range=width_shift_range,
+    height_shift_range=height_shift_range,
+    shear_range=shear_range,
+    zoom_range=zoom_range,
+  )
 
   def augment_one(rng, image):
     h, w, _ = image.shape
@@ -136,5 +157,6 @@ def from_config(augment_config):
   if not augments(augment_config):
     return None
   a = augment_config
-  return make_augment(**{k: a[k] for k in AUGMENT_RANGES}, horizontal_flip=a.horizontal_flip,
-                      fill_mode=a.fill_mode, cval=a.cval)
+  return make_augment(
+    **{k: a[k] for k in AUGMENT_RANGES}, horizontal_flip=a.horizontal_flip, fill_mode=a.fill_mode, cval=a.cval
+  )

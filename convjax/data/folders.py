@@ -7,6 +7,7 @@ RGBA and palette images alike), resized bilinearly to `image_size` and kept
 as uint8. A split is decoded once per process and cached in memory; during
 training it lives on the devices, so no epoch decodes anything.
 """
+
 import concurrent.futures
 import os
 import shutil
@@ -29,9 +30,10 @@ LABEL_MODES = ("int", "binary", "categorical")
 
 class FolderSplit(NamedTuple):
   """One split's files in label order, before decoding."""
+
   directory: str
   classes: tuple
-  files: tuple       # paths, class by class, each class's files sorted by name
+  files: tuple  # paths, class by class, each class's files sorted by name
   labels: np.ndarray  # int32, one per file
 
 
@@ -82,15 +84,12 @@ def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -
     raise UserError(f"image folder root {root!r} does not exist")
   if not os.path.isdir(directory):
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    raise UserError(f"split folder {directory!r} does not exist (splits in {root!r}: "
-                    f"{', '.join(found) or 'none'})")
+    raise UserError(f"split folder {directory!r} does not exist (splits in {root!r}: {', '.join(found) or 'none'})")
   found = tuple(sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d))))
   if not found:
-    raise UserError(f"split folder {directory!r} has no class sub-folders (expected "
-                    f"{directory}/<class>/*.jpg)")
+    raise UserError(f"split folder {directory!r} has no class sub-folders (expected {directory}/<class>/*.jpg)")
   if classes is not None and tuple(classes) != found:
-    raise UserError(f"split folder {directory!r} has classes {list(found)} but the training "
-                    f"split has {list(classes)}")
+    raise UserError(f"split folder {directory!r} has classes {list(found)} but the training split has {list(classes)}")
   files, labels = [], []
   for label, name in enumerate(found):
     class_dir = os.path.join(directory, name)
@@ -113,12 +112,15 @@ def _to_8_bits(img, path: str) -> "Image.Image":
   if img.mode in WIDE_MODES:
     wide = np.asarray(img).astype(np.int64)
     if wide.size and (wide.min() < 0 or wide.max() > 65535):
-      raise UserError(f"image {path!r} has {img.mode} pixels outside 0..65535 "
-                      f"({wide.min()}..{wide.max()}): convert it to 8 or 16 bits")
+      raise UserError(
+        f"image {path!r} has {img.mode} pixels outside 0..65535 "
+        f"({wide.min()}..{wide.max()}): convert it to 8 or 16 bits"
+      )
     return Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
   if img.mode == "F":
-    raise UserError(f"image {path!r} has 32-bit float pixels, which 8 bits cannot hold faithfully: "
-                    "convert it to 8 or 16 bits")
+    raise UserError(
+      f"image {path!r} has 32-bit float pixels, which 8 bits cannot hold faithfully: convert it to 8 or 16 bits"
+    )
   return img
 
 
@@ -160,8 +162,14 @@ class FolderRows:
       return None
 
 
-def decode_split(split: FolderSplit, channels: int = 3, image_size: Optional[Sequence[int]] = None,
-                 skip_bad_files: bool = False, num_threads: int = 8, fit=None) -> dict:
+def decode_split(
+  split: FolderSplit,
+  channels: int = 3,
+  image_size: Optional[Sequence[int]] = None,
+  skip_bad_files: bool = False,
+  num_threads: int = 8,
+  fit=None,
+) -> dict:
   """{'image': uint8 (n, H, W, channels), 'label': int32 (n,)} for every readable file.
 
   Without `image_size` all images must share one size; `fit` (convjax.data.preprocess.Fit:
@@ -184,16 +192,23 @@ def decode_split(split: FolderSplit, channels: int = 3, image_size: Optional[Seq
   keep = [i for i, x in enumerate(images) if x is not None]
   if len(keep) < len(images):
     bad = [split.files[i] for i, x in enumerate(images) if x is None]
-    logging.warning("skipped %d unreadable file(s) in %s: %s%s", len(bad), split.directory,
-                    ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
+    logging.warning(
+      "skipped %d unreadable file(s) in %s: %s%s",
+      len(bad),
+      split.directory,
+      ", ".join(bad[:5]),
+      " ..." if len(bad) > 5 else "",
+    )
   if not keep:
     raise UserError(f"split folder {split.directory!r} has no readable images")
   first = images[keep[0]].shape
   for i in keep:
     if images[i].shape != first:
-      raise UserError(f"image {split.files[i]!r} is {images[i].shape[1]}x{images[i].shape[0]} but "
-                      f"{split.files[keep[0]]!r} is {first[1]}x{first[0]}; set an image size "
-                      "(--config.data.image_size='(150, 150)') to resize them all")
+      raise UserError(
+        f"image {split.files[i]!r} is {images[i].shape[1]}x{images[i].shape[0]} but "
+        f"{split.files[keep[0]]!r} is {first[1]}x{first[0]}; set an image size "
+        "(--config.data.image_size='(150, 150)') to resize them all"
+      )
   return {"image": np.stack([images[i] for i in keep]), "label": split.labels[keep]}
 
 
@@ -210,8 +225,14 @@ def encode_labels(labels: np.ndarray, num_classes: int, label_mode: str = "int")
   raise UserError(f"unknown label_mode {label_mode!r}; valid: {', '.join(LABEL_MODES)}")
 
 
-def load_folder(root: str, split: str, image_size: Optional[Sequence[int]] = None, channels: int = 3,
-                label_mode: str = "int", skip_bad_files: bool = False) -> tuple:
+def load_folder(
+  root: str,
+  split: str,
+  image_size: Optional[Sequence[int]] = None,
+  channels: int = 3,
+  label_mode: str = "int",
+  skip_bad_files: bool = False,
+) -> tuple:
   """One call for notebooks: (images uint8, labels, class names) of root/split."""
   listing = list_split(root, split)
   arrays = decode_split(listing, channels, image_size, skip_bad_files)

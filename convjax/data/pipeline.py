@@ -26,6 +26,7 @@ bounded by the prefetch buffers, whatever the dataset's size.
 `choose(config.data, source, mesh)` picks one: 'device' when the images fit
 `device_fraction` of the smallest device's free memory (on CPU of free host RAM).
 """
+
 import collections
 import math
 import multiprocessing
@@ -139,13 +140,15 @@ class OnDevice:
   evaluation pass is every row of a split once, in batches of `eval_batch_size`.
   """
 
-  def __init__(self, splits: dict, mesh: Mesh, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_epoch: int):
+  def __init__(self, splits: dict, mesh: Mesh, seed: int, batch_size: int, eval_batch_size: int, steps_per_epoch: int):
     self.mesh, self.seed, self.batch_size, self.steps_per_epoch = mesh, seed, batch_size, steps_per_epoch
     self.sizes = {name: split.size for name, split in splits.items()}
     self.rows = {name: load_split(split, mesh) for name, split in splits.items()}
-    self.eval_tables = {name: parallel.put_replicated(mesh, eval_index_table(split.size, eval_batch_size))
-                        for name, split in splits.items() if name != "train"}
+    self.eval_tables = {
+      name: parallel.put_replicated(mesh, eval_index_table(split.size, eval_batch_size))
+      for name, split in splits.items()
+      if name != "train"
+    }
     self._gather = make_gather(mesh)
 
   def take(self, feed) -> dict:
@@ -154,8 +157,9 @@ class OnDevice:
     return self._gather(rows, table[i])
 
   def train_batches(self, epoch: int, start: int = 0) -> Iterator:
-    table = parallel.put_replicated(self.mesh, train_index_table(
-        self.seed, epoch, self.steps_per_epoch, self.batch_size, self.sizes["train"]))
+    table = parallel.put_replicated(
+      self.mesh, train_index_table(self.seed, epoch, self.steps_per_epoch, self.batch_size, self.sizes["train"])
+    )
     for i in range(start, self.steps_per_epoch):
       yield self.rows["train"], table, np.int32(i)
 
@@ -184,7 +188,7 @@ class _Batches:
     self.fit, self.shape = fit, tuple(shape)
 
   def __len__(self) -> int:
-    return 2 ** 40  # endless: the pipeline takes as many batches as it needs
+    return 2**40  # endless: the pipeline takes as many batches as it needs
 
   def __getitem__(self, k: int) -> dict:
     _read_at_low_priority()
@@ -194,8 +198,12 @@ class _Batches:
     columns = np.flatnonzero(indices >= 0)
     read = getattr(self.rows, "read", None)
     got = read(indices[columns]) if read else [self.rows[int(i)] for i in indices[columns]]
-    out = {"image": np.zeros((len(indices), *self.shape), np.uint8), "label": np.zeros(len(indices), np.int32),
-           "mask": np.zeros(len(indices), np.float32), "wanted": np.float32(len(columns))}
+    out = {
+      "image": np.zeros((len(indices), *self.shape), np.uint8),
+      "label": np.zeros(len(indices), np.int32),
+      "mask": np.zeros(len(indices), np.float32),
+      "wanted": np.float32(len(columns)),
+    }
     for j, row in zip(columns, got, strict=True):
       if row is None:
         continue
@@ -204,9 +212,11 @@ class _Batches:
       if image.shape != self.shape:
         index = int(indices[j])
         where = self.rows.files[index] if hasattr(self.rows, "files") else f"row {index}"
-        raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, the data "
-                        f"{self.shape[1]}x{self.shape[0]}x{self.shape[2]}: set config.data.image_size to "
-                        "resize every image")
+        raise UserError(
+          f"{where} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, the data "
+          f"{self.shape[1]}x{self.shape[0]}x{self.shape[2]}: set config.data.image_size to "
+          "resize every image"
+        )
       out["image"][j], out["label"][j], out["mask"][j] = image, row["label"], 1
     return out
 
@@ -266,11 +276,15 @@ class _Reader:
 
   def __init__(self, stream: "Stream", rows, table, first: int, global_batch: int):
     import grain  # only the streaming path needs it
+
     self.position, self.global_batch = first, global_batch
     columns = local_row_range(stream.mesh, global_batch)
     dataset = grain.MapDataset.source(_Batches(rows, table, columns, first, stream.fit, stream.image_shape))
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=0 if stream.workers else READ_THREADS, prefetch_buffer_size=max(2 * stream.prefetch, 2)))
+    dataset = dataset.to_iter_dataset(
+      grain.ReadOptions(
+        num_threads=0 if stream.workers else READ_THREADS, prefetch_buffer_size=max(2 * stream.prefetch, 2)
+      )
+    )
     if stream.workers:
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=stream.workers))
     self.iterator, self.sharding, self.prefetch = iter(dataset), parallel.sharded(stream.mesh), stream.prefetch
@@ -280,8 +294,12 @@ class _Reader:
   def _pull(self) -> None:
     local = self.iterator.__next__()
     self.skipped += int(local.pop("wanted") - np.sum(local["mask"]))  # unreadable rows, masked out
-    self.ahead.append({k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
-                       for k, v in local.items()})
+    self.ahead.append(
+      {
+        k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
+        for k, v in local.items()
+      }
+    )
 
   def take(self, count: int) -> Iterator[dict]:
     """The next `count` batches."""
@@ -310,8 +328,19 @@ class Stream:
   repetition of its pass: each is read by one iterator for the whole run.
   """
 
-  def __init__(self, splits: dict, mesh: Mesh, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_epoch: int, image_shape: tuple, fit, workers: int = 0, prefetch: int = 2):
+  def __init__(
+    self,
+    splits: dict,
+    mesh: Mesh,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int,
+    steps_per_epoch: int,
+    image_shape: tuple,
+    fit,
+    workers: int = 0,
+    prefetch: int = 2,
+  ):
     missing = [name for name, split in splits.items() if split.rows is None]
     if missing:
       raise ValueError(f"splits {missing} have no row access to stream from")
@@ -340,8 +369,9 @@ class Stream:
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     table = _EvalTable(self.sizes[split], self.eval_batch_size)
-    reader = self._reader(split, self._readers[split].position if split in self._readers else 0, table,
-                          self.eval_batch_size)
+    reader = self._reader(
+      split, self._readers[split].position if split in self._readers else 0, table, self.eval_batch_size
+    )
     return reader.take(len(table.table))
 
   def close(self) -> None:
@@ -356,8 +386,10 @@ def free_memory(mesh: Mesh) -> tuple:
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   stats = [d.memory_stats() for d in local] if local[0].platform != "cpu" else []
   if stats and all(s and "bytes_limit" in s for s in stats):
-    return (min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats),
-            f"free memory of the smallest {local[0].device_kind}")
+    return (
+      min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats),
+      f"free memory of the smallest {local[0].device_kind}",
+    )
   free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   try:  # MemAvailable counts reclaimable caches too, as the kernel would free them
     with open("/proc/meminfo") as f:
@@ -376,17 +408,23 @@ def choose(data, source: Source, mesh: Mesh) -> str:
   budget = data.device_fraction * free
   fits = per_device <= budget
   mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
-  numbers = (f"{source.num_rows:,} images {'x'.join(map(str, source.image_shape))} = {mb(needed)}"
-             f"{'' if what == 'free host RAM' else f' ({mb(per_device)} a device)'}; budget "
-             f"{data.device_fraction:g} x {what} {mb(free)} = {mb(budget)}")
+  numbers = (
+    f"{source.num_rows:,} images {'x'.join(map(str, source.image_shape))} = {mb(needed)}"
+    f"{'' if what == 'free host RAM' else f' ({mb(per_device)} a device)'}; budget "
+    f"{data.device_fraction:g} x {what} {mb(free)} = {mb(budget)}"
+  )
   wants_stream = bool(tuple(data.random_resized_crop))
   kind = data.pipeline if data.pipeline != "auto" else ("device" if fits and not wants_stream else "stream")
   if kind == "device" and not fits:
-    raise UserError(f"config.data.pipeline='device': the data does not fit ({numbers}); use "
-                    "config.data.pipeline='stream' (or 'auto'), or raise config.data.device_fraction")
+    raise UserError(
+      f"config.data.pipeline='device': the data does not fit ({numbers}); use "
+      "config.data.pipeline='stream' (or 'auto'), or raise config.data.device_fraction"
+    )
   if kind == "stream" and not source.streams:
-    raise UserError(f"the data cannot stream ({numbers}): {source.description} is prepared as TFRecord, "
-                    "which reads only in ranges; prepare it as ArrayRecord: tfds.builder(NAME, "
-                    "file_format='array_record').download_and_prepare()")
+    raise UserError(
+      f"the data cannot stream ({numbers}): {source.description} is prepared as TFRecord, "
+      "which reads only in ranges; prepare it as ArrayRecord: tfds.builder(NAME, "
+      "file_format='array_record').download_and_prepare()"
+    )
   logging.info("input pipeline: %s (%s)", kind, numbers)
   return kind

@@ -8,6 +8,7 @@ numpy so that loading folders needs no TensorFlow.
 input inside the jitted steps: rescaling, and ImageNet VGG's 'caffe'
 preprocessing (`preprocess_input`, as keras.applications.vgg16 does it).
 """
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,8 +57,9 @@ def input_transform(rescale: float = 1 / 255, preprocess: str = ""):
   return lambda x: x * rescale
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple:
+def random_resized_crop_box(
+  rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple:
   """(top, left, h, w) of a random crop covering `scale` of the area with aspect ratio in
   `ratio` (log-uniform), as torchvision's RandomResizedCrop draws it (10 tries, then the
   largest centred crop of an allowed ratio)."""
@@ -93,8 +95,13 @@ class Fit:
   centred for evaluation), then the bilinear resize of decoding. Picklable, for streaming
   workers; `rng` None means evaluation."""
 
-  def __init__(self, image_size: tuple = (), random_crop_scale: tuple = (), random_crop_ratio=(3 / 4, 4 / 3),
-               center_crop: float = 0.0):
+  def __init__(
+    self,
+    image_size: tuple = (),
+    random_crop_scale: tuple = (),
+    random_crop_ratio=(3 / 4, 4 / 3),
+    center_crop: float = 0.0,
+  ):
     self.image_size, self.scale, self.ratio = tuple(image_size), tuple(random_crop_scale), tuple(random_crop_ratio)
     self.center_crop = center_crop
     self.random = bool(self.scale)  # whether training draws from an rng
@@ -109,7 +116,7 @@ class Fit:
       box = center_crop_box(h, w, self.center_crop, aspect)
     if box:
       top, left, bh, bw = box
-      image = image[top:top + bh, left:left + bw]
+      image = image[top : top + bh, left : left + bw]
     if self.image_size and image.shape[:2] != self.image_size:
       image = to_uint8(resize_bilinear(image, self.image_size))
     return image

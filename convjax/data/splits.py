@@ -9,6 +9,7 @@ source; `rows` gives random access to single rows as stored, which is what
 the streaming pipeline reads. A folder is decoded whole by `splits()` (the
 on-device path) and row by row by `splits(stream=True)`.
 """
+
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -26,21 +27,22 @@ SPLITS = ("train", "validation", "test")
 
 class Split(NamedTuple):
   size: int
-  spec: str                                  # for logs: where the rows come from
-  read: Callable[[int, int], dict]           # rows [start, stop) -> {'image', 'label'} at the image size
-  classes: tuple = ()                        # class names, where the source has them
-  rows: Any = None                           # rows[i] -> {'image' as stored, 'label'} (or None: a bad
-                                             # file skipped); None when the source reads only ranges
+  spec: str  # for logs: where the rows come from
+  read: Callable[[int, int], dict]  # rows [start, stop) -> {'image', 'label'} at the image size
+  classes: tuple = ()  # class names, where the source has them
+  rows: Any = None  # rows[i] -> {'image' as stored, 'label'} (or None: a bad
+  # file skipped); None when the source reads only ranges
 
 
 class Source(NamedTuple):
   """A dataset before decoding: what set-up checks need, and `splits(stream)` for the rows."""
+
   description: str
-  classes: tuple                             # class names; label i is classes[i]
-  image_shape: tuple                         # (H, W, C) of one image as the model sees it
-  num_rows: int                              # rows over all splits (bytes = num_rows * image size)
-  splits: Callable[..., dict]                # (stream=False) -> {'train', 'validation'[, 'test']}: Split
-  streams: bool = True                       # whether splits(stream=True) works
+  classes: tuple  # class names; label i is classes[i]
+  image_shape: tuple  # (H, W, C) of one image as the model sees it
+  num_rows: int  # rows over all splits (bytes = num_rows * image size)
+  splits: Callable[..., dict]  # (stream=False) -> {'train', 'validation'[, 'test']}: Split
+  streams: bool = True  # whether splits(stream=True) works
 
 
 def _in_memory(arrays: dict, rows: np.ndarray, spec: str, classes: tuple) -> Split:
@@ -68,14 +70,16 @@ def _holdouts(n: int, data, with_test: bool) -> dict:
   n_test = holdout_count(data.test_size, n) if with_test else 0
   n_val = holdout_count(data.validation_size, n - n_test)
   order = np.random.default_rng(data.split_seed).permutation(n)
-  parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+  parts = {"test": order[:n_test], "validation": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
   return {k: np.sort(v) for k, v in parts.items() if len(v) or k == "train"}
 
 
 def _check_holdout(where: str, n: int, parts: dict, data) -> None:
   if not len(parts["train"]) or "validation" not in parts:
-    raise UserError(f"{where!r}: {n} images leave no training or validation rows with "
-                    f"test_size={data.test_size} and validation_size={data.validation_size}")
+    raise UserError(
+      f"{where!r}: {n} images leave no training or validation rows with "
+      f"test_size={data.test_size} and validation_size={data.validation_size}"
+    )
 
 
 def fit_for(data) -> Fit:
@@ -92,8 +96,13 @@ def folder_source(data) -> Source:
   validation_size of the rest.
   """
   root = folders.extracted_root(data.folder, data.cache_dir or None)
-  decode = lambda listing: folders.decode_split(listing, data.channels, tuple(data.image_size),  # noqa: E731
-                                                data.skip_bad_files, fit=fit_for(data) if data.center_crop else None)
+  decode = lambda listing: folders.decode_split(
+    listing,
+    data.channels,
+    tuple(data.image_size),  # noqa: E731
+    data.skip_bad_files,
+    fit=fit_for(data) if data.center_crop else None,
+  )
   names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
   if not data.train_split:  # no split folders: one listing, split at random
     names = {"": ""}
@@ -103,8 +112,11 @@ def folder_source(data) -> Source:
       listings[key] = folders.list_split(root, name, classes)
       classes = listings[key].classes
   first = next(iter(listings.values()))
-  image_shape = (*data.image_size, data.channels) if data.image_size else \
-      folders.decode_image(first.files[0], data.channels, None).shape
+  image_shape = (
+    (*data.image_size, data.channels)
+    if data.image_size
+    else folders.decode_image(first.files[0], data.channels, None).shape
+  )
 
   def parts_of(key: str, n: int) -> dict:
     """{split: rows of the listing `key`} for n rows (decoded images, or files)."""
@@ -115,8 +127,10 @@ def folder_source(data) -> Source:
     if key == "train" and not names["validation"]:
       n_val = holdout_count(data.validation_size, n)
       if not 0 < n_val < n:
-        raise UserError(f"no validation_split and validation_size={data.validation_size} leaves "
-                        f"{n_val} of {n} training images for validation; set one of them")
+        raise UserError(
+          f"no validation_split and validation_size={data.validation_size} leaves "
+          f"{n_val} of {n} training images for validation; set one of them"
+        )
       order = np.random.default_rng(data.split_seed).permutation(n)
       return {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
     return {key: np.arange(n)}
@@ -127,8 +141,9 @@ def folder_source(data) -> Source:
     if len(rows) == n:
       return f"{listing.directory} ({n} images, {len(classes)} classes)"
     held = part == "validation"
-    return (f"{listing.directory}, seed {data.split_seed}: " +
-            (f"{len(rows)} images held out" if held else f"the other {len(rows)} images"))
+    return f"{listing.directory}, seed {data.split_seed}: " + (
+      f"{len(rows)} images held out" if held else f"the other {len(rows)} images"
+    )
 
   def splits(stream: bool = False) -> dict:
     out = {}
@@ -136,10 +151,10 @@ def folder_source(data) -> Source:
       if stream:
         n = len(listing.files)
         for part, rows in parts_of(key, n).items():
-          source_rows = folders.FolderRows([listing.files[i] for i in rows], listing.labels[rows],
-                                           data.channels, data.skip_bad_files)
-          out[part] = _from_rows(source_rows, fit_for(data), spec(key, part, listing, rows, n), classes,
-                                 image_shape)
+          source_rows = folders.FolderRows(
+            [listing.files[i] for i in rows], listing.labels[rows], data.channels, data.skip_bad_files
+          )
+          out[part] = _from_rows(source_rows, fit_for(data), spec(key, part, listing, rows, n), classes, image_shape)
       else:
         arrays = decode(listing)
         n = len(arrays["label"])
@@ -159,15 +174,18 @@ def tfds_source(data) -> Source:
   stored = tuple(builder.info.features["image"].shape)
   image_shape = (*size, stored[-1]) if size else stored
   if None in image_shape:
-    raise UserError(f"dataset {data.dataset!r} has images of varying size {stored}: set "
-                    "config.data.image_size, e.g. '(224, 224)'")
+    raise UserError(
+      f"dataset {data.dataset!r} has images of varying size {stored}: set config.data.image_size, e.g. '(224, 224)'"
+    )
   streams = tfds_data.random_access(builder)
   fit = fit_for(data)
   per_class = tuple(data.per_class)
   if per_class:
     if len(per_class) != (3 if data.test_split else 2) or min(per_class) <= 0:
-      raise UserError(f"config.data.per_class must give (train, validation[, test]) counts > 0 "
-                      f"matching the splits in use, got {per_class}")
+      raise UserError(
+        f"config.data.per_class must give (train, validation[, test]) counts > 0 "
+        f"matching the splits in use, got {per_class}"
+      )
 
     def balanced_splits(stream: bool = False):
       positions = tfds_data.balanced_positions(builder, data.train_split, per_class)
@@ -175,25 +193,52 @@ def tfds_source(data) -> Source:
       out = {}
       for key, pos in zip(SPLITS, positions, strict=True):
         spec = f"{data.train_split} balanced rows {pos[0]}..{pos[-1]}"
-        out[key] = (_from_rows(tfds_data.Rows(builder, split, pos), fit, spec, classes, image_shape) if streams else
-                    Split(len(pos), spec, lambda a, b, pos=pos: tfds_data.read_positions(
-                        builder, data.train_split, pos[a:b], size), classes))
+        out[key] = (
+          _from_rows(tfds_data.Rows(builder, split, pos), fit, spec, classes, image_shape)
+          if streams
+          else Split(
+            len(pos),
+            spec,
+            lambda a, b, pos=pos: tfds_data.read_positions(builder, data.train_split, pos[a:b], size),
+            classes,
+          )
+        )
       return out
 
-    return Source(f"TFDS {data.dataset}", classes, image_shape, sum(per_class) * max(len(classes), 1),
-                  balanced_splits, streams)
-  n_val = 0 if data.validation_split else holdout_count(
-      data.validation_size, tfds_data.row_range(builder, data.train_split).size)
-  ranges = tfds_data.resolve_splits(builder, data.train_split, data.validation_split, n_val,
-                                    data.test_split)
+    return Source(
+      f"TFDS {data.dataset}", classes, image_shape, sum(per_class) * max(len(classes), 1), balanced_splits, streams
+    )
+  n_val = (
+    0
+    if data.validation_split
+    else holdout_count(data.validation_size, tfds_data.row_range(builder, data.train_split).size)
+  )
+  ranges = tfds_data.resolve_splits(builder, data.train_split, data.validation_split, n_val, data.test_split)
   if streams:
-    out = {key: _from_rows(tfds_data.Rows(builder, rows.split, np.arange(rows.start, rows.stop)), fit,
-                           rows.spec(), classes, image_shape) for key, rows in ranges.items()}
+    out = {
+      key: _from_rows(
+        tfds_data.Rows(builder, rows.split, np.arange(rows.start, rows.stop)), fit, rows.spec(), classes, image_shape
+      )
+      for key, rows in ranges.items()
+    }
   else:
-    out = {key: Split(rows.size, rows.spec(), lambda a, b, rows=rows: tfds_data.read_rows(
-        builder, rows.sub(a, b), image_size=size), classes) for key, rows in ranges.items()}
-  return Source(f"TFDS {data.dataset}", classes, image_shape, sum(r.size for r in ranges.values()),
-                lambda stream=False: out, streams)
+    out = {
+      key: Split(
+        rows.size,
+        rows.spec(),
+        lambda a, b, rows=rows: tfds_data.read_rows(builder, rows.sub(a, b), image_size=size),
+        classes,
+      )
+      for key, rows in ranges.items()
+    }
+  return Source(
+    f"TFDS {data.dataset}",
+    classes,
+    image_shape,
+    sum(r.size for r in ranges.values()),
+    lambda stream=False: out,
+    streams,
+  )
 
 
 def array_source(data) -> Source:
@@ -211,19 +256,19 @@ def array_source(data) -> Source:
     n = len(opened["train"].labels)
     n_val = holdout_count(data.validation_size, n)
     if not 0 < n_val < n:
-      raise UserError(f"no validation_split and validation_size={data.validation_size} leaves "
-                      f"{n_val} of {n} training rows for validation; set one of them")
+      raise UserError(
+        f"no validation_split and validation_size={data.validation_size} leaves "
+        f"{n_val} of {n} training rows for validation; set one of them"
+      )
     order = np.random.default_rng(data.split_seed).permutation(n)
     parts["train"] = {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
   out = {}
   for key, split_parts in parts.items():
     for part, rows in split_parts.items():
       spec = f"{opened[key].path} ({len(rows)} of {len(opened[key].labels)} rows)"
-      out[part] = _from_rows(arrays_lib.ArrayRows(opened[key], rows), fit_for(data), spec, classes,
-                             tuple(image_shape))
+      out[part] = _from_rows(arrays_lib.ArrayRows(opened[key], rows), fit_for(data), spec, classes, tuple(image_shape))
   out = {key: out[key] for key in SPLITS if key in out}
-  return Source(data.arrays, classes, tuple(image_shape), sum(s.size for s in out.values()),
-                lambda stream=False: out)
+  return Source(data.arrays, classes, tuple(image_shape), sum(s.size for s in out.values()), lambda stream=False: out)
 
 
 def open_source(data) -> Source:

@@ -14,6 +14,7 @@ format (TFDS' default) is read through `as_dataset`, which needs TensorFlow, and
 only in row ranges (the on-device pipeline). tensorflow-datasets itself is
 imported only when a TFDS dataset is used (`pip install 'convjax[tfds]'`).
 """
+
 import difflib
 import importlib.util
 import io
@@ -33,13 +34,16 @@ def tfds_module():
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise UserError(f"TFDS datasets need tensorflow-datasets ({e}): pip install 'convjax[tfds]', or "
-                    "train from an image folder (config.data.folder) or arrays (config.data.arrays)") from None
+    raise UserError(
+      f"TFDS datasets need tensorflow-datasets ({e}): pip install 'convjax[tfds]', or "
+      "train from an image folder (config.data.folder) or arrays (config.data.arrays)"
+    ) from None
   return tfds
 
 
 class RowRange(NamedTuple):
   """Rows [start, stop) of the TFDS split `split`."""
+
   split: str
   start: int
   stop: int
@@ -71,22 +75,27 @@ def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True
   except tfds.core.registered.DatasetNotFoundError:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UserError(f"unknown dataset {name!r}{hint}; valid names are TFDS datasets, "
-                    "see tfds.list_builders()") from None
+    raise UserError(
+      f"unknown dataset {name!r}{hint}; valid names are TFDS datasets, see tfds.list_builders()"
+    ) from None
   if builder.is_prepared():
     return builder
   where = data_dir or "TFDS' default data dir"
   if not download:
-    raise UserError(f"dataset {name!r} is not prepared in {where} and download=False; "
-                    "set TFDS_DATA_DIR to a directory holding it (offline here: "
-                    "TFDS_DATA_DIR=../shared/datasets/tfds)")
+    raise UserError(
+      f"dataset {name!r} is not prepared in {where} and download=False; "
+      "set TFDS_DATA_DIR to a directory holding it (offline here: "
+      "TFDS_DATA_DIR=../shared/datasets/tfds)"
+    )
   try:
     builder.download_and_prepare()
   except Exception as e:  # network, permissions, checksum: all end the same way for the user
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"dataset {name!r} is not in {where} and could not be downloaded "
-                    f"({first_line[:200]}); set TFDS_DATA_DIR to a directory holding it "
-                    "(offline here: TFDS_DATA_DIR=../shared/datasets/tfds)") from None
+    raise UserError(
+      f"dataset {name!r} is not in {where} and could not be downloaded "
+      f"({first_line[:200]}); set TFDS_DATA_DIR to a directory holding it "
+      "(offline here: TFDS_DATA_DIR=../shared/datasets/tfds)"
+    ) from None
   return builder
 
 
@@ -104,10 +113,12 @@ def _as_dataset(builder, **kwargs):
 def _require_tensorflow(builder) -> None:
   """TFRecord needs TensorFlow: one UserError saying so, and how to do without, if it is missing."""
   if importlib.util.find_spec("tensorflow") is None:
-    raise UserError(f"dataset {builder.name!r} in {builder.data_dir} is prepared as TFRecord, which needs "
-                    "TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
-                    f"TensorFlow needed): tfds.builder({builder.name!r}, "
-                    "file_format='array_record').download_and_prepare()")
+    raise UserError(
+      f"dataset {builder.name!r} in {builder.data_dir} is prepared as TFRecord, which needs "
+      "TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
+      f"TensorFlow needed): tfds.builder({builder.name!r}, "
+      "file_format='array_record').download_and_prepare()"
+    )
 
 
 def row_range(builder, spec: str) -> RowRange:
@@ -115,8 +126,9 @@ def row_range(builder, spec: str) -> RowRange:
   try:
     (instr,) = tfds_module().core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
   except (ValueError, KeyError) as e:
-    raise UserError(f"bad split {spec!r} for dataset {builder.name!r} (splits: "
-                    f"{', '.join(builder.info.splits)}): {e}") from None
+    raise UserError(
+      f"bad split {spec!r} for dataset {builder.name!r} (splits: {', '.join(builder.info.splits)}): {e}"
+    ) from None
   n = builder.info.splits[instr.splitname].num_examples
   return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
 
@@ -140,15 +152,15 @@ class Rows:
   ~30 us an MNIST image), other formats by Pillow.
   """
 
-  def __init__(self, builder, split: str, positions: np.ndarray, image_key: str = "image",
-               label_key: str = "label"):
+  def __init__(self, builder, split: str, positions: np.ndarray, image_key: str = "image", label_key: str = "label"):
     self.name, self.data_dir, self.split = builder.name, str(builder.data_dir), split
     self.positions, self.keys = np.asarray(positions, np.int64), (image_key, label_key)
     features = builder.info.features
     self.channels = features[image_key].shape[-1]
     tfds = tfds_module()
-    self.as_proto = (isinstance(features[image_key], tfds.features.Image)
-                     and isinstance(features[label_key], tfds.features.ClassLabel))
+    self.as_proto = isinstance(features[image_key], tfds.features.Image) and isinstance(
+      features[label_key], tfds.features.ClassLabel
+    )
     self._opened = None
 
   def __getstate__(self):
@@ -165,6 +177,7 @@ class Rows:
     features, starts, files, local = self._opened
     if not hasattr(local, "readers"):
       from array_record.python.array_record_module import ArrayRecordReader
+
       local.readers = [(ArrayRecordReader(f, "readahead_buffer_size:0,max_parallelism:0"), skip) for f, skip in files]
     return features, starts, local.readers
 
@@ -186,6 +199,7 @@ class Rows:
       skip = {image: tfds_module().decode.SkipDecoding()}
       return [self._open()[0].deserialize_example_np(r, decoders=skip) for r in records]
     from tensorflow_datasets.proto import tf_example_pb2
+
     out = []
     for record in records:
       feature = tf_example_pb2.Example.FromString(record).features.feature
@@ -197,13 +211,15 @@ class Rows:
     try:
       if encoded[:8] == PNG_SIGNATURE:  # TFDS' default image encoding
         import pyspng
+
         pixels = pyspng.load(encoded, PNG_FORMATS.get(self.channels))
       else:
         with Image.open(io.BytesIO(encoded)) as image:
           pixels = np.asarray(image)
     except (RuntimeError, OSError) as e:  # pyspng, Pillow
-      raise UserError(f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its "
-                      f"image does not decode ({e})") from None
+      raise UserError(
+        f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its image does not decode ({e})"
+      ) from None
     return {"image": pixels.reshape(*pixels.shape[:2], self.channels), "label": int(example[self.keys[1]])}
 
   def __len__(self) -> int:
@@ -221,13 +237,18 @@ class Rows:
 def stack_rows(rows: list, image_size: tuple = ()) -> dict:
   """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} of row dicts, resized bilinearly to
   image_size (as tf.image.resize) when given."""
-  images = [r["image"] if not image_size or r["image"].shape[:2] == tuple(image_size)
-            else to_uint8(resize_bilinear(r["image"], tuple(image_size))) for r in rows]
+  images = [
+    r["image"]
+    if not image_size or r["image"].shape[:2] == tuple(image_size)
+    else to_uint8(resize_bilinear(r["image"], tuple(image_size)))
+    for r in rows
+  ]
   return {"image": np.stack(images), "label": np.asarray([r["label"] for r in rows], np.int32)}
 
 
-def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str = "label",
-              image_size: tuple = ()) -> dict:
+def read_rows(
+  builder, rows: RowRange, image_key: str = "image", label_key: str = "label", image_size: tuple = ()
+) -> dict:
   """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} for `rows`, in split order.
 
   With `image_size` (height, width), images are resized bilinearly (tf.image.resize)
@@ -244,15 +265,16 @@ def read_rows(builder, rows: RowRange, image_key: str = "image", label_key: str 
   spec = rows.spec() if rows.size else f"{rows.split}[0:1]"
   if not image_size:
     arrays = _as_dataset(builder, split=spec, batch_size=-1, shuffle_files=False)
-    return {"image": np.asarray(arrays[image_key])[:n],
-            "label": np.asarray(arrays[label_key], np.int32)[:n]}
+    return {"image": np.asarray(arrays[image_key])[:n], "label": np.asarray(arrays[label_key], np.int32)[:n]}
   _require_tensorflow(builder)
   import tensorflow as tf  # TFDS' own dependency for TFRecord; only this path needs it directly
 
   def resize(example):
     image = tf.image.resize(example[image_key], image_size, method="bilinear")
-    return {"image": tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8),
-            "label": tf.cast(example[label_key], tf.int32)}
+    return {
+      "image": tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8),
+      "label": tf.cast(example[label_key], tf.int32),
+    }
 
   ds = builder.as_dataset(split=spec, shuffle_files=False).map(resize).batch(1024)
   parts = list(tfds_module().as_numpy(ds))
@@ -265,8 +287,7 @@ def labels_of(builder, rows: RowRange, label_key: str = "label") -> np.ndarray:
   skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != label_key}
   if random_access(builder):
     source = builder.as_data_source(rows.split, decoders=skip)
-    return np.asarray([e[label_key] for e in source.__getitems__(list(range(rows.start, rows.stop)))],
-                      np.int64)
+    return np.asarray([e[label_key] for e in source.__getitems__(list(range(rows.start, rows.stop)))], np.int64)
   ds = _as_dataset(builder, split=rows.spec(), shuffle_files=False, decoders=skip)
   return np.fromiter((ex[label_key] for ex in ds), np.int64, count=rows.size)
 
@@ -286,10 +307,12 @@ def balanced_positions(builder, spec: str, per_class: tuple, label_key: str = "l
   for c in np.unique(labels):
     where = np.flatnonzero(labels == c)
     if len(where) < bounds[-1]:
-      raise UserError(f"{spec!r} of dataset {builder.name!r} has {len(where)} rows of class {c}, "
-                      f"fewer than the {bounds[-1]} that per_class={tuple(per_class)} takes")
+      raise UserError(
+        f"{spec!r} of dataset {builder.name!r} has {len(where)} rows of class {c}, "
+        f"fewer than the {bounds[-1]} that per_class={tuple(per_class)} takes"
+      )
     for i, subset in enumerate(subsets):
-      subset.append(where[bounds[i]:bounds[i + 1]])
+      subset.append(where[bounds[i] : bounds[i + 1]])
   return [np.sort(np.concatenate(s)) + rows.start for s in subsets]
 
 
@@ -306,8 +329,9 @@ def read_positions(builder, spec: str, positions: np.ndarray, image_size: tuple 
   return {k: v[positions - start] for k, v in arrays.items()}
 
 
-def resolve_splits(builder, train_split: str, validation_split: Optional[str],
-                   validation_size: int, test_split: Optional[str]) -> dict:
+def resolve_splits(
+  builder, train_split: str, validation_split: Optional[str], validation_size: int, test_split: Optional[str]
+) -> dict:
   """{'train': RowRange, 'validation': RowRange, ['test': RowRange]}.
 
   Without a validation_split, the last `validation_size` rows of train_split
@@ -319,8 +343,10 @@ def resolve_splits(builder, train_split: str, validation_split: Optional[str],
   else:
     train = splits["train"]
     if not 0 < validation_size < train.size:
-      raise UserError(f"validation_size={validation_size} must be in (0, {train.size}) for "
-                      f"train split {train_split!r}, or set validation_split")
+      raise UserError(
+        f"validation_size={validation_size} must be in (0, {train.size}) for "
+        f"train split {train_split!r}, or set validation_split"
+      )
     splits["train"] = train.sub(0, train.size - validation_size)
     splits["validation"] = train.sub(train.size - validation_size, train.size)
   if test_split:

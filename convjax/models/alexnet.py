@@ -7,6 +7,7 @@ GPUs (grouped convolutions); as one tower every filter sees every channel,
 which gives the commonly quoted 62,378,344 parameters at 1000 classes
 (torchvision's variant, 64/192/384/256/256 filters, has 61,100,840).
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -15,6 +16,7 @@ from convjax.models.layers import Layer
 
 class LocalResponseNorm(Layer):
   """Across-channel LRN: x / (k + alpha * sum over n neighbours of x^2)^beta (paper's constants)."""
+
   size: int = 5
   k: float = 2.0
   alpha: float = 1e-4
@@ -23,16 +25,16 @@ class LocalResponseNorm(Layer):
   def __call__(self, x):
     half = self.size // 2
     sq = jnp.pad(jnp.square(x), ((0, 0), (0, 0), (0, 0), (half, half)))
-    window = sum(sq[..., i:i + x.shape[-1]] for i in range(self.size))
+    window = sum(sq[..., i : i + x.shape[-1]] for i in range(self.size))
     return x / (self.k + self.alpha * window) ** self.beta
 
 
 class AlexNetFeatures(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     def pool(y):
       return nn.max_pool(y, (3, 3), (2, 2))
+
     x = nn.relu(nn.Conv(96, (11, 11), (4, 4), padding="VALID", name="conv1")(x))
     x = pool(LocalResponseNorm(name="norm1")(x))
     x = nn.relu(nn.Conv(256, (5, 5), padding=2, name="conv2")(x))

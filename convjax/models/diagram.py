@@ -8,6 +8,7 @@ equation belongs to the layer whose path heads its name stack; one outside every
 passes its inputs' flow on (a ReLU, a reshape), unless it merges two or more flows (a
 residual add, an Inception concatenation): that one is a box of its own.
 """
+
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ from convjax.models.summary import layer_labels, layer_table  # noqa: E402
 class Node(NamedTuple):
   name: str
   type_name: str
-  input_shapes: tuple          # (None, ...) of each input
+  input_shapes: tuple  # (None, ...) of each input
   output_shape: tuple
 
 
@@ -80,8 +81,15 @@ def layer_graph(model: nn.Module, input_shape: Sequence[int]) -> tuple:
     elif len(set(flows)) >= 2 and len(merged) >= 2:  # a merge: a box of its own
       scope = "/".join(str(eqn.source_info.name_stack).split("/")[1:])
       name = f"{scope}/{eqn.primitive.name}" if scope else eqn.primitive.name
-      out = frozenset({add_node(Node(name, eqn.primitive.name.capitalize(), (), _shape(eqn.outvars[0].aval)),
-                                set(merged), [_shape(a) for s, a in ins if s])})
+      out = frozenset(
+        {
+          add_node(
+            Node(name, eqn.primitive.name.capitalize(), (), _shape(eqn.outvars[0].aval)),
+            set(merged),
+            [_shape(a) for s, a in ins if s],
+          )
+        }
+      )
     else:
       out = merged
     for v in eqn.outvars:
@@ -116,21 +124,40 @@ def draw(nodes: list, edges: list, path: str, title: str = "") -> None:
     (xa, ya), (xb, yb) = pos[a], pos[b]
     if rank[b] - rank[a] > 1 and abs(xa - xb) < box_w / 2:  # a skip past boxes below: around them
       bulge = 0.9 / (ya - yb)
-      ax.annotate("", xy=(xb + box_w / 2, yb), xytext=(xa + box_w / 2, ya),
-                  arrowprops=dict(arrowstyle="-|>", color="0.35", lw=0.8, shrinkA=0, shrinkB=0,
-                                  connectionstyle=f"arc3,rad={-bulge:.4f}"))
+      ax.annotate(
+        "",
+        xy=(xb + box_w / 2, yb),
+        xytext=(xa + box_w / 2, ya),
+        arrowprops=dict(
+          arrowstyle="-|>", color="0.35", lw=0.8, shrinkA=0, shrinkB=0, connectionstyle=f"arc3,rad={-bulge:.4f}"
+        ),
+      )
       continue
-    ax.annotate("", xy=(xb, yb + box_h / 2), xytext=(xa, ya - box_h / 2),
-                arrowprops=dict(arrowstyle="-|>", color="0.35", lw=0.8, shrinkA=0, shrinkB=0))
+    ax.annotate(
+      "",
+      xy=(xb, yb + box_h / 2),
+      xytext=(xa, ya - box_h / 2),
+      arrowprops=dict(arrowstyle="-|>", color="0.35", lw=0.8, shrinkA=0, shrinkB=0),
+    )
   for i, node in enumerate(nodes):
     x, y = pos[i]
-    ax.add_patch(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
-                                facecolor="#eaf1fb" if node.type_name != "InputLayer" else "#f4f4f4",
-                                edgecolor="0.3", lw=0.8))
-    shapes = f"input: {_text(node.input_shapes)}\noutput: {_text([node.output_shape])}" if node.input_shapes \
-        else f"output: {_text([node.output_shape])}"
-    ax.text(x, y + 0.13, f"{node.name} ({node.type_name})", ha="center", va="center", fontsize=7.5,
-            weight="bold")
+    ax.add_patch(
+      FancyBboxPatch(
+        (x - box_w / 2, y - box_h / 2),
+        box_w,
+        box_h,
+        boxstyle="round,pad=0.02",
+        facecolor="#eaf1fb" if node.type_name != "InputLayer" else "#f4f4f4",
+        edgecolor="0.3",
+        lw=0.8,
+      )
+    )
+    shapes = (
+      f"input: {_text(node.input_shapes)}\noutput: {_text([node.output_shape])}"
+      if node.input_shapes
+      else f"output: {_text([node.output_shape])}"
+    )
+    ax.text(x, y + 0.13, f"{node.name} ({node.type_name})", ha="center", va="center", fontsize=7.5, weight="bold")
     ax.text(x, y - 0.12, shapes, ha="center", va="center", fontsize=6.5, linespacing=1.1)
   half = widest * (box_w + gap_x) / 2
   ax.set_xlim(-half - 0.3, half + 0.9)  # room on the right for skips

@@ -17,11 +17,16 @@ from convjax.models.resnet import GlobalPoolHead
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, from the paper's table 1.
 INCEPTION = {
-    "inception3a": (64, 96, 128, 16, 32, 32), "inception3b": (128, 128, 192, 32, 96, 64),
-    "inception4a": (192, 96, 208, 16, 48, 64), "inception4b": (160, 112, 224, 24, 64, 64),
-    "inception4c": (128, 128, 256, 24, 64, 64), "inception4d": (112, 144, 288, 32, 64, 64),
-    "inception4e": (256, 160, 320, 32, 128, 128), "inception5a": (256, 160, 320, 32, 128, 128),
-    "inception5b": (384, 192, 384, 48, 128, 128)}
+  "inception3a": (64, 96, 128, 16, 32, 32),
+  "inception3b": (128, 128, 192, 32, 96, 64),
+  "inception4a": (192, 96, 208, 16, 48, 64),
+  "inception4b": (160, 112, 224, 24, 64, 64),
+  "inception4c": (128, 128, 256, 24, 64, 64),
+  "inception4d": (112, 144, 288, 32, 64, 64),
+  "inception4e": (256, 160, 320, 32, 128, 128),
+  "inception5a": (256, 160, 320, 32, 128, 128),
+  "inception5b": (384, 192, 384, 48, 128, 128),
+}
 
 
 def max_pool_ceil(x, window: int, stride: int, padding: int = 0):
@@ -37,6 +42,7 @@ def max_pool_ceil(x, window: int, stride: int, padding: int = 0):
 
 class BasicConv(nn.Module):
   """Conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU."""
+
   filters: int
   kernel: int
   strides: int = 1
@@ -70,7 +76,6 @@ class Inception(nn.Module):
 
 
 class GoogLeNetFeatures(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = BasicConv(64, 7, 2, name="conv1")(x, train)

@@ -4,6 +4,7 @@ Each layer owns its activation, so a captured intermediate is what Keras shows
 for that layer (post-ReLU), and parameters sit at `<layer>/kernel`,
 `<layer>/bias` exactly as in a Keras HDF5 file.
 """
+
 import contextlib
 import contextvars
 import functools
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 class Conv2D(nn.Conv):
   """`nn.Conv` with Keras defaults: 'VALID' padding and a fused activation."""
+
   padding: str = "VALID"
   activation: Optional[Callable] = None
 
@@ -27,6 +29,7 @@ class Conv2D(nn.Conv):
 
 class Dense(nn.Dense):
   """`nn.Dense` with a fused activation."""
+
   activation: Optional[Callable] = None
 
   def __call__(self, x):
@@ -100,17 +103,17 @@ class MaxPooling2D(Layer):
   all of it to the first maximum of a window with ties, as TensorFlow's MaxPoolGrad does,
   so gradient maps match Keras-based tools'.
   """
+
   pool_size: int = 2
 
   def __call__(self, x):
     k = self.pool_size
     n, h, w, c = x.shape
     h, w = h // k, w // k
-    return _window_max(x[:, :h * k, :w * k], k)
+    return _window_max(x[:, : h * k, : w * k], k)
 
 
 class Flatten(Layer):
-
   def __call__(self, x):
     return jnp.reshape(x, (x.shape[0], -1))
 
@@ -123,8 +126,12 @@ def _column_sums(a):
   batch sharded over devices the contraction is one all-reduce, as a sum's would be."""
   n, c = a.shape
   b = math.gcd(n, 256)
-  partial = jnp.dot(jnp.ones((n // b,), a.dtype), a.reshape(n // b, b * c), precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+  partial = jnp.dot(
+    jnp.ones((n // b,), a.dtype),
+    a.reshape(n // b, b * c),
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  )
   return jnp.sum(partial.reshape(b, c), axis=0)
 
 
@@ -187,8 +194,14 @@ class BatchNorm(nn.BatchNorm):
     training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     if training and tuple(self.path) in _FROZEN.get():
       return self._frozen(x)
-    if (not training or mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
-        or not (self.use_scale and self.use_bias) or self.force_float32_reductions is False):
+    if (
+      not training
+      or mask is not None
+      or self.axis_name is not None
+      or self.axis not in (-1, x.ndim - 1)
+      or not (self.use_scale and self.use_bias)
+      or self.force_float32_reductions is False
+    ):
       return super().__call__(x, use_running_average, mask=mask)
     features = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))

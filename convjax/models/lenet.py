@@ -8,6 +8,7 @@ the symmetry between maps and cuts C3 from 2,416 to 1,516 parameters. Only the
 connected weights are parameters; they are scattered into a dense kernel.
 Totals: 61,706 params (full C3), 60,806 (partial).
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,19 +17,34 @@ import numpy as np
 from convjax.models.layers import Flatten, Layer
 
 # Table I: the S2 maps each C3 map takes.
-C3_TABLE = ((0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
-            (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 0), (4, 5, 0, 1), (5, 0, 1, 2),
-            (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5), (0, 1, 2, 3, 4, 5))
+C3_TABLE = (
+  (0, 1, 2),
+  (1, 2, 3),
+  (2, 3, 4),
+  (3, 4, 5),
+  (4, 5, 0),
+  (5, 0, 1),
+  (0, 1, 2, 3),
+  (1, 2, 3, 4),
+  (2, 3, 4, 5),
+  (3, 4, 5, 0),
+  (4, 5, 0, 1),
+  (5, 0, 1, 2),
+  (0, 1, 3, 4),
+  (1, 2, 4, 5),
+  (0, 2, 3, 5),
+  (0, 1, 2, 3, 4, 5),
+)
 
 
 class AveragePooling2D(Layer):
-
   def __call__(self, x):
     return nn.avg_pool(x, (2, 2), (2, 2))
 
 
 class PartialConv(nn.Module):
   """A 'VALID' convolution where output map j sees only input maps table[j]."""
+
   table: tuple
   kernel_size: int = 5
 
@@ -40,8 +56,7 @@ class PartialConv(nn.Module):
     weights = self.param("kernel", nn.initializers.lecun_normal(), (k, k, len(ins)))
     bias = self.param("bias", nn.initializers.zeros, (len(self.table),))
     kernel = jnp.zeros((k, k, x.shape[-1], len(self.table)), weights.dtype).at[:, :, ins, outs].set(weights)
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
 
 

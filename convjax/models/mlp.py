@@ -1,5 +1,6 @@
 """Dense baselines: Flatten -> Dense(512, relu) -> Dense(10) for MNIST; the notes'
 sign-language MLP: Dense 512 -> Drop .2 -> Dense 512 -> Drop .2 -> Dense 10."""
+
 from typing import Sequence
 
 import flax.linen as nn

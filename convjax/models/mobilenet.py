@@ -15,6 +15,7 @@ collection), 4,231,976 trainable.
 ReLU -> SeparableConv -> BatchNorm pairs, a 3x3/2 max pool, and a strided 1x1
 convolution on the shortcut.
 """
+
 import functools
 from typing import Sequence
 
@@ -27,12 +28,26 @@ from convjax.models.resnet import GlobalPoolHead
 KerasBatchNorm = functools.partial(layers.BatchNorm, momentum=0.99, epsilon=1e-3)
 
 # (pointwise filters, depthwise stride) of MobileNet v1's 13 separable blocks.
-MOBILENET_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
-                    (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+MOBILENET_BLOCKS = (
+  (64, 1),
+  (128, 2),
+  (128, 1),
+  (256, 2),
+  (256, 1),
+  (512, 2),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (1024, 2),
+  (1024, 1),
+)
 
 
 class SeparableConv2D(nn.Module):
   """Depthwise k x k (no bias) then pointwise 1x1, as keras.layers.SeparableConv2D."""
+
   filters: int
   kernel_size: int = 3
   strides: int = 1
@@ -41,8 +56,7 @@ class SeparableConv2D(nn.Module):
   @nn.compact
   def __call__(self, x):
     k, s = (self.kernel_size, self.kernel_size), (self.strides, self.strides)
-    x = nn.Conv(x.shape[-1], k, s, padding="SAME", feature_group_count=x.shape[-1], use_bias=False,
-                name="depthwise")(x)
+    x = nn.Conv(x.shape[-1], k, s, padding="SAME", feature_group_count=x.shape[-1], use_bias=False, name="depthwise")(x)
     return nn.Conv(self.filters, (1, 1), use_bias=self.use_bias, name="pointwise")(x)
 
 
@@ -61,8 +75,15 @@ class MobileNetFeatures(nn.Module):
       if stride == 2:
         x = pad(x)
       c = x.shape[-1]
-      x = nn.Conv(c, (3, 3), (stride, stride), padding="SAME" if stride == 1 else "VALID",
-                  feature_group_count=c, use_bias=False, name=f"conv_dw_{i}")(x)
+      x = nn.Conv(
+        c,
+        (3, 3),
+        (stride, stride),
+        padding="SAME" if stride == 1 else "VALID",
+        feature_group_count=c,
+        use_bias=False,
+        name=f"conv_dw_{i}",
+      )(x)
       x = nn.relu6(norm(name=f"conv_dw_{i}_bn")(x))
       x = nn.Conv(width(filters), (1, 1), use_bias=False, name=f"conv_pw_{i}")(x)
       x = nn.relu6(norm(name=f"conv_pw_{i}_bn")(x))
@@ -85,6 +106,7 @@ class MobileNet(nn.Module):
 class XceptionBlock(nn.Module):
   """[ReLU] -> SeparableConv -> BN -> ReLU -> SeparableConv -> BN -> MaxPool 3x3/2, plus a
   strided 1x1 conv + BN shortcut."""
+
   filters: int
   first_relu: bool = True
 

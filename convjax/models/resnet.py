@@ -4,6 +4,7 @@ every convolution (no conv biases), the stride of a bottleneck on its 3x3 conv
 equal torchvision's at 1000 classes: 11,689,512 / 21,797,672 / 25,557,032.
 BatchNorm statistics are the global batch's: the train step is one SPMD program.
 """
+
 import functools
 from typing import Sequence
 
@@ -53,6 +54,7 @@ class Bottleneck(nn.Module):
 
 class ResNetFeatures(nn.Module):
   """Stem (7x7/2 conv, 3x3/2 max pool) and four stages; returns the last feature map."""
+
   stage_sizes: Sequence[int]
   block: str = "basic"
   width: int = 64
@@ -66,12 +68,13 @@ class ResNetFeatures(nn.Module):
     for stage, n in enumerate(self.stage_sizes):
       for i in range(n):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = block(self.width * 2 ** stage, strides, name=f"layer{stage + 1}_{i}")(x, train)
+        x = block(self.width * 2**stage, strides, name=f"layer{stage + 1}_{i}")(x, train)
     return x
 
 
 class GlobalPoolHead(nn.Module):
   """Global average pooling -> [Dropout] -> Dense(num_classes) logits."""
+
   num_classes: int
   dropout_rate: float = 0.0
 

@@ -11,6 +11,7 @@ The module is `head(features(x))`: `features` is the conv stack (its output is
 the last feature map), `head` flattens, optionally drops out, and classifies;
 `convjax.models.apply_features` / `apply_head` run either alone.
 """
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -26,8 +27,8 @@ def keras_name(base: str, index: int) -> str:
 class ConvStack(nn.Module):
   filters: Sequence[int]
   kernel_size: int = 3
-  pool_after: Sequence[bool] = ()       # one flag per conv; empty: pool after each
-  dropout_after: Sequence[float] = ()   # one rate per conv, after its pool; empty: none
+  pool_after: Sequence[bool] = ()  # one flag per conv; empty: pool after each
+  dropout_after: Sequence[float] = ()  # one rate per conv, after its pool; empty: none
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -51,9 +52,10 @@ class ConvStack(nn.Module):
 
 class DenseHead(nn.Module):
   """Flatten -> [Dropout] -> (Dense(relu) -> [Dropout])... -> Dense(num_classes) logits."""
+
   hidden: Sequence[int]
   num_classes: int
-  dropout_rate: float = 0.0         # on the flattened features (Chollet's placement)
+  dropout_rate: float = 0.0  # on the flattened features (Chollet's placement)
   hidden_dropout_rate: float = 0.0  # after each hidden Dense
 
   @nn.compact

@@ -6,6 +6,7 @@
 Shapes come from `jax.eval_shape` (nothing is computed), layers from Linen's
 `capture_intermediates`, parameter counts from the variables under each layer.
 """
+
 import re
 from typing import NamedTuple, Optional, Sequence
 
@@ -34,8 +35,7 @@ def trainable_mask(params, trainable: Optional[str]):
   """Pytree of bools: True where the '/'-joined parameter path matches `trainable`."""
   pattern = re.compile(trainable) if trainable else None
   flat = traverse_util.flatten_dict(params, sep="/")
-  return traverse_util.unflatten_dict(
-      {k: pattern is None or pattern.fullmatch(k) is not None for k in flat}, sep="/")
+  return traverse_util.unflatten_dict({k: pattern is None or pattern.fullmatch(k) is not None for k in flat}, sep="/")
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optional[str] = None):
@@ -85,8 +85,7 @@ def layer_labels(rows: list) -> list:
   return [r.path[-1] if unique else "/".join(r.path) for r in rows]
 
 
-def summary(model: nn.Module, input_shape: Sequence[int], name: str = "model",
-            trainable: Optional[str] = None) -> str:
+def summary(model: nn.Module, input_shape: Sequence[int], name: str = "model", trainable: Optional[str] = None) -> str:
   """The Keras `model.summary()` text for `model` on inputs (None, *input_shape)."""
   rows = layer_table(model, input_shape, trainable)
   w1, w2, w3 = WIDTHS
@@ -94,11 +93,18 @@ def summary(model: nn.Module, input_shape: Sequence[int], name: str = "model",
   total = w1 + w2 + w3 + 1
   out = [f'Model: "{name}"', "_" * total, line("Layer (type)", "Output Shape", "Param #"), "=" * total]
   for i, (r, label) in enumerate(zip(rows, layer_labels(rows), strict=True)):
-    out.append(line(f"{label} ({r.type_name})", str(r.output_shape).replace("None,)", "None)"),
-                    f"{r.trainable + r.non_trainable:,}"))
+    out.append(
+      line(
+        f"{label} ({r.type_name})", str(r.output_shape).replace("None,)", "None)"), f"{r.trainable + r.non_trainable:,}"
+      )
+    )
     out.append("_" * total if i + 1 < len(rows) else "=" * total)
   n_train = sum(r.trainable for r in rows)
   n_frozen = sum(r.non_trainable for r in rows)
-  out += [f"Total params: {n_train + n_frozen:,}", f"Trainable params: {n_train:,}",
-          f"Non-trainable params: {n_frozen:,}", "_" * total]
+  out += [
+    f"Total params: {n_train + n_frozen:,}",
+    f"Trainable params: {n_train:,}",
+    f"Non-trainable params: {n_frozen:,}",
+    "_" * total,
+  ]
   return "\n".join(out) + "\n"

@@ -7,6 +7,7 @@ convolutional base at any input size, optionally pooled ('avg' or 'max').
 Params: VGG16 base 14,714,688, with top 138,357,544 (as keras.applications).
 Names match Keras' HDF5 weight files so they load by name.
 """
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ WIDTHS = (64, 128, 256, 512, 512)
 
 class VGGFeatures(nn.Module):
   """The convolutional base; `return_blocks=True` returns every block's pooled output too."""
+
   depth: int = 16
 
   @nn.compact
@@ -36,9 +38,10 @@ class VGGFeatures(nn.Module):
 
 class VGGHead(nn.Module):
   """Keras' top (Flatten, fc1, fc2, predictions) or, without it, optional global pooling."""
+
   include_top: bool = True
   num_classes: int = 1000
-  pooling: str = ""       # '', 'avg' or 'max' (include_top=False only)
+  pooling: str = ""  # '', 'avg' or 'max' (include_top=False only)
   hidden: Sequence[int] = (4096, 4096)
   dropout_rate: float = 0.0  # before fc1 and fc2 (the paper: 0.5; Keras: none)
 
@@ -71,8 +74,7 @@ class VGG(nn.Module):
     if self.pooling not in ("", "avg", "max"):
       raise ValueError(f"pooling must be '', 'avg' or 'max', got {self.pooling!r}")
     self.features = VGGFeatures(self.depth)
-    self.head = VGGHead(self.include_top, self.num_classes, self.pooling,
-                        dropout_rate=self.dropout_rate)
+    self.head = VGGHead(self.include_top, self.num_classes, self.pooling, dropout_rate=self.dropout_rate)
 
   def __call__(self, x, train: bool = False):
     return self.head(self.features(x), train=train)
@@ -82,6 +84,7 @@ class VGGClassifier(nn.Module):
   """A VGG conv base under a new small classifier (Chollet's transfer-learning model):
   features = the VGG base (Keras names, takes ImageNet weights), head = Flatten ->
   Dense(hidden, relu) -> Dropout -> Dense(num_classes)."""
+
   depth: int = 16
   hidden: Sequence[int] = (256,)
   num_classes: int = 1
@@ -90,6 +93,7 @@ class VGGClassifier(nn.Module):
 
   def setup(self):
     from convjax.models.small_convnet import DenseHead
+
     self.features = VGGFeatures(self.depth)
     self.head = DenseHead(self.hidden, self.num_classes, self.dropout_rate, self.hidden_dropout_rate)
 

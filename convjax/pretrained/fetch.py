@@ -6,6 +6,7 @@ into the cache, checking the published hash (MD5 or SHA-256, told apart by
 length, as keras.utils.get_file does). A failed or mismatched download leaves
 nothing in the cache. Offline, set CONVJAX_WEIGHTS_DIR (here ../shared/weights).
 """
+
 import hashlib
 import os
 import shutil
@@ -27,21 +28,22 @@ class Remote(NamedTuple):
 
 # Keras' own URLs and hashes (keras/src/applications/vgg16.py, imagenet_utils.py).
 FILES = {
-    "vgg16_weights_tf_dim_ordering_tf_kernels.h5": Remote(
-        KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-        "64373286793e3c8b2b4e3219cbf3544b"),
-    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5": Remote(
-        KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "6d6bbae143d832006294945121d1f1fc"),
-    "vgg19_weights_tf_dim_ordering_tf_kernels.h5": Remote(
-        KERAS_BASE + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
-        "cbe5617147190e668d6c5d5026f83318"),
-    "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5": Remote(
-        KERAS_BASE + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "253f8cb515780f3b799900260a226db6"),
-    "imagenet_class_index.json": Remote(
-        "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
-        "c2c37ea517e94d9795004a39431a14cb"),
+  "vgg16_weights_tf_dim_ordering_tf_kernels.h5": Remote(
+    KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5", "64373286793e3c8b2b4e3219cbf3544b"
+  ),
+  "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5": Remote(
+    KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"
+  ),
+  "vgg19_weights_tf_dim_ordering_tf_kernels.h5": Remote(
+    KERAS_BASE + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5", "cbe5617147190e668d6c5d5026f83318"
+  ),
+  "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5": Remote(
+    KERAS_BASE + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "253f8cb515780f3b799900260a226db6"
+  ),
+  "imagenet_class_index.json": Remote(
+    "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+    "c2c37ea517e94d9795004a39431a14cb",
+  ),
 }
 
 
@@ -69,12 +71,13 @@ def download(remote: Remote, target: str) -> str:
       shutil.copyfileobj(response, out)
     got = file_digest(tmp, remote.file_hash)
     if got != remote.file_hash.lower():
-      raise UserError(f"download of {remote.url} has hash {got}, expected {remote.file_hash}; "
-                      "not kept")
+      raise UserError(f"download of {remote.url} has hash {got}, expected {remote.file_hash}; not kept")
     os.replace(tmp, target)
   except OSError as e:
-    raise UserError(f"cannot download {remote.url} ({e}); offline, set CONVJAX_WEIGHTS_DIR to a "
-                    f"directory holding {os.path.basename(target)}") from None
+    raise UserError(
+      f"cannot download {remote.url} ({e}); offline, set CONVJAX_WEIGHTS_DIR to a "
+      f"directory holding {os.path.basename(target)}"
+    ) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

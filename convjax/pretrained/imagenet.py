@@ -1,6 +1,7 @@
 """ImageNet's class names as keras.applications gives them: `decode_predictions`.
 
 (The 'caffe' input preprocessing is data: convjax.data.preprocess.preprocess_input.)"""
+
 import json
 from typing import Optional
 

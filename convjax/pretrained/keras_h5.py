@@ -6,6 +6,7 @@ layer whose module name equals a Keras layer name ('block1_conv1', 'fc1',
 'predictions') takes that layer's kernel and bias, every shape checked. No
 pickle: h5py reads arrays only.
 """
+
 from typing import Optional
 
 import h5py
@@ -48,7 +49,7 @@ def load_into(params, path: str, under: str = "", strict: bool = True):
   prefix = tuple(under.split("/")) if under else ()
   modules = {}
   for key in flat:
-    if key[:len(prefix)] == prefix:
+    if key[: len(prefix)] == prefix:
       modules.setdefault(key[:-1], []).append(key[-1])
   missing, misshaped, used = [], [], set()
   for module, leaves in modules.items():
@@ -60,15 +61,19 @@ def load_into(params, path: str, under: str = "", strict: bool = True):
     for leaf in leaves:
       value = weights[layer].get(leaf)
       if value is None or value.shape != flat[module + (leaf,)].shape:
-        misshaped.append(f"{layer}/{leaf}: model {tuple(flat[module + (leaf,)].shape)}, file "
-                         f"{None if value is None else tuple(value.shape)}")
+        misshaped.append(
+          f"{layer}/{leaf}: model {tuple(flat[module + (leaf,)].shape)}, file "
+          f"{None if value is None else tuple(value.shape)}"
+        )
       else:
         flat[module + (leaf,)] = value.astype(flat[module + (leaf,)].dtype)
   extra = sorted(set(weights) - used) if strict else []
   if missing or misshaped or extra:
-    parts = [f"missing in the file: {', '.join(missing)}" if missing else "",
-             f"mis-shaped: {'; '.join(misshaped)}" if misshaped else "",
-             f"in the file but not in the model: {', '.join(extra)}" if extra else ""]
+    parts = [
+      f"missing in the file: {', '.join(missing)}" if missing else "",
+      f"mis-shaped: {'; '.join(misshaped)}" if misshaped else "",
+      f"in the file but not in the model: {', '.join(extra)}" if extra else "",
+    ]
     raise UserError(f"weights {path!r} do not fit the model: {' | '.join(p for p in parts if p)}")
   return traverse_util.unflatten_dict(flat)
 

@@ -1,11 +1,12 @@
 """Transfer learning glue: ImageNet weights by model name, and feature extraction.
 
-  imagenet_weights(model_name, include_top) -> path of Keras' .h5 for it
-  weights_file(weights, model_name, model)  -> the .h5 that config weights name for a model
-  feature_source(source, extractor, data, cache_dir)
-                                            -> the data source with the frozen base's outputs
-                                               instead of pixels, computed once, cached on disk
+imagenet_weights(model_name, include_top) -> path of Keras' .h5 for it
+weights_file(weights, model_name, model)  -> the .h5 that config weights name for a model
+feature_source(source, extractor, data, cache_dir)
+                                          -> the data source with the frozen base's outputs
+                                             instead of pixels, computed once, cached on disk
 """
+
 import os
 
 import jax
@@ -53,8 +54,9 @@ def frozen_base(extractor, image_shape: tuple):
   base = _base_model(extractor)
   params = base.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
   if extractor.weights:
-    params = keras_h5.load_into(params, weights_file(extractor.weights, extractor.model, base),
-                                under="features", strict=False)
+    params = keras_h5.load_into(
+      params, weights_file(extractor.weights, extractor.model, base), under="features", strict=False
+    )
   return (lambda p, x: apply_features(base, {"params": p}, x)), params
 
 
@@ -73,9 +75,9 @@ def make_extractor(extractor, data, image_shape: tuple, batch: int = 50):
     run = jax.jit(lambda p, imgs: apply(p, prepare(imgs.astype(jnp.float32))))
     out = np.zeros((len(images), *shape), np.float32)
     for i in range(0, len(images), batch):
-      chunk = images[i:i + batch]
+      chunk = images[i : i + batch]
       padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-      out[i:i + len(chunk)] = np.asarray(run(params, padded))[:len(chunk)]
+      out[i : i + len(chunk)] = np.asarray(run(params, padded))[: len(chunk)]
     return out
 
   return extract, tuple(shape)
@@ -109,5 +111,6 @@ def feature_source(source: Source, extractor, data, cache_dir: str) -> Source:
   def splits(stream: bool = False):
     return {name: feature_split(name, split, extract, cache_dir) for name, split in source.splits().items()}
 
-  return source._replace(description=f"{extractor.model} features of {source.description}",
-                         image_shape=shape, splits=splits, streams=False)
+  return source._replace(
+    description=f"{extractor.model} features of {source.description}", image_shape=shape, splits=splits, streams=False
+  )

@@ -15,6 +15,7 @@ metric sums in one program); the host runs at most MAX_IN_FLIGHT steps ahead
 and reads the metrics once per epoch. The input pipeline (convjax.data.pipeline) decides
 the data order, the run on disk (convjax.run) owns the workdir's files.
 """
+
 import collections
 import hashlib
 import os
@@ -48,6 +49,7 @@ from convjax.viz.plots import learning_curves
 
 # Stop rules: functions of the history alone, so a resumed run stops where an
 # uninterrupted one would.
+
 
 def _accuracy_key(split: str) -> str:
   return "val_accuracy" if split == "validation" else f"{split}_accuracy"
@@ -86,20 +88,22 @@ def stop_epoch(config: ConfigDict, history: list):
 
 # Set-up.
 
+
 class Trainer(NamedTuple):
   """What set-up hands to fit and test."""
+
   config: ConfigDict
   workdir: str
   mesh: Any
-  data: Any                    # the input pipeline: pipeline.OnDevice or pipeline.Stream
+  data: Any  # the input pipeline: pipeline.OnDevice or pipeline.Stream
   train_step: Any
   eval_step: Any
   dropout_rng: jax.Array
-  manager: Any                 # the run's orbax checkpoint manager
+  manager: Any  # the run's orbax checkpoint manager
   writer: run.TensorBoard
   steps_per_epoch: int
-  schedule: Any                # optimizer step -> learning rate
-  started: float               # perf_counter at the start of the run
+  schedule: Any  # optimizer step -> learning rate
+  started: float  # perf_counter at the start of the run
 
 
 def abstract_params(model, input_shape: tuple, name: str):
@@ -110,14 +114,17 @@ def abstract_params(model, input_shape: tuple, name: str):
   except Exception as e:  # flax/jax raise several types for shape mismatches; name the cause
     detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     try:  # the usual cause: the conv base shrinks the image to nothing
-      features = jax.eval_shape(lambda: model.init_with_output(
-          jax.random.key(0), x, method=lambda m, x: m.features(x))[0])
+      features = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0), x, method=lambda m, x: m.features(x))[0]
+      )
       if 0 in features.shape:
         detail = f"its feature map comes out {tuple(features.shape[1:])}: the image is too small"
     except Exception:
       pass
-    raise UserError(f"model {name!r} cannot take input of shape {tuple(input_shape)} ({detail}); "
-                    "change config.data.image_size or the model") from None
+    raise UserError(
+      f"model {name!r} cannot take input of shape {tuple(input_shape)} ({detail}); "
+      "change config.data.image_size or the model"
+    ) from None
 
 
 def check(config: ConfigDict, workdir: str):
@@ -131,12 +138,13 @@ def check(config: ConfigDict, workdir: str):
   for key in ("batch_size", "eval_batch_size"):
     value = config[key] or config.batch_size
     if value % mesh.size:
-      raise UserError(f"config.{key}={value} is not divisible by the {mesh.size} devices in use; "
-                      "change it or set --config.num_devices")
+      raise UserError(
+        f"config.{key}={value} is not divisible by the {mesh.size} devices in use; "
+        "change it or set --config.num_devices"
+      )
   source = open_source(config.data)
   if config.feature_extractor.model:  # the model trains on the frozen base's outputs
-    source = transfer.feature_source(source, config.feature_extractor, config.data,
-                                     os.path.join(workdir, "features"))
+    source = transfer.feature_source(source, config.feature_extractor, config.data, os.path.join(workdir, "features"))
   config = config.copy_and_resolve_references()
   config.model_kwargs = ConfigDict(with_num_classes(config.model, config.model_kwargs, len(source.classes)))
   model = get_model(config.model, **config.model_kwargs)
@@ -154,16 +162,31 @@ def load_data(config: ConfigDict, workdir: str, mesh, source) -> tuple:
   n_train = splits["train"].size
   steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
   if steps_per_epoch == 0:
-    raise UserError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
-                    "examples; lower it or set steps_per_epoch")
+    raise UserError(
+      f"config.batch_size={config.batch_size} exceeds the {n_train} training examples; lower it or set steps_per_epoch"
+    )
   run.claim(workdir, config)
-  logging.info("mesh: %d x %s over %d process(es); splits: %s", mesh.size,
-               mesh.devices.flat[0].device_kind, jax.process_count(),
-               {k: s.spec for k, s in splits.items()})
+  logging.info(
+    "mesh: %d x %s over %d process(es); splits: %s",
+    mesh.size,
+    mesh.devices.flat[0].device_kind,
+    jax.process_count(),
+    {k: s.spec for k, s in splits.items()},
+  )
   eval_batch = config.eval_batch_size or config.batch_size
   if kind == "stream":
-    data = pipeline.Stream(splits, mesh, config.seed, config.batch_size, eval_batch, steps_per_epoch,
-                           source.image_shape, fit_for(config.data), config.data.workers, config.data.prefetch)
+    data = pipeline.Stream(
+      splits,
+      mesh,
+      config.seed,
+      config.batch_size,
+      eval_batch,
+      steps_per_epoch,
+      source.image_shape,
+      fit_for(config.data),
+      config.data.workers,
+      config.data.prefetch,
+    )
   else:
     data = pipeline.OnDevice(splits, mesh, config.seed, config.batch_size, eval_batch, steps_per_epoch)
   return data, steps_per_epoch
@@ -171,15 +194,17 @@ def load_data(config: ConfigDict, workdir: str, mesh, source) -> tuple:
 
 class Start(NamedTuple):
   """Where fit begins: a fresh state, or the latest checkpoint's (mid-epoch too)."""
+
   state: Any
   dropout_rng: jax.Array
-  history: list                # the epochs completed
-  sums: Any                    # train metric sums of the epoch in progress, or None
-  position: int                # train steps of that epoch already taken
+  history: list  # the epochs completed
+  sums: Any  # train metric sums of the epoch in progress, or None
+  position: int  # train steps of that epoch already taken
 
 
-def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tuple, tx, manager,
-                steps_per_epoch: int) -> Start:
+def start_state(
+  config: ConfigDict, workdir: str, mesh, model, input_shape: tuple, tx, manager, steps_per_epoch: int
+) -> Start:
   """Restored from the latest checkpoint, else fresh from config.pretrained / config.init_from
   or the seed."""
   repl = parallel.replicated(mesh)
@@ -200,10 +225,15 @@ def start_state(config: ConfigDict, workdir: str, mesh, model, input_shape: tupl
   if restored:
     position = restored.step - len(restored.history) * steps_per_epoch
     if not 0 <= position <= steps_per_epoch:
-      raise UserError(f"the latest checkpoint (step {restored.step}, {len(restored.history)} epochs) does "
-                      f"not fit {steps_per_epoch} steps an epoch")
-    where = (f"the end of epoch {len(restored.history)}" if position in (0, steps_per_epoch) and restored.history
-             else f"epoch {len(restored.history) + 1}, step {position}/{steps_per_epoch}")
+      raise UserError(
+        f"the latest checkpoint (step {restored.step}, {len(restored.history)} epochs) does "
+        f"not fit {steps_per_epoch} steps an epoch"
+      )
+    where = (
+      f"the end of epoch {len(restored.history)}"
+      if position in (0, steps_per_epoch) and restored.history
+      else f"epoch {len(restored.history) + 1}, step {position}/{steps_per_epoch}"
+    )
     logging.info("resumed from the checkpoint of step %d (%s)", restored.step, where)
     run.write_history(workdir, restored.history)  # history.json may be ahead of the checkpoint after a kill
     return Start(restored.state, dropout_rng, restored.history, restored.sums if position else None, position)
@@ -228,15 +258,36 @@ def set_up(config: ConfigDict, workdir: str, started: float):
   tx, schedule = make_optimizer(config, steps_per_epoch, params_shape)
   manager = run.checkpoint_manager(workdir, config.keep_checkpoints)
   start = start_state(config, workdir, mesh, model, source.image_shape, tx, manager, steps_per_epoch)
-  prepare = (input_transform(config.data.rescale, config.data.preprocess)
-             if not config.feature_extractor.model else lambda x: x)
+  prepare = (
+    input_transform(config.data.rescale, config.data.preprocess) if not config.feature_extractor.model else lambda x: x
+  )
   train_step, eval_step = jit_steps(
-      model, tx, prepare, mesh, augment_lib.from_config(config.augment), data.take,
-      compute_dtype=jnp.dtype(config.compute_dtype), label_smoothing=config.label_smoothing,
-      ema_decay=config.ema_decay, frozen=frozen_batch_norms(config, params_shape),
-      trainable=trainable_mask(params_shape, config.trainable) if config.trainable else None)
-  trainer = Trainer(config, workdir, mesh, data, train_step, eval_step, start.dropout_rng, manager,
-                    run.TensorBoard(workdir), steps_per_epoch, schedule, started)
+    model,
+    tx,
+    prepare,
+    mesh,
+    augment_lib.from_config(config.augment),
+    data.take,
+    compute_dtype=jnp.dtype(config.compute_dtype),
+    label_smoothing=config.label_smoothing,
+    ema_decay=config.ema_decay,
+    frozen=frozen_batch_norms(config, params_shape),
+    trainable=trainable_mask(params_shape, config.trainable) if config.trainable else None,
+  )
+  trainer = Trainer(
+    config,
+    workdir,
+    mesh,
+    data,
+    train_step,
+    eval_step,
+    start.dropout_rng,
+    manager,
+    run.TensorBoard(workdir),
+    steps_per_epoch,
+    schedule,
+    started,
+  )
   return trainer, start
 
 
@@ -264,8 +315,7 @@ class InFlight:
 def _metric_record(prefix: str, sums: dict) -> dict:
   sums = jax.device_get(sums)
   count = float(sums["count"])
-  return {f"{prefix}_loss": float(sums["loss_sum"]) / count,
-          f"{prefix}_accuracy": float(sums["correct"]) / count}
+  return {f"{prefix}_loss": float(sums["loss_sum"]) / count, f"{prefix}_accuracy": float(sums["correct"]) / count}
 
 
 def evaluate(t: Trainer, state, split: str) -> dict:
@@ -284,11 +334,16 @@ def check_finite(t: Trainer, sums, epoch: int) -> None:
   if first == int(NO_STEP):
     return
   latest = t.manager.latest_step()
-  last_good = (f"the last good checkpoint is {os.path.join(t.workdir, 'checkpoints', str(latest))}"
-               if latest is not None else "no checkpoint was saved before it")
-  raise UserError(f"non-finite loss or gradient at epoch {epoch}, step {first % t.steps_per_epoch + 1}/"
-                  f"{t.steps_per_epoch} (train step {first + 1}); {last_good}; lower config.learning_rate "
-                  "or set config.grad_clip_norm")
+  last_good = (
+    f"the last good checkpoint is {os.path.join(t.workdir, 'checkpoints', str(latest))}"
+    if latest is not None
+    else "no checkpoint was saved before it"
+  )
+  raise UserError(
+    f"non-finite loss or gradient at epoch {epoch}, step {first % t.steps_per_epoch + 1}/"
+    f"{t.steps_per_epoch} (train step {first + 1}); {last_good}; lower config.learning_rate "
+    "or set config.grad_clip_norm"
+  )
 
 
 def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) -> str:
@@ -373,28 +428,46 @@ def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> 
       learning_curves(history, plot, config.plot_smoothing, title=config.model)
   t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
   left = (config.num_epochs - epoch) * record["seconds"]
-  logging.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-               "%.1f steps/s | %.1fs | ~%.0fs left", epoch, config.num_epochs,
-               record["train_loss"], record["train_accuracy"], record["val_loss"],
-               record["val_accuracy"], t.steps_per_epoch / train_seconds, record["seconds"], left)
+  logging.info(
+    "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f steps/s | %.1fs | ~%.0fs left",
+    epoch,
+    config.num_epochs,
+    record["train_loss"],
+    record["train_accuracy"],
+    record["val_loss"],
+    record["val_accuracy"],
+    t.steps_per_epoch / train_seconds,
+    record["seconds"],
+    left,
+  )
 
 
 def log_stop(config: ConfigDict, history: list) -> None:
   """Says why the run stopped before num_epochs, if it did."""
   stopped = early_stop_epoch(history, config.early_stopping_patience, config.early_stopping_min_delta)
   if stopped:
-    logging.info("early stopping at epoch %d: val_loss improved by no more than %g in %d epochs",
-                 stopped, config.early_stopping_min_delta, config.early_stopping_patience)
+    logging.info(
+      "early stopping at epoch %d: val_loss improved by no more than %g in %d epochs",
+      stopped,
+      config.early_stopping_min_delta,
+      config.early_stopping_patience,
+    )
   reached = config.target_accuracy and target_epoch(history, config.target_split, config.target_accuracy)
   if reached:
     record = next(r for r in history if r.get("epoch") == reached)
-    logging.info("time to accuracy: %s accuracy %.4f >= %g at epoch %d, %.1f s after start "
-                 "(data loading and compilation included)", config.target_split,
-                 record[_accuracy_key(config.target_split)], config.target_accuracy, reached,
-                 record["wall_seconds"])
+    logging.info(
+      "time to accuracy: %s accuracy %.4f >= %g at epoch %d, %.1f s after start "
+      "(data loading and compilation included)",
+      config.target_split,
+      record[_accuracy_key(config.target_split)],
+      config.target_accuracy,
+      reached,
+      record["wall_seconds"],
+    )
 
 
 # Final test.
+
 
 def params_checksum(params) -> str:
   """SHA-256 of this process's copy of the params: equal on every process of a healthy run."""
@@ -415,8 +488,11 @@ def test_weights(t: Trainer, state, history: list) -> tuple:
   if epoch != last:
     repl = parallel.replicated(t.mesh)
     state = run.restore(t.manager, step, run.abstract(state, repl), run.abstract(zero_metrics(), repl)).state
-  logging.info("test with the weights of epoch %d (best val_accuracy %.4f)", epoch,
-               next(r["val_accuracy"] for r in history if r.get("epoch") == epoch))
+  logging.info(
+    "test with the weights of epoch %d (best val_accuracy %.4f)",
+    epoch,
+    next(r["val_accuracy"] for r in history if r.get("epoch") == epoch),
+  )
   return epoch, state
 
 
@@ -426,8 +502,7 @@ def final_test(t: Trainer, state, history: list, test_epoch: int) -> list:
     return history
   test = {**_metric_record("test", evaluate(t, state, "test")), "test_epoch": test_epoch}
   t.writer.write_scalars(test_epoch, test)
-  logging.info("test loss %.4f acc %.4f (weights of epoch %d)", test["test_loss"], test["test_accuracy"],
-               test_epoch)
+  logging.info("test loss %.4f acc %.4f (weights of epoch %d)", test["test_loss"], test["test_accuracy"], test_epoch)
   history = history + [test]
   run.write_history(t.workdir, history)
   return history

@@ -9,6 +9,7 @@ the loop stops the run), then clipping, weight decay and the optimizer with its
 schedule.
 schedule(optimizer step) is the learning rate, for logs.
 """
+
 import jax
 import optax
 from ml_collections import ConfigDict
@@ -18,7 +19,7 @@ from convjax.models.summary import trainable_mask
 
 # A run stops at the first non-finite loss or gradient (train/loop.py): apply_if_finite
 # only has to keep that step's update out of the params, never to give up skipping.
-_NEVER = 2 ** 31 - 1
+_NEVER = 2**31 - 1
 
 
 def learning_rate_schedule(config: ConfigDict, steps_per_epoch: int):
@@ -29,8 +30,9 @@ def learning_rate_schedule(config: ConfigDict, steps_per_epoch: int):
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(updates, warmup + 1))
   if config.schedule == "step":
-    after = optax.piecewise_constant_schedule(lr, {int(b) - warmup: config.schedule_factor
-                                                   for b in config.schedule_boundaries})
+    after = optax.piecewise_constant_schedule(
+      lr, {int(b) - warmup: config.schedule_factor for b in config.schedule_boundaries}
+    )
   else:
     after = optax.constant_schedule(lr)
   if not warmup:
@@ -45,10 +47,11 @@ def optimizer(config: ConfigDict, schedule, params) -> optax.GradientTransformat
   if config.optimizer == "adamw":
     core = optax.adamw(schedule, eps=1e-7, weight_decay=config.weight_decay, mask=decay_mask)
   else:
-    core = {"rmsprop": lambda: optax.rmsprop(schedule, decay=0.9, eps=1e-7),
-            "adam": lambda: optax.adam(schedule, eps=1e-7),
-            "sgd": lambda: optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
-            }[config.optimizer]()
+    core = {
+      "rmsprop": lambda: optax.rmsprop(schedule, decay=0.9, eps=1e-7),
+      "adam": lambda: optax.adam(schedule, eps=1e-7),
+      "sgd": lambda: optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    }[config.optimizer]()
     if config.weight_decay:  # L2 on the gradient (coupled), as torch's weight_decay
       core = optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask), core)
   if config.grad_clip_norm:

@@ -10,6 +10,7 @@ only at those points: the host never waits on a step just to report it.
 step in flight: it saves and ends the run with `Interrupted`. A second SIGINT
 aborts at once, as Python's default would.
 """
+
 import signal
 import threading
 import time
@@ -42,8 +43,11 @@ class Progress:
 
   def due(self, step: int) -> bool:
     """Whether a line is due after `step` steps of this epoch (cheap: no device read)."""
-    return (self.first or step - self.last_step >= self.config.log_every_steps
-            or time.perf_counter() - self.last_time >= self.config.log_every_seconds)
+    return (
+      self.first
+      or step - self.last_step >= self.config.log_every_steps
+      or time.perf_counter() - self.last_time >= self.config.log_every_seconds
+    )
 
   def report(self, step: int, sums) -> dict:
     """Reads the sums (waits for `step`), logs the interval since the last report, returns the sums."""
@@ -56,18 +60,40 @@ class Progress:
     lr = float(self.t.schedule(global_step // self.config.grad_accum_steps))
     steps_per_second = steps / max(seconds, 1e-9)
     if self.first:
-      logging.info("epoch %d/%d step %d/%d: first step done in %.1fs (compilation included); loss %.4f",
-                   self.epoch, self.config.num_epochs, step, spe, seconds, loss)
+      logging.info(
+        "epoch %d/%d step %d/%d: first step done in %.1fs (compilation included); loss %.4f",
+        self.epoch,
+        self.config.num_epochs,
+        step,
+        spe,
+        seconds,
+        loss,
+      )
     else:
       left_epoch = (spe - step) / steps_per_second
       left_run = left_epoch + (self.config.num_epochs - self.epoch) * spe / steps_per_second
-      logging.info("epoch %d/%d step %d/%d  loss %.4f | %s images/s %.1f steps/s | lr %.3g | ETA epoch %s, "
-                   "run %s", self.epoch, self.config.num_epochs, step, spe, loss,
-                   f"{count / max(seconds, 1e-9):,.0f}", steps_per_second, lr, _duration(left_epoch),
-                   _duration(left_run))
-      self.t.writer.write_scalars(global_step, {
-          "train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
-          "train/images_per_second": count / max(seconds, 1e-9)})
+      logging.info(
+        "epoch %d/%d step %d/%d  loss %.4f | %s images/s %.1f steps/s | lr %.3g | ETA epoch %s, run %s",
+        self.epoch,
+        self.config.num_epochs,
+        step,
+        spe,
+        loss,
+        f"{count / max(seconds, 1e-9):,.0f}",
+        steps_per_second,
+        lr,
+        _duration(left_epoch),
+        _duration(left_run),
+      )
+      self.t.writer.write_scalars(
+        global_step,
+        {
+          "train/loss": loss,
+          "train/learning_rate": lr,
+          "train/grad_norm": grad_norm,
+          "train/images_per_second": count / max(seconds, 1e-9),
+        },
+      )
     self.first, self.last_step, self.last_time, self.last_sums = False, step, now, now_sums
     return now_sums
 
@@ -97,8 +123,7 @@ class Interrupts:
     if self.requested == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: abort now
     self.requested = signum
-    logging.warning("%s received: finishing the step, then saving (Ctrl-C again aborts)",
-                    signal.Signals(signum).name)
+    logging.warning("%s received: finishing the step, then saving (Ctrl-C again aborts)", signal.Signals(signum).name)
 
   def stop_at(self, step: int) -> bool:
     """Whether to stop after global step `step` (the same answer in every process)."""
@@ -107,11 +132,15 @@ class Interrupts:
     if step % self.every:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.int32(self.requested or 0))
     if self.requested is None and np.any(flags):
       self.requested = int(np.max(flags))
     return bool(np.any(flags))
 
   def stop(self, step: int, epoch: int, position: int, steps_per_epoch: int, where: str):
-    raise Interrupted(f"interrupted at step {step} (epoch {epoch}, step {position}/{steps_per_epoch}); saved "
-                      f"{where}: rerun the same command to resume", 128 + int(self.requested))
+    raise Interrupted(
+      f"interrupted at step {step} (epoch {epoch}, step {position}/{steps_per_epoch}); saved "
+      f"{where}: rerun the same command to resume",
+      128 + int(self.requested),
+    )

@@ -1,5 +1,6 @@
 """The train state: a plain pytree of arrays (what orbax saves, what jit donates), and the
 weights a fresh run starts from (config.pretrained, config.init_from)."""
+
 from typing import Any
 
 import flax
@@ -16,15 +17,16 @@ from convjax.pretrained import keras_h5, transfer
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array         # train steps taken (micro-steps with gradient accumulation)
+  step: jax.Array  # train steps taken (micro-steps with gradient accumulation)
   params: Any
-  model_state: Any        # non-param collections (e.g. batch_stats); {} when none
+  model_state: Any  # non-param collections (e.g. batch_stats); {} when none
   opt_state: Any
   ema_params: Any = None  # config.ema_decay: the exponential moving average of params
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape, rng: jax.Array, ema: bool = False) -> TrainState:
+def create_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, input_shape, rng: jax.Array, ema: bool = False
+) -> TrainState:
   variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32))
   variables = dict(variables)
   params = variables.pop("params")
@@ -33,8 +35,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 def create_from(step, params, model_state, tx, ema: bool = False) -> TrainState:
   """A train state starting from given params: a fresh optimizer state (and EMA) for them."""
-  return TrainState(step=step, params=params, model_state=model_state, opt_state=tx.init(params),
-                    ema_params=params if ema else None)
+  return TrainState(
+    step=step, params=params, model_state=model_state, opt_state=tx.init(params), ema_params=params if ema else None
+  )
 
 
 def eval_params(state: TrainState):
@@ -59,7 +62,8 @@ def starting_params(config, params, model_state):
     _same_structure(start_params, jax.device_get(params), f"config.init_from={config.init_from!r}")
     return start_params, start or model_state
   if config.pretrained.weights:
-    path = transfer.weights_file(config.pretrained.weights, config.model,
-                                 get_model(config.model, **config.model_kwargs))
+    path = transfer.weights_file(
+      config.pretrained.weights, config.model, get_model(config.model, **config.model_kwargs)
+    )
     return keras_h5.load_into(params, path, under=config.pretrained.under), model_state
   return params, model_state

@@ -12,6 +12,7 @@ optimizer state and the gradients they receive stay float32, and the logits, the
 loss and the softmax are float32. BatchNorm computes its statistics and running
 averages in float32 (convjax.models.layers.BatchNorm).
 """
+
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -48,20 +49,25 @@ def loss_and_correct(logits, labels, label_smoothing: float = 0.0):
 
 
 def _metrics(loss, correct, mask):
-  return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
+  return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
 def cast_floats(tree, dtype):
   """Every floating leaf of `tree` as `dtype` (params for the compute dtype)."""
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                tree)
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare: Callable,
-                    augment: Optional[Callable] = None, compute_dtype=jnp.float32,
-                    label_smoothing: float = 0.0, ema_decay: float = 0.0,
-                    frozen: Sequence[tuple] = (), trainable=None):
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  prepare: Callable,
+  augment: Optional[Callable] = None,
+  compute_dtype=jnp.float32,
+  label_smoothing: float = 0.0,
+  ema_decay: float = 0.0,
+  frozen: Sequence[tuple] = (),
+  trainable=None,
+):
   """`train_step(state, batch, rng) -> (state, metrics)`.
 
   `prepare(x)` maps float pixels to the model's input (rescaling, ImageNet
@@ -87,31 +93,38 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, prepare:
     def loss_fn(params):
       variables = {"params": cast_floats(params, compute_dtype), **state.model_state}
       with frozen_batch_norm(frozen):
-        logits, new_model_state = model.apply(variables, x, train=True, rngs={"dropout": step_rng},
-                                              mutable=mutable)
+        logits, new_model_state = model.apply(variables, x, train=True, rngs={"dropout": step_rng}, mutable=mutable)
       loss, correct = loss_and_correct(logits, batch["label"], label_smoothing)
       return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0), (loss, correct, new_model_state)
 
-    (mean_loss, (loss, correct, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (mean_loss, (loss, correct, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    trained = (jax.tree_util.tree_leaves(grads) if trainable is None else
-               [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True) if t])
+    trained = (
+      jax.tree_util.tree_leaves(grads)
+      if trainable is None
+      else [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True) if t]
+    )
     grad_norm = optax.global_norm(trained)
     finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)
-    model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
-                                         dict(new_model_state), state.model_state)
+    model_state = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(finite, new, old), dict(new_model_state), state.model_state
+    )
     ema = state.ema_params
     if ema is not None:  # after each optimizer update (every micro-step's without accumulation)
       updated = optax.MultiSteps.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
-      ema = jax.tree_util.tree_map(lambda e, n: jnp.where(updated & finite, e, n),
-                                   optax.incremental_update(params, ema, 1 - ema_decay), ema)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
-                              ema_params=ema)
-    metrics = {**_metrics(loss, correct, mask), "grad_norm_sum": jnp.where(finite, grad_norm, 0.0),
-               "nonfinite": 1.0 - finite.astype(jnp.float32),
-               "first_nonfinite": jnp.where(finite, NO_STEP, state.step)}
+      ema = jax.tree_util.tree_map(
+        lambda e, n: jnp.where(updated & finite, e, n), optax.incremental_update(params, ema, 1 - ema_decay), ema
+      )
+    new_state = state.replace(
+      step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema_params=ema
+    )
+    metrics = {
+      **_metrics(loss, correct, mask),
+      "grad_norm_sum": jnp.where(finite, grad_norm, 0.0),
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "first_nonfinite": jnp.where(finite, NO_STEP, state.step),
+    }
     return new_state, metrics
 
   return train_step
@@ -135,8 +148,11 @@ def zero_metrics(train: bool = True) -> dict:
   """Metric sums before the first batch."""
   sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
   if train:
-    sums.update(grad_norm_sum=jnp.zeros((), jnp.float32), nonfinite=jnp.zeros((), jnp.float32),
-                first_nonfinite=jnp.asarray(NO_STEP, jnp.int32))
+    sums.update(
+      grad_norm_sum=jnp.zeros((), jnp.float32),
+      nonfinite=jnp.zeros((), jnp.float32),
+      first_nonfinite=jnp.asarray(NO_STEP, jnp.int32),
+    )
   return sums
 
 
@@ -167,5 +183,4 @@ def jit_steps(model, tx, prepare, mesh, augment=None, take=lambda feed: feed, **
   def eval_step(state, feed, sums):
     return add_metrics(sums, evaluate(state, take(feed)))
 
-  return (jax.jit(train_step, out_shardings=(repl, repl), donate_argnums=0),
-          jax.jit(eval_step, out_shardings=repl))
+  return (jax.jit(train_step, out_shardings=(repl, repl), donate_argnums=0), jax.jit(eval_step, out_shardings=repl))

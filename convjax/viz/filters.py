@@ -8,6 +8,7 @@ Optional regularisers for cleaner patterns: random jitter (roll), Gaussian
 blur every few steps, L2 decay, total variation, and octaves (ascend on a small
 image first, then upscale and continue).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ def _blur(x, sigma: float):
   """Separable Gaussian blur of (H, W, C) over H and W."""
   radius = max(1, int(3 * sigma))
   t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
-  k = jnp.exp(-t ** 2 / (2 * sigma ** 2))
+  k = jnp.exp(-(t**2) / (2 * sigma**2))
   k = k / k.sum()
 
   def along(x, axis):
@@ -38,10 +39,25 @@ def deprocess(x):
   return np.clip(np.asarray(x) * 255, 0, 255).astype(np.uint8)
 
 
-def maximize_filters(model, variables, path, filters, size: int, channels: int = 3, steps: int = 40,
-                     step_size: float = 1.0, seed: int = 0, prepare=lambda x: x, jitter: int = 0,
-                     blur_sigma: float = 0.0, blur_every: int = 4, l2: float = 0.0, tv: float = 0.0,
-                     octaves: int = 1, octave_scale: float = 1.4):
+def maximize_filters(
+  model,
+  variables,
+  path,
+  filters,
+  size: int,
+  channels: int = 3,
+  steps: int = 40,
+  step_size: float = 1.0,
+  seed: int = 0,
+  prepare=lambda x: x,
+  jitter: int = 0,
+  blur_sigma: float = 0.0,
+  blur_every: int = 4,
+  l2: float = 0.0,
+  tv: float = 0.0,
+  octaves: int = 1,
+  octave_scale: float = 1.4,
+):
   """(raw images (F, size, size, C), start and end mean activations (F,)) for `filters` at `path`.
 
   `prepare` maps the 0-255 image to the model's input (rescale / ImageNet preprocessing).
@@ -54,7 +70,7 @@ def maximize_filters(model, variables, path, filters, size: int, channels: int =
   filters = jnp.asarray(filters)
   if octaves < 1:
     raise ValueError(f"octaves must be >= 1, got {octaves}")
-  sizes = [max(1, round(size / octave_scale ** k)) for k in reversed(range(octaves))]
+  sizes = [max(1, round(size / octave_scale**k)) for k in reversed(range(octaves))]
 
   def objective(image, f):
     act = layers.layer_output(model, variables, prepare(image[None]), path)[0]
@@ -74,7 +90,7 @@ def maximize_filters(model, variables, path, filters, size: int, channels: int =
         shifts = jax.random.randint(jax.random.fold_in(jitter_key, first_step + i), (2,), -jitter, jitter + 1)
         image = jnp.roll(image, shifts, axis=(0, 1))
       grads = jax.grad(lambda im: objective(im, f) - penalty(im))(image)
-      grads = grads / (jnp.sqrt(jnp.mean(grads ** 2)) + 1e-5)
+      grads = grads / (jnp.sqrt(jnp.mean(grads**2)) + 1e-5)
       image = image + step_size * grads
       if jitter:  # shifted back: the pattern stays in place, the shift only decorrelates steps
         image = jnp.roll(image, -shifts, axis=(0, 1))

@@ -6,6 +6,7 @@ respect to that output comes from running the model with the output replaced
 (`nn.intercept_methods`) and differentiating with respect to the replacement.
 Layers are named by module path, e.g. ('features', 'block5_conv3').
 """
+
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -35,9 +36,13 @@ def layer_outputs(model, variables, x, paths) -> dict:
   """
   wanted = {tuple(p) for p in paths}
   in_features = all(p[0] == "features" for p in wanted)
-  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.path in wanted,
-                         mutable=["intermediates"],
-                         method=(lambda m, x: m.features(x)) if in_features else "__call__")
+  _, state = model.apply(
+    variables,
+    x,
+    capture_intermediates=lambda m, _: m.path in wanted,
+    mutable=["intermediates"],
+    method=(lambda m, x: m.features(x)) if in_features else "__call__",
+  )
   out = {}
   for path in wanted:
     node = state["intermediates"]
@@ -93,5 +98,6 @@ def normalise(m, axis=None):
 
 
 def resolve_class(model, variables, x, class_index: Optional[int]):
-  return predicted_class(model.apply(variables, x)) if class_index is None else jnp.full(
-      x.shape[:1], class_index, jnp.int32)
+  return (
+    predicted_class(model.apply(variables, x)) if class_index is None else jnp.full(x.shape[:1], class_index, jnp.int32)
+  )

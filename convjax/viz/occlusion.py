@@ -1,5 +1,6 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014): the class probability (and score) as a
 grey patch slides over the image, evaluated in batches of occluded copies."""
+
 from typing import NamedTuple, Optional
 
 import jax
@@ -11,13 +12,21 @@ from convjax.viz import layers
 
 class Occlusion(NamedTuple):
   probability: np.ndarray  # (rows, cols): the class probability with the patch at each position
-  score: np.ndarray        # (rows, cols): the class score (layers.class_score), which a confident
-                           # model's saturated probability hides
+  score: np.ndarray  # (rows, cols): the class score (layers.class_score), which a confident
+  # model's saturated probability hides
   class_index: int
 
 
-def occlusion_map(model, variables, image, class_index: Optional[int] = None, patch: int = 8,
-                  stride: int = 4, fill: Optional[float] = None, batch: int = 64) -> Occlusion:
+def occlusion_map(
+  model,
+  variables,
+  image,
+  class_index: Optional[int] = None,
+  patch: int = 8,
+  stride: int = 4,
+  fill: Optional[float] = None,
+  batch: int = 64,
+) -> Occlusion:
   """The class's probability and score for each patch position (row-major over the image):
   every `stride` pixels with the whole patch inside, (H - patch) // stride + 1 per side
   (with a stride that doesn't divide H - patch, the last few rows and columns are never
@@ -26,8 +35,10 @@ def occlusion_map(model, variables, image, class_index: Optional[int] = None, pa
   `image` is one model input (H, W, C); `fill` defaults to the image's mean.
   """
   if not 1 <= patch <= min(image.shape[:2]) or stride < 1:
-    raise ValueError(f"occlusion patch {patch} / stride {stride} for a {image.shape[0]}x{image.shape[1]} "
-                     "image: need 1 <= patch <= side and stride >= 1")
+    raise ValueError(
+      f"occlusion patch {patch} / stride {stride} for a {image.shape[0]}x{image.shape[1]} "
+      "image: need 1 <= patch <= side and stride >= 1"
+    )
   x = jnp.asarray(image)[None]
   cls = int(layers.resolve_class(model, variables, x, class_index)[0])
   h, w, _ = image.shape
@@ -39,13 +50,13 @@ def occlusion_map(model, variables, image, class_index: Optional[int] = None, pa
   @jax.jit
   def evaluate(corners):
     def occlude(corner):
-      inside = ((rows >= corner[0]) & (rows < corner[0] + patch) & (cols >= corner[1])
-                & (cols < corner[1] + patch))
+      inside = (rows >= corner[0]) & (rows < corner[0] + patch) & (cols >= corner[1]) & (cols < corner[1] + patch)
       return jnp.where(inside[..., None], value, x[0])
+
     logits = model.apply(variables, jax.vmap(occlude)(corners))
     return jnp.stack([layers.class_probability(logits, cls), layers.class_score(logits, cls)])
 
   padded = np.concatenate([positions, np.zeros((-len(positions) % batch, 2), np.int32)])
-  out = np.concatenate([np.asarray(evaluate(padded[i:i + batch])) for i in range(0, len(padded), batch)], axis=1)
-  probability, score = out[:, :len(positions)].reshape(2, len(tops), len(lefts))
+  out = np.concatenate([np.asarray(evaluate(padded[i : i + batch])) for i in range(0, len(padded), batch)], axis=1)
+  probability, score = out[:, : len(positions)].reshape(2, len(tops), len(lefts))
   return Occlusion(probability, score, cls)

@@ -1,4 +1,5 @@
 """Figures: learning curves (accuracy and loss, train vs validation), image grids, map panels."""
+
 import matplotlib
 import numpy as np
 
@@ -26,8 +27,12 @@ def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str
       label = "training" if split == "train" else "validation"
       ax.plot(epochs, values, style, label=label, alpha=0.35 if smoothing else 1.0)
       if smoothing:
-        ax.plot(epochs, smooth(values, smoothing), style[0] + "-" if split == "train" else "-",
-                label=f"{label} (EMA {smoothing})")
+        ax.plot(
+          epochs,
+          smooth(values, smoothing),
+          style[0] + "-" if split == "train" else "-",
+          label=f"{label} (EMA {smoothing})",
+        )
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
@@ -50,8 +55,7 @@ def image_grid(images, path: str, cols: int = 4, titles=None, size: float = 2.5)
     ax.axis("off")
     if i < len(images):
       image = np.clip(images[i], 0, 1)
-      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
-                cmap="gray" if image.shape[-1] == 1 else None)
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
       if titles:
         ax.set_title(titles[i], fontsize=9)
   fig.tight_layout()
@@ -119,8 +123,15 @@ def confusion_matrix(matrix, classes, path: str, title: str = "") -> None:
     high = matrix.max() / 2 if matrix.size else 0
     for i in range(k):
       for j in range(k):
-        ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
-                color="white" if matrix[i, j] > high else "black")
+        ax.text(
+          j,
+          i,
+          str(int(matrix[i, j])),
+          ha="center",
+          va="center",
+          fontsize=8,
+          color="white" if matrix[i, j] > high else "black",
+        )
   ax.set_xlabel("predicted")
   ax.set_ylabel("true")
   ax.set_title(title)

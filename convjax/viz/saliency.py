@@ -1,6 +1,7 @@
 """Input-gradient attributions: vanilla gradient, SmoothGrad, Integrated Gradients,
 guided backprop. Each returns attributions shaped like the input (N, H, W, C);
 `saliency_map` turns them into (N, H, W) maps in [0, 1]."""
+
 from typing import Optional
 
 import flax.linen as nn
@@ -20,8 +21,7 @@ def vanilla_gradient(model, variables, x, class_index: Optional[int] = None):
   return jax.grad(_score_fn(model, variables, classes))(x)
 
 
-def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25,
-               noise: float = 0.15):
+def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25, noise: float = 0.15):
   """Mean gradient over `samples` copies with Gaussian noise of std noise * (max - min)."""
   classes = layers.resolve_class(model, variables, x, class_index)
   grad = jax.grad(_score_fn(model, variables, classes))
@@ -30,8 +30,7 @@ def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samp
   return jnp.mean(jax.lax.map(lambda e: grad(x + sigma * e), eps), axis=0)
 
 
-def integrated_gradients(model, variables, x, class_index: Optional[int] = None, baseline=None,
-                         steps: int = 64):
+def integrated_gradients(model, variables, x, class_index: Optional[int] = None, baseline=None, steps: int = 64):
   """(x - baseline) times the path-average gradient (trapezoid rule, `steps` intervals).
 
   Completeness: the attributions sum to score(x) - score(baseline), up to the
@@ -73,8 +72,12 @@ def guided_backprop(model, variables, x, class_index: Optional[int] = None):
 
   def guide(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == "__call__" and isinstance(module, (Conv2D, Dense))
-        and module.activation is nn.relu and module.path not in inside):
+    if (
+      context.method_name == "__call__"
+      and isinstance(module, (Conv2D, Dense))
+      and module.activation is nn.relu
+      and module.path not in inside
+    ):
       inside.add(module.path)
       try:
         base = nn.Conv if isinstance(module, Conv2D) else nn.Dense
