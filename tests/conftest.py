@@ -15,11 +15,69 @@ if "CONVJAX_WEIGHTS_DIR" not in os.environ and (SHARED / "weights").is_dir():
   os.environ["CONVJAX_WEIGHTS_DIR"] = str(SHARED / "weights")
 
 
+# Under CI=true every test must run: a skip (an importorskip of a missing package, a missing
+# dataset or mount permission) is a failure there, so a check is never turned off unseen.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _fail_if_skipped_in_ci(report):
+  if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  _fail_if_skipped_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  outcome = yield
+  _fail_if_skipped_in_ci(outcome.get_result())
+
+
+# Whether this session runs every test of the suite (no -k, -m or paths that leave some out).
+WHOLE_SUITE = pytest.StashKey[bool]()
+_DESELECTED = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked after_suite run last: they check what the others did."""
+  items.sort(key=lambda item: item.get_closest_marker("after_suite") is not None)
+
+
+def pytest_deselected(items):
+  if items:
+    items[0].config.stash[_DESELECTED] = True
+
+
+def pytest_collection_finish(session):
+  every_file = {p.name for p in pathlib.Path(__file__).parent.glob("test_*.py")}
+  collected = {item.path.name for item in session.items}
+  session.config.stash[WHOLE_SUITE] = (
+    collected == every_file and not session.config.stash.get(_DESELECTED, False) and not session.config.option.keyword
+  )
+
+
+# Every binary the tests start, as (module, args): tests/test_docs.py checks the guides'
+# commands against these at the end of the whole suite.
+INVOCATIONS = []
+
+
+def binary_argv(module: str, *args) -> list:
+  """The command line `python -m module args`, recorded in INVOCATIONS."""
+  INVOCATIONS.append((module, tuple(str(a) for a in args)))
+  return [sys.executable, "-m", module, *args]
+
+
 def run_binary(module: str, *args, env=None, timeout=900):
   """Runs `python -m module args` from the repo root; returns CompletedProcess (text)."""
   full_env = {**os.environ, **(env or {})}
   return subprocess.run(
-    [sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    binary_argv(module, *args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
   )
 
 
@@ -126,7 +184,7 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   from convjax import run
 
   proc = subprocess.Popen(
-    [sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
+    binary_argv("experiments.train", *args, f"--workdir={workdir}"),
     cwd=REPO,
     env={**os.environ, **(env or {})},
     stdout=subprocess.DEVNULL,

@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from PIL import Image
 from convjax import run
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import REPO, TINY_MNIST, run_binary
+from tests.conftest import REPO, binary_argv, TINY_MNIST, run_binary
 
 ARGS = TINY_MNIST
 
@@ -170,15 +169,13 @@ def test_a_workdir_that_is_a_file_is_one_error_and_the_file_is_left_alone(tmp_pa
 
 def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
   proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
+    binary_argv(
       "experiments.train",
       "--config=configs/mnist.py",
       f"--workdir={tmp_path}",
       "--config.num_epochs=1",
       "--config.log_every_steps=50",
-    ],
+    ),
     cwd=REPO,
     stderr=subprocess.PIPE,
     text=True,

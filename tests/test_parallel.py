@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, kill_after_first_checkpoint, restore_state, run_binary
+from tests.conftest import REPO, binary_argv, kill_after_first_checkpoint, restore_state, run_binary
 
 EPOCHS = 3
 ARGS = [
@@ -154,16 +154,14 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
   port = _free_port()
   procs = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
+      binary_argv(
         "experiments.train",
         *ARGS,
         f"--workdir={tmp_path}",
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
-      ],
+      ),
       cwd=REPO,
       env={**os.environ, **devices_env(2)},
       stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from convjax.errors import UserError
-from tests.conftest import REPO, SHARED, kill_after_first_checkpoint, restore_state, run_binary
+from tests.conftest import REPO, binary_argv, SHARED, kill_after_first_checkpoint, restore_state, run_binary
 
 ARRAY_RECORD = SHARED / "datasets" / "tfds_array_record"
 STREAM = ["--config.data.pipeline=stream", f"--config.data.data_dir={ARRAY_RECORD}"]
@@ -35,7 +35,7 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 def run_without_tensorflow(module, *args, timeout=900):
   return subprocess.run(
-    [sys.executable, "-c", WITHOUT_TENSORFLOW, module, *args],
+    [sys.executable, "-c", WITHOUT_TENSORFLOW, *binary_argv(module, *args)[2:]],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -245,7 +245,7 @@ def test_two_streaming_processes_match_one(tmp_path):
   """Each process streams only its own devices' rows; together they train what one process does."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "CONVJAX_XLA_DEFAULTS": "0"}
   one = subprocess.run(
-    [sys.executable, "-m", "experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"],
+    binary_argv("experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"),
     cwd=REPO,
     env=env,
     capture_output=True,
@@ -256,16 +256,14 @@ def test_two_streaming_processes_match_one(tmp_path):
   port = _free_port()
   procs = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
+      binary_argv(
         "experiments.train",
         *SMALL,
         f"--workdir={tmp_path / 'two'}",
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
-      ],
+      ),
       cwd=REPO,
       env=env,
       stdout=subprocess.PIPE,

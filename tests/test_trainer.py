@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from convjax.models import get_model
 from convjax.train.optim import learning_rate_schedule, make_optimizer
 from convjax.train.state import create_train_state
 from convjax.train.steps import loss_and_correct, make_train_step
-from tests.conftest import REPO, epoch_checkpoint, restore_state, run_binary
+from tests.conftest import REPO, binary_argv, epoch_checkpoint, restore_state, run_binary
 
 SMALL = [
   "--config=configs/mnist.py",
@@ -59,7 +58,7 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_equals_the_uninterrupted_run(tmp_
   )
 
   proc = subprocess.Popen(
-    [sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / 'killed'}"],
+    binary_argv("experiments.train", *args, f"--workdir={tmp_path / 'killed'}"),
     cwd=REPO,
     stderr=subprocess.PIPE,
     text=True,
