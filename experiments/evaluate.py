@@ -24,7 +24,7 @@ from convjax.viz import plots
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Which of the run's splits.")
-flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see README).")
+flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see docs/using-a-run.md).")
 flags.DEFINE_integer("num_wrong", 16, "Misclassified examples shown (the most confident first).")
 flags.mark_flags_as_required(["workdir"])
 

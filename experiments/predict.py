@@ -25,7 +25,7 @@ from convjax.errors import UserError
 flags.DEFINE_string("workdir", None, "A trained run's workdir.")
 flags.DEFINE_string("model", None, "An ImageNet model with Keras' weights instead of a run (vgg16, vgg19).")
 flags.DEFINE_string("images", None, "An image file, a folder (recursively) or a glob.")
-flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see README).")
+flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see docs/using-a-run.md).")
 flags.DEFINE_integer("top_k", 5, "Classes listed per image (at most the class count).")
 flags.DEFINE_integer("batch_size", 64, "Images per batch (divisible by the device count).")
 flags.DEFINE_string("output", None, "Write the table to this .csv or .json file.")

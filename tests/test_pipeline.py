@@ -56,7 +56,7 @@ def assert_close_histories(a, b, tol):
 
 
 def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_device(tmp_path):
-  """README's 'Scaling out' command as written (a full MNIST epoch, the project's default XLA
+  """The 'Scaling out' guide's command as written (a full MNIST epoch, the project's default XLA
   settings) on 8 devices, against the same command on 1."""
   runs = {}
   for n in (1, 8):

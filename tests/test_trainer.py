@@ -286,7 +286,7 @@ def test_a_frozen_batch_norm_runs_in_inference_mode_as_keras_does():
 
 
 def test_any_model_field_from_the_command_line_and_a_switched_model_takes_its_own_defaults():
-  """README's include_top example and --config.model=alexnet on the MNIST config; --config.help lists."""
+  """The transfer guide's include_top example and --config.model=alexnet on the MNIST config; --config.help lists."""
   listing = run_binary(
     "experiments.train",
     "--config=configs/mnist.py",
