@@ -243,7 +243,7 @@ def _free_port():
 
 def test_two_streaming_processes_match_one(tmp_path):
   """Each process streams only its own devices' rows; together they train what one process does."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "CONVJAX_XLA_DEFAULTS": "0"}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   one = subprocess.run(
     binary_argv("experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"),
     cwd=REPO,

@@ -10,12 +10,11 @@ import pytest
 
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import kill_after_first_checkpoint, restore_state, run_binary
+from tests.conftest import kill_after_first_checkpoint, mnist_arrays_args, restore_state, run_binary
 
 SMALL = [
-  "--config.data.train_split=train[:6144]",
+  *mnist_arrays_args("train6144", "test1000"),
   "--config.data.validation_size=1024",
-  "--config.data.test_split=test[:1000]",
   "--config.eval_batch_size=256",
   "--config.model_kwargs.dropout_rate=0.25",
 ]
@@ -57,7 +56,7 @@ def test_binary_trains_real_mnist_with_overrides(tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["400"]  # named by train steps
 
 
-def test_resume_after_kill_is_bit_identical(tmp_path):
+def test_resume_after_kill_is_bit_identical(tmp_path, mnist_arrays):
   """kill -9 in the middle of a run, run the same command again: same params and history."""
   args = ["--config=configs/mnist.py", "--config.num_epochs=3", *SMALL]
   straight = tmp_path / "straight"
@@ -73,7 +72,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
   assert "resumed from the checkpoint of step" in result.stderr
   config = json.loads((killed / "config.json").read_text())
   assert config["model_kwargs"] == {"dropout_rate": 0.25, "num_classes": 10}
-  assert config["data"]["train_split"] == "train[:6144]"
+  assert config["data"]["train_split"] == "train6144"
   assert _history_without_seconds(killed) == _history_without_seconds(straight)
   a, b = restore_state(straight, 3), restore_state(killed, 3)
   assert a.keys() == b.keys() and any("opt_state" in k for k in a)

@@ -35,12 +35,18 @@ def test_evaluate_reproduces_the_runs_test_record_with_a_breakdown(mnist_run):
   assert metrics["accuracy"] == pytest.approx(test["test_accuracy"], abs=1e-6)  # the same 500 predictions
   assert metrics["loss"] == pytest.approx(test["test_loss"], rel=1e-4)
   assert f"test (500 images): loss {metrics['loss']:.4f}  accuracy {test['test_accuracy']:.4f}" in result.stdout
-  confusion = np.asarray(metrics["confusion_matrix"])
-  assert confusion.shape == (10, 10) and confusion.sum() == 500
-  assert np.trace(confusion) == round(test["test_accuracy"] * 500)
+  # The breakdown against the training loop's own predictions, counted here: rows true, columns predicted.
+  images = mnist_test_images(500)
+  predicted = np.argmax(loop_probabilities(mnist_run, test["test_epoch"], images["image"]), -1)
+  expected = np.zeros((10, 10), int)
+  np.add.at(expected, (images["label"], predicted), 1)
+  np.testing.assert_array_equal(np.asarray(metrics["confusion_matrix"]), expected)
   for i, name in enumerate(map(str, range(10))):
     row = metrics["per_class"][name]
-    assert row["support"] == confusion[i].sum() and row["recall"] == pytest.approx(confusion[i, i] / confusion[i].sum())
+    assert row["support"] == np.sum(images["label"] == i)
+    assert row["recall"] == pytest.approx(np.mean(predicted[images["label"] == i] == i))
+    chosen = images["label"][predicted == i]  # a class never predicted has precision 0
+    assert row["precision"] == pytest.approx(np.mean(chosen == i) if len(chosen) else 0.0)
   assert metrics["accuracy"] <= metrics["top5_accuracy"] <= 1
   for name in ("confusion_matrix.png", "misclassified.png", "predictions.csv"):
     assert (mnist_run / "eval" / "test" / name).stat().st_size > 0

@@ -28,12 +28,17 @@ class ConvGapLinear(nn.Module):
     return nn.Dense(3, name="linear")(jnp.mean(a, axis=(1, 2)))
 
 
+def conv2d_same(x, kernel, padding="SAME"):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def test_grad_cam_equals_the_class_weighted_feature_map():
   model = ConvGapLinear()
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
   heat, classes = cam.grad_cam(model, variables, x, ("conv",), class_index=2)
-  a = layers.layer_output(model, variables, x, ("conv",))
+  conv = variables["params"]["conv"]  # the layer's output, computed here by hand
+  a = jax.nn.relu(conv2d_same(x, conv["kernel"]) + conv["bias"])
   w = variables["params"]["linear"]["kernel"][:, 2]
   expected = jax.nn.relu(jnp.einsum("nhwk,k->nhw", a, w))
   expected = expected / expected.max(axis=(1, 2), keepdims=True)
@@ -112,11 +117,21 @@ def test_maps_of_a_randomised_model_decorrelate(trained_mnist):
     # zero after its ReLU) would score 0 and pass vacuously.
     rhos = [_rank_correlation(t, f) for t, f in pairs if t.min() < t.max() and f.min() < f.max()]
     assert len(rhos) >= 8 and np.mean(rhos) < 0.5, (name, rhos)
-  # The check can fail: the same model against itself correlates perfectly.
-  same = _rank_correlation(
-    methods["grad-cam"](trained, x[:1], int(labels[0])), methods["grad-cam"](trained, x[:1], int(labels[0]))
-  )
-  assert same == pytest.approx(1.0)
+  # The check can fail: the trained model with its weights moved by 1% of their spread keeps
+  # its maps (rank correlation > 0.9), where the re-initialised one does not.
+  leaves, structure = jax.tree_util.tree_flatten(trained)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  moved = [p + 0.01 * jnp.std(p) * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  nearby = jax.tree_util.tree_unflatten(structure, moved)
+  for name, method in methods.items():
+    rhos = [
+      _rank_correlation(
+        np.asarray(method(trained, x[i : i + 1], int(labels[i]))),
+        np.asarray(method(nearby, x[i : i + 1], int(labels[i]))),
+      )
+      for i in range(4)
+    ]
+    assert min(rhos) > 0.9, (name, rhos)
 
 
 def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_mnist):
@@ -224,10 +239,11 @@ def test_activation_grid_and_top_images(trained_mnist):
   images = (x * 255).astype(np.uint8)
   order, scores = activations.top_images(model, variables, images, paths[0], channel=3, k=5, prepare=lambda v: v / 255)
   assert len(order) == 5 and np.all(np.diff(scores) <= 0)
-  everything = [
-    float(np.mean(acts_i)) for acts_i in np.asarray(layers.layer_output(model, variables, x, paths[0])[..., 3])
-  ]
-  assert scores[0] == pytest.approx(max(everything), rel=1e-5)
+  first = variables["params"]["features"]["conv2d"]  # channel 3 of the first conv, by hand
+  channel = jax.nn.relu(conv2d_same(x, first["kernel"][..., 3:4], "VALID") + first["bias"][3])
+  means = np.asarray(jnp.mean(channel, axis=(1, 2, 3)))
+  np.testing.assert_array_equal(order, np.argsort(-means, kind="stable")[:5])
+  np.testing.assert_allclose(scores, means[order], rtol=1e-5)
 
 
 def test_visualize_binary_writes_every_figure(tmp_path):
