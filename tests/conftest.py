@@ -1,3 +1,5 @@
+import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -41,38 +43,58 @@ def pytest_make_collect_report(collector):
   _fail_if_skipped_in_ci(outcome.get_result())
 
 
-# Whether this session runs every test of the suite (no -k, -m or paths that leave some out).
-WHOLE_SUITE = pytest.StashKey[bool]()
-_DESELECTED = pytest.StashKey[bool]()
+# Every binary the tests start is recorded, one JSON line (module, args) per start, in a
+# folder shared by the xdist workers; at the end of the whole suite the controller checks
+# the guides' commands against them (tests/test_docs.py).
+INVOCATIONS_DIR = "CONVJAX_TEST_INVOCATIONS"
 
 
-def pytest_collection_modifyitems(config, items):
-  """Tests marked after_suite run last: they check what the others did."""
-  items.sort(key=lambda item: item.get_closest_marker("after_suite") is not None)
-
-
-def pytest_deselected(items):
-  if items:
-    items[0].config.stash[_DESELECTED] = True
-
-
-def pytest_collection_finish(session):
-  every_file = {p.name for p in pathlib.Path(__file__).parent.glob("test_*.py")}
-  collected = {item.path.name for item in session.items}
-  session.config.stash[WHOLE_SUITE] = (
-    collected == every_file and not session.config.stash.get(_DESELECTED, False) and not session.config.option.keyword
-  )
-
-
-# Every binary the tests start, as (module, args): tests/test_docs.py checks the guides'
-# commands against these at the end of the whole suite.
-INVOCATIONS = []
+def pytest_configure(config):
+  if not hasattr(config, "workerinput"):  # the controller (or the only process)
+    os.environ[INVOCATIONS_DIR] = tempfile.mkdtemp(prefix="convjax-invocations-")
 
 
 def binary_argv(module: str, *args) -> list:
-  """The command line `python -m module args`, recorded in INVOCATIONS."""
-  INVOCATIONS.append((module, tuple(str(a) for a in args)))
+  """The command line `python -m module args`, recorded for the guides' check."""
+  with open(os.path.join(os.environ[INVOCATIONS_DIR], f"{os.getpid()}.jsonl"), "a") as out:
+    out.write(json.dumps([module, [str(a) for a in args]]) + "\n")
   return [sys.executable, "-m", module, *args]
+
+
+def _whole_suite(config) -> bool:
+  """Whether this session runs every test (no -k, -m, --deselect, or paths that leave some out)."""
+  tests = pathlib.Path(__file__).parent
+  if tests != REPO / "tests":  # a copy of this file elsewhere (tests/test_conftest.py's)
+    return False
+  paths = {(config.invocation_params.dir / a.split("::")[0]).resolve() for a in config.args}
+  return (
+    not config.option.keyword
+    and not config.option.markexpr
+    and not config.getoption("deselect", None)
+    and "::" not in "".join(config.args)
+    and paths <= {tests, tests.parent}
+  )
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if hasattr(session.config, "workerinput") or not _whole_suite(session.config):
+    return
+  from tests.test_docs import uncovered_commands
+
+  folder = pathlib.Path(os.environ[INVOCATIONS_DIR])
+  invocations = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
+  shutil.rmtree(folder, ignore_errors=True)
+  missing = uncovered_commands(invocations)
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  if missing:
+    reporter.write_line("FAILED the guides' commands: no test runs these and no RESULTS/BENCHMARKS link follows them:")
+    for line in missing:
+      reporter.write_line(f"  {line}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+  else:
+    reporter.write_line(
+      f"the guides' commands: each is run by a test or names its result ({len(invocations)} binaries run)"
+    )
 
 
 def run_binary(module: str, *args, env=None, timeout=900):
@@ -128,16 +150,17 @@ def mnist_arrays():
 
   from convjax.data import tfds as tfds_data
 
-  if not (MNIST_ARRAYS / "complete").exists():
-    MNIST_ARRAYS.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=MNIST_ARRAYS.parent))
-    builder = tfds_data.get_builder("mnist", None, False)
-    for name, spec in MNIST_SLICES.items():
-      rows = tfds_data.read_rows(builder, tfds_data.row_range(builder, spec))
-      np.savez(staging / f"{name}.npz", image=rows["image"], label=rows["label"])
-    (staging / "complete").touch()
-    shutil.rmtree(MNIST_ARRAYS, ignore_errors=True)
-    staging.rename(MNIST_ARRAYS)
+  MNIST_ARRAYS.parent.mkdir(parents=True, exist_ok=True)
+  with open(MNIST_ARRAYS.parent / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one writer, also among xdist workers
+    if not (MNIST_ARRAYS / "complete").exists():
+      shutil.rmtree(MNIST_ARRAYS, ignore_errors=True)
+      MNIST_ARRAYS.mkdir()
+      builder = tfds_data.get_builder("mnist", None, False)
+      for name, spec in MNIST_SLICES.items():
+        rows = tfds_data.read_rows(builder, tfds_data.row_range(builder, spec))
+        np.savez(MNIST_ARRAYS / f"{name}.npz", image=rows["image"], label=rows["label"])
+      (MNIST_ARRAYS / "complete").touch()
   return MNIST_ARRAYS
 
 

@@ -16,6 +16,7 @@ from tests.conftest import run_binary
 MNIST_FORWARD_FLOPS = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 576 + 576 * 64 + 64 * 10)
 
 
+@pytest.mark.slow
 def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   started = time.perf_counter()
   result = run_binary(
@@ -139,7 +140,22 @@ def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
   assert mine / 4 <= row["step_seconds_median"] <= 4 * mine, (row["step_seconds_median"], mine)
 
 
-def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch):
+@pytest.fixture
+def benchmark_binary():
+  """experiments.benchmark imported here; its absl flags are removed afterwards, so that a
+  later test can import another binary (absl allows each flag name once)."""
+  from absl import flags
+
+  before = set(flags.FLAGS)
+  from experiments import benchmark
+
+  yield benchmark
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+  sys.modules.pop("experiments.benchmark", None)
+
+
+def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch, benchmark_binary):
   """pipeline_overhead with the test's step times (real 3/64 s, synthetic 2/64 s: +50%), and
   a peer's ratio with the test's images/s (ours 100, the peer's 40: 2.5x)."""
   import subprocess as subprocess_module
@@ -147,8 +163,8 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
   from PIL import Image
 
   from convjax import benchmark
-  from experiments import benchmark as binary
 
+  binary = benchmark_binary
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     for i in range(4):
@@ -166,6 +182,7 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
   assert binary.run_peer("keras_jax", {**row, "images_per_second": 100.0}, config)["ratio"] == 2.5
 
 
+@pytest.mark.slow
 def test_peers_build_the_same_networks():
   """Each peer's network has convjax's parameter count (PyTorch only where installed)."""
   cases = [("keras", "mnist_convnet", "28x28x1", 93_322), ("keras", "vgg16_base", "32x32x3", 14_714_688)]
@@ -198,6 +215,7 @@ def test_peers_build_the_same_networks():
     assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == params, (framework, model)
 
 
+@pytest.mark.slow
 def test_the_accelerator_check_runs_tiny_without_tensorflow(tmp_path):
   """The device machine has no TensorFlow: the check's every part (benchmark, MNIST from .npz,
   cats-vs-dogs JPEGs streamed) runs with tensorflow and tensorflow_datasets unimportable."""

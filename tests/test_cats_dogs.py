@@ -17,6 +17,7 @@ from tests.conftest import SHARED, link_cats_dogs_subset, loop_probabilities, ru
 CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
 
 
+@pytest.mark.slow
 def test_short_real_run_learns(tmp_path):
   """600 real training photos at 64x64, 240 steps: the loss falls and validation beats chance."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 300, "validation": 500})
@@ -74,6 +75,7 @@ def _mock_cats_vs_dogs_metadata(data_dir, num_examples):
   builder.info.write_to_directory(builder.data_dir)
 
 
+@pytest.mark.slow
 def test_tfds_route_gives_balanced_subsets_and_trains_with_augmentation(tmp_path):
   """Online users' path: TFDS cats_vs_dogs (mocked), balanced by class, resized, augmented."""
   from configs.cats_dogs_augmented import get_config
@@ -160,6 +162,7 @@ def test_prepare_data_builds_the_layout_and_never_overwrites(tmp_path):
   assert sorted(os.listdir(tmp_path / "from_folder" / "train" / "dogs")) == sorted(f"dog.{i}.jpg" for i in range(5))
 
 
+@pytest.mark.slow
 def test_bad_file_in_a_folder_is_one_error_or_skipped_with_the_flag(tmp_path):
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 20, "validation": 10})
   (data / "train" / "dogs" / "dog.broken.jpg").write_bytes(b"\xff\xd8 truncated")

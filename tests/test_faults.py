@@ -70,6 +70,7 @@ MESSAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back_to_the_one_before(tmp_path, finished, fault):
   """The rerun of the finished run finds checkpoint 30 damaged, says what is wrong in one line,
@@ -87,6 +88,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back_to_the_one_
   assert _history(workdir) == _history(finished)
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_verifies_the_run_stops_and_history_is_left_as_it_was(tmp_path, finished):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -100,6 +102,7 @@ def test_when_no_checkpoint_verifies_the_run_stops_and_history_is_left_as_it_was
   assert (workdir / "history.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_an_unreadable_metrics_file_is_rewritten_from_the_checkpoint_history(tmp_path, finished):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -169,6 +172,7 @@ def test_a_workdir_that_is_a_file_is_one_error_and_the_file_is_left_alone(tmp_pa
   assert path.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
   proc = subprocess.Popen(
     binary_argv(
@@ -197,6 +201,7 @@ def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
   assert 50 <= step < 781 and max(run.checkpoints(str(tmp_path))) == step, (said, run.checkpoints(str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_retention_keeps_the_latest_and_the_best_also_after_a_resume(tmp_path, mnist_run, validation_best_at_epoch_1):
   """Validation accuracy made to fall after epoch 1: checkpoints/ holds the best (epoch 1) and the
   latest, and after the run is extended and resumed still exactly those two."""

@@ -75,12 +75,14 @@ def one_device_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, one_device_run):
   result = train(tmp_path, 8)
   assert "mesh: 8 x cpu" in result.stderr
   assert_same_run(one_device_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_num_devices_limits_the_mesh_and_batch_must_divide(tmp_path):
   result = run_binary("experiments.train", *ARGS, f"--workdir={tmp_path}", "--config.batch_size=60", env=devices_env(8))
   assert result.returncode == 1
@@ -146,6 +148,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, one_device_run):
   port = _free_port()
   procs = [
@@ -175,6 +178,7 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
   assert_same_run(one_device_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
   done = kill_after_first_checkpoint(tmp_path, *ARGS, env=devices_env(8))
   assert 1 <= max(done) < EPOCHS, "no mid-run checkpoint to resume from"
@@ -183,6 +187,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, one_device_run):
   assert_same_run(one_device_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_batch_norm_statistics_are_global_over_eight_devices(tmp_path):
   """ResNet-18's BatchNorm on 8 devices (8 images each) equals 1 device with all 64.
 

@@ -55,6 +55,7 @@ def assert_close_histories(a, b, tol):
       assert abs(ra[key] - rb[key]) <= tol, (key, ra, rb)
 
 
+@pytest.mark.slow
 def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_device(tmp_path):
   """The 'Scaling out' guide's command as written (a full MNIST epoch, the project's default XLA
   settings) on 8 devices, against the same command on 1."""
@@ -87,6 +88,7 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
       assert abs(one[key] - eight[key]) <= tolerance, (key, one, eight)
 
 
+@pytest.mark.slow
 def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   """The streamed pipeline (grain over TFDS' ArrayRecord copy) sees the batches the on-device
   one (TFRecord copy) does: the same history, bit for bit on one device."""
@@ -97,9 +99,9 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
   stream = run_binary("experiments.train", *common, *STREAM, f"--workdir={tmp_path / 'stream'}")
   assert stream.returncode == 0, stream.stderr[-3000:]
   assert "input pipeline: stream" in stream.stderr
-  assert_close_histories(history(tmp_path / "device"), history(tmp_path / "stream"), tol=1e-4)
+  assert history(tmp_path / "device") == history(tmp_path / "stream")
   a, b = restore_state(tmp_path / "device", 1), restore_state(tmp_path / "stream", 1)
-  assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-4
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def sharded_mnist_test(root, shard_lengths, truncated_images=()):
@@ -222,6 +224,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_a_killed_streaming_run_resumes_to_the_uninterrupted_run(tmp_path):
   straight = run_binary("experiments.train", *SMALL, f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr[-3000:]
@@ -241,6 +244,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_streaming_processes_match_one(tmp_path):
   """Each process streams only its own devices' rows; together they train what one process does."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -292,6 +296,7 @@ def _mixed_size_folder(root, per_class=12):
   return root
 
 
+@pytest.mark.slow
 def test_a_folder_of_mixed_image_sizes_trains_with_random_resized_crops(tmp_path):
   data = _mixed_size_folder(tmp_path / "data")
   args = [
@@ -359,6 +364,7 @@ def test_random_resized_crop_draws_as_torchvision_and_center_crop_is_centred():
   np.testing.assert_array_equal(Fit((50, 50), center_crop=0.5)(image), image[25:75, 75:125])
 
 
+@pytest.mark.slow
 def test_the_pipeline_choice_is_logged_and_a_device_that_cannot_hold_the_data_is_one_error(tmp_path):
   args = [
     "--config=configs/mnist.py",
@@ -407,6 +413,7 @@ def _digit_arrays(directory, n_train=3072, n_test=256):
   return directory
 
 
+@pytest.mark.slow
 def test_training_without_tensorflow_from_a_folder_and_from_arrays(tmp_path):
   """Neither tensorflow nor tensorflow_datasets importable: a folder run trains, checkpoints,
   resumes, writes history, plots and TensorBoard files; arrays train too; visualisation and

@@ -109,6 +109,7 @@ def highest_precision():
     yield
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [150, 224])
 def test_conv_base_equals_keras_on_real_images(size, highest_precision):
   keras = pytest.importorskip("keras")
@@ -125,6 +126,7 @@ def test_conv_base_equals_keras_on_real_images(size, highest_precision):
   )
 
 
+@pytest.mark.slow
 def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision):
   """No offline copy of the ImageNet top exists: random fc weights in the full file layout."""
   keras = pytest.importorskip("keras")
@@ -160,7 +162,8 @@ def test_with_top_equals_keras_on_random_top_weights(tmp_path, highest_precision
   )
   assert result.returncode == 0, result.stderr[-3000:]
   timings = json.loads((tmp_path / "viz" / "timings.json").read_text())
-  assert (tmp_path / "viz" / "gradcam.png").stat().st_size > 0 and 0 <= timings["class"] < 1000
+  assert (tmp_path / "viz" / "gradcam.png").stat().st_size > 0
+  assert timings["class"] == int(np.argmax(ours[0]))  # the class the model predicts, explained
   # experiments.predict --model=vgg16 (no run): the same probabilities, named by ImageNet's index.
   os.symlink(SHARED / "datasets" / "imagenet_class_index.json", tmp_path / "imagenet_class_index.json")
   predicted = run_binary(
@@ -209,6 +212,7 @@ def test_fetch_downloads_verifies_and_caches(tmp_path, monkeypatch):
   assert fetch.FILES[NOTOP.name].file_hash == "6d6bbae143d832006294945121d1f1fc"  # Keras' published MD5
 
 
+@pytest.mark.slow
 def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   import optax
   from convjax.models.summary import trainable_mask
@@ -261,6 +265,7 @@ def test_frozen_base_stays_identical_and_has_no_optimizer_state(mnist_small):
   assert opt_size == head_size  # RMSprop: one accumulator per trainable weight, none for the base
 
 
+@pytest.mark.slow
 def test_feature_extraction_run_on_a_small_slice(tmp_path):
   """120 training photos through the ImageNet VGG16 base: the classifier clearly beats chance."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 60, "validation": 50})

@@ -25,6 +25,7 @@ def _history_without_seconds(workdir):
   return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
+@pytest.mark.slow
 def test_binary_trains_real_mnist_with_overrides(tmp_path):
   """The main job on the real data, shortened to 400 steps: test accuracy >= 0.95."""
   workdir = tmp_path / "run"
@@ -56,6 +57,7 @@ def test_binary_trains_real_mnist_with_overrides(tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["400"]  # named by train steps
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(tmp_path, mnist_arrays):
   """kill -9 in the middle of a run, run the same command again: same params and history."""
   args = ["--config=configs/mnist.py", "--config.num_epochs=3", *SMALL]
@@ -95,6 +97,7 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_compiles_once_whatever_the_number_of_epochs(tmp_path, mnist_small):
   """3 epochs compile exactly what 1 epoch does: nothing per step or epoch. The last eval
   batches are ragged (1024 validation and 1000 test rows in batches of 300): padded and
@@ -130,12 +133,23 @@ def _tree_digest(workdir):
 
 @pytest.fixture
 def no_compilation(monkeypatch):
-  """Fails any test whose error comes only after something was jitted."""
+  """Fails any test whose error comes only after something was jitted or compiled: jax.jit
+  refuses, and XLA's compilations (eager operations compile too) are counted."""
 
   def refuse(*args, **kwargs):
     raise AssertionError("jax.jit was reached before the error")
 
+  compiled = []
+
+  def count(event, _, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(event)
+
   monkeypatch.setattr(jax, "jit", refuse)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  yield
+  jax.monitoring.unregister_event_duration_listener(count)
+  assert not compiled, f"{len(compiled)} program(s) compiled before the error"
 
 
 @pytest.fixture
@@ -182,6 +196,7 @@ def test_dataset_missing_offline_says_to_set_tfds_data_dir(tmp_path, mnist_small
     train_and_evaluate(mnist_small, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, mnist_small):
   mnist_small.num_epochs = 1
   train_and_evaluate(mnist_small, str(tmp_path))
@@ -231,6 +246,7 @@ def test_early_stopping_follows_keras_rules():
   assert early_stop_epoch(history + [{"test_loss": 1.0}], 3, 0.001) == 8  # the test record is skipped
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_the_run_and_resume_keeps_it_stopped(tmp_path, mnist_small):
   mnist_small.num_epochs = 6
   mnist_small.steps_per_epoch = 8

@@ -94,10 +94,10 @@ def test_separable_convolution_costs_what_the_formula_says():
     ("lenet5", (32, 32, 1), {"partial_c3": True}),
     ("alexnet", (227, 227, 3), {}),
     ("vgg11", (64, 64, 3), {}),
-    ("googlenet", (96, 96, 3), {}),
-    ("resnet18", (64, 64, 3), {}),
-    ("resnet50", (64, 64, 3), {}),
-    ("mobilenet", (96, 96, 3), {}),
+    pytest.param("googlenet", (96, 96, 3), {}, marks=pytest.mark.slow),
+    pytest.param("resnet18", (64, 64, 3), {}, marks=pytest.mark.slow),
+    pytest.param("resnet50", (64, 64, 3), {}, marks=pytest.mark.slow),
+    pytest.param("mobilenet", (96, 96, 3), {}, marks=pytest.mark.slow),
     ("xception_small", (64, 64, 3), {}),
   ],
   ids=lambda v: v if isinstance(v, str) else None,
@@ -120,6 +120,7 @@ def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
   np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_arrays):
   """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated;
   the run is read back (load_run, init_from, the visualisation binary) with those 10 classes."""

@@ -107,15 +107,16 @@ class Trainer(NamedTuple):
 
 
 def abstract_params(model, input_shape: tuple, name: str):
-  """The model's param shapes for `input_shape`; an input it cannot take is one UserError."""
-  x = jnp.zeros((1, *input_shape))
+  """The model's param shapes for `input_shape`; an input it cannot take is one UserError.
+  Nothing is computed or compiled: the image and the key are abstract too."""
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   try:
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
   except Exception as e:  # flax/jax raise several types for shape mismatches; name the cause
     detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     try:  # the usual cause: the conv base shrinks the image to nothing
       features = jax.eval_shape(
-        lambda: model.init_with_output(jax.random.key(0), x, method=lambda m, x: m.features(x))[0]
+        lambda x: model.init_with_output(jax.random.key(0), x, method=lambda m, x: m.features(x))[0], x
       )
       if 0 in features.shape:
         detail = f"its feature map comes out {tuple(features.shape[1:])}: the image is too small"
