@@ -70,6 +70,7 @@ def _whole_suite(config) -> bool:
   return (
     not config.option.keyword
     and not config.option.markexpr
+    and not config.option.collectonly
     and not config.getoption("deselect", None)
     and "::" not in "".join(config.args)
     and paths <= {tests, tests.parent}
@@ -77,13 +78,15 @@ def _whole_suite(config) -> bool:
 
 
 def pytest_sessionfinish(session, exitstatus):
-  if hasattr(session.config, "workerinput") or not _whole_suite(session.config):
+  if hasattr(session.config, "workerinput"):
+    return
+  folder = pathlib.Path(os.environ[INVOCATIONS_DIR])
+  invocations = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
+  shutil.rmtree(folder, ignore_errors=True)  # also after a partial run
+  if not _whole_suite(session.config):
     return
   from tests.test_docs import uncovered_commands
 
-  folder = pathlib.Path(os.environ[INVOCATIONS_DIR])
-  invocations = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
-  shutil.rmtree(folder, ignore_errors=True)
   missing = uncovered_commands(invocations)
   reporter = session.config.pluginmanager.get_plugin("terminalreporter")
   if missing:
