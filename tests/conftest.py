@@ -1,4 +1,5 @@
 import fcntl
+import importlib
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,10 +50,19 @@ def pytest_make_collect_report(collector):
 # the guides' commands against them (tests/test_docs.py).
 INVOCATIONS_DIR = "CONVJAX_TEST_INVOCATIONS"
 
+# The binaries the tests start share JAX's persistent compilation cache, one folder per
+# session: ~90 binaries compile the same few programs, and a hit saves a few seconds each.
+# The pytest processes keep it off (they inherit the variable), so test_train counts
+# their compilations; a session starts with an empty cache, as on a fresh clone.
+CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 def pytest_configure(config):
   if not hasattr(config, "workerinput"):  # the controller (or the only process)
     os.environ[INVOCATIONS_DIR] = tempfile.mkdtemp(prefix="convjax-invocations-")
+    os.environ[CACHE_DIR] = tempfile.mkdtemp(prefix="convjax-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def binary_argv(module: str, *args) -> list:
@@ -83,6 +94,7 @@ def pytest_sessionfinish(session, exitstatus):
   folder = pathlib.Path(os.environ[INVOCATIONS_DIR])
   invocations = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
   shutil.rmtree(folder, ignore_errors=True)  # also after a partial run
+  shutil.rmtree(os.environ[CACHE_DIR], ignore_errors=True)
   if not _whole_suite(session.config):
     return
   from tests.test_docs import uncovered_commands
@@ -106,6 +118,26 @@ def run_binary(module: str, *args, env=None, timeout=900):
   return subprocess.run(
     binary_argv(module, *args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
   )
+
+
+@pytest.fixture
+def import_binary():
+  """Imports experiments.<name> in this process; its absl flags and module are removed after
+  the test, so that a later test in this worker can import another binary (absl allows each
+  flag name once: both binaries define --config)."""
+  from absl import flags
+
+  before, imported = set(flags.FLAGS), []
+
+  def load(name):
+    imported.append(f"experiments.{name}")
+    return importlib.import_module(imported[-1])
+
+  yield load
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+  for module in imported:
+    sys.modules.pop(module, None)
 
 
 @pytest.fixture

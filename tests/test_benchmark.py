@@ -140,22 +140,7 @@ def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
   assert mine / 4 <= row["step_seconds_median"] <= 4 * mine, (row["step_seconds_median"], mine)
 
 
-@pytest.fixture
-def benchmark_binary():
-  """experiments.benchmark imported here; its absl flags are removed afterwards, so that a
-  later test can import another binary (absl allows each flag name once)."""
-  from absl import flags
-
-  before = set(flags.FLAGS)
-  from experiments import benchmark
-
-  yield benchmark
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-  sys.modules.pop("experiments.benchmark", None)
-
-
-def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch, benchmark_binary):
+def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch, import_binary):
   """pipeline_overhead with the test's step times (real 3/64 s, synthetic 2/64 s: +50%), and
   a peer's ratio with the test's images/s (ours 100, the peer's 40: 2.5x)."""
   import subprocess as subprocess_module
@@ -164,7 +149,7 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
 
   from convjax import benchmark
 
-  binary = benchmark_binary
+  binary = import_binary("benchmark")
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     for i in range(4):

@@ -249,7 +249,7 @@ def test_activation_grid_and_top_images(trained_mnist):
 
 
 @pytest.mark.slow
-def test_visualize_binary_writes_every_figure(tmp_path):
+def test_visualize_binary_writes_every_figure(tmp_path, import_binary):
   """A short real MNIST run, then every method of experiments.visualize on a test digit."""
   from PIL import Image
 
@@ -327,7 +327,8 @@ def test_visualize_binary_writes_every_figure(tmp_path):
   # The binary's other checks, in this process (each a run of the binary would only add start-up time).
   from configs.visualize import get_config
   from convjax.errors import UserError
-  from experiments import visualize
+
+  visualize = import_binary("visualize")
 
   model, variables, prepare, (size, channels), config = visualize.trained(str(workdir))
   image = np.asarray(Image.open(tmp_path / "digit.png"))[..., None]
