@@ -11,7 +11,6 @@ of the config with its value and meaning, and the model's fields, then exits.
 
 import ast
 import dataclasses
-import functools
 import logging as py_logging
 import re
 import sys
@@ -53,18 +52,6 @@ def _one_line_error(message) -> None:
   sys.exit("error: " + " ".join(str(message).split()))
 
 
-def model_fields(name: str) -> dict:
-  """{field: default} of model `name` (convjax.models.MODELS), the registry's presets included."""
-  from convjax.models import MODELS
-
-  if name not in MODELS:
-    raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-  factory = MODELS[name]
-  presets = factory.keywords if isinstance(factory, functools.partial) else {}
-  cls = factory.func if isinstance(factory, functools.partial) else factory
-  return {f.name: presets.get(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
-
-
 def _literal(raw: str, default):
   """A command-line value for a field whose default is `default`."""
   if raw.lower() in ("true", "false"):
@@ -89,6 +76,9 @@ def apply_model_arguments(config: ConfigDict, model, kwargs: dict) -> None:
         config.model,
       )
     config.model, config.model_kwargs = model, ConfigDict()
+  from convjax.models import model_fields, own
+
+  config.model = own.absolute(config.model)
   fields = model_fields(config.model)
   merged = dict(config.model_kwargs)
   for name, raw in kwargs.items():
@@ -136,7 +126,10 @@ def describe(config: ConfigDict) -> str:
 
   walk(config_lib.to_dict(config), defaults, "")
   lines.append(f"\nmodel_kwargs: the fields of {config.model!r} (--config.model_kwargs.NAME=VALUE):")
-  lines += [f"  {k} = {v!r}" for k, v in model_fields(config.model).items()]
+  from convjax.models import model_fields
+
+  fields = model_fields(config.model).items()
+  lines += [f"  {k} = {'<required>' if v is dataclasses.MISSING else repr(v)}" for k, v in fields]
   return "\n".join(lines)
 
 

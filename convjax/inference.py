@@ -35,6 +35,8 @@ EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".webp")
 
 class Classifier(NamedTuple):
   name: str  # the run's workdir, or the pretrained model's name
+  model: Any  # the Linen module (the head of a feature-extraction run)
+  prepare: Callable  # float pixels (0-255) -> the model's input (the run's rescale and preprocess)
   forward: Callable  # (variables, uint8 (B, H, W, C)) -> float32 probabilities (B, K);
   # a sigmoid head (B, 1): the probability of classes[1]
   variables: Any  # numpy pytree: what forward takes
@@ -60,25 +62,34 @@ def make_forward(model, prepare: Callable, compute_dtype=jnp.float32, base: Call
   return forward
 
 
-def from_run(workdir: str, weights: str = "tested") -> Classifier:
-  """The classifier of the run in `workdir` with the weights `weights` names (run.WEIGHTS),
-  reading images as its evaluation did."""
-  config = run.read_config(workdir)
-  model = run.model_of(config)
-  _, variables, _ = run.run_variables(workdir, weights)
+def run_input(config) -> tuple:
+  """(data source, input shape (H, W, C), fit, prepare) of a run: how every reader of it
+  (predict, evaluate, visualize) turns an image file into the model's input, as the run's
+  evaluation did: decoded to its channels, centre-cropped where it cropped, resized to its
+  size (fit), then its pixel transform (prepare, inside the jitted function)."""
   data = config.data
   source = open_source(data)
   shape = tuple(source.image_shape)
-  prepare = input_transform(data.rescale, data.preprocess)
+  fit = Fit(shape[:2], (), center_crop=fit_for(data).center_crop)
+  return source, shape, fit, input_transform(data.rescale, data.preprocess)
+
+
+def from_run(workdir: str, weights: str = "tested") -> Classifier:
+  """The classifier of the run in `workdir` with the weights `weights` names (run.WEIGHTS),
+  reading images as its evaluation did."""
+  config, model, variables, _, _ = run.read_run(workdir, weights)
+  data = config.data
+  source, shape, fit, prepare = run_input(config)
   base, all_variables = None, {"model": variables}
   if config.feature_extractor.model:  # the model is the head: the base's outputs are its input
     base, all_variables["base"] = transfer.frozen_base(config.feature_extractor, shape)
   forward = make_forward(model, prepare, jnp.dtype(config.compute_dtype), base)
   width = jax.eval_shape(forward, all_variables, jax.ShapeDtypeStruct((1, *shape), jnp.uint8)).shape[-1]
   classes = tuple(source.classes) or tuple(str(i) for i in range(max(width, 2)))
-  fit = Fit(shape[:2], (), center_crop=fit_for(data).center_crop)
   return Classifier(
     workdir,
+    model,
+    prepare,
     forward,
     jax.device_get(all_variables),
     shape,
@@ -98,9 +109,12 @@ def pretrained(name: str) -> Classifier:
   params = keras_h5.load_into(params, transfer.weights_file("imagenet", name, model))
   index = imagenet.class_index()
   classes = tuple(index[i][1] for i in range(len(index)))
+  prepare = input_transform(1.0, "caffe")
   return Classifier(
     name,
-    make_forward(model, input_transform(1.0, "caffe")),
+    model,
+    prepare,
+    make_forward(model, prepare),
     jax.device_get({"model": {"params": params}}),
     (224, 224, 3),
     Fit((224, 224)),

@@ -10,8 +10,8 @@ A checkpoint holds the train state, the history of the epochs completed and the
 running metric sums of the epoch in progress, so a run resumed from it (mid-epoch
 too) rewrites history.json consistently whatever was killed when.
 Everything that reads a run (the trainer resuming it, init_from, visualisation,
-benchmarks, predict, evaluate, export) goes through this module: `load_run(workdir)`
-(or `run_variables` for a chosen checkpoint) is the one reader, and verifies what it reads.
+predict, evaluate, export) goes through this module: `read_run(workdir, weights)` is the one
+reader of a trained run, and verifies what it reads.
 """
 
 import contextlib
@@ -35,7 +35,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from convjax import config as config_lib
 from convjax.errors import UserError
-from convjax.models import get_model, with_num_classes
+from convjax.models import factory_of, get_model, how_named, own, with_num_classes
 
 # What a run owns in its workdir; `overwrite` removes exactly these.
 RUN_FILES = (
@@ -48,6 +48,7 @@ RUN_FILES = (
   "tensorboard",
   "features",
   "eval",
+  "model_source",
 )
 
 
@@ -131,6 +132,7 @@ def claim(workdir: str, config: ConfigDict) -> None:
             os.remove(path)
       os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
       write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    own.write_record(workdir, own.record(config.model, factory_of(config.model), how_named(config.model)))
 
 
 def write_history(workdir: str, history: list) -> None:
@@ -440,9 +442,10 @@ def read_config(workdir: str) -> ConfigDict:
   return config_lib.from_stored(config_lib.read_stored(path))
 
 
-# What `weights` name (predict, evaluate, export): the weights history.json's test record used
-# (the EMA where the run kept one, as it evaluated), the latest checkpoint's or the best epoch
-# end's trained params, or the latest EMA.
+# What `weights` name (predict, evaluate, export, visualize): the weights history.json's test
+# record used (the EMA where the run kept one, as it evaluated), the latest checkpoint's or the
+# best epoch end's trained params, or the latest EMA. config.init_from reads 'latest': the
+# latest checkpoint's EMA where the run kept one, else its params.
 WEIGHTS = ("tested", "last", "best", "ema")
 
 
@@ -472,11 +475,11 @@ def read_verified(workdir: str, step: int) -> dict:
 def select_checkpoint(workdir: str, weights: str) -> tuple:
   """(step, what it holds, in words) of the checkpoint that `weights` (WEIGHTS) names."""
   kept = checkpoints(workdir)
-  if weights not in WEIGHTS:
+  if weights not in (*WEIGHTS, "latest"):
     raise UserError(f"unknown --weights={weights!r}; valid: {', '.join(WEIGHTS)}")
   if not kept:
-    raise UserError(f"--workdir={workdir} has no checkpoints")
-  if weights in ("last", "ema"):
+    raise UserError(f"{workdir} has no checkpoints")
+  if weights in ("last", "ema", "latest"):
     step = max(kept)
     return step, f"the latest checkpoint (step {step}, {kept[step].get('epochs', '?')} epochs)"
   if weights == "best":
@@ -513,46 +516,47 @@ def read_history(workdir: str) -> list:
 
 def run_variables(workdir: str, weights: str = "tested") -> tuple:
   """(step, {'params': ..., **model_state} as numpy, what they are in words) of the run's
-  checkpoint that `weights` names (WEIGHTS), verified."""
+  checkpoint that `weights` names (WEIGHTS, or 'latest'), verified."""
   step, what = select_checkpoint(workdir, weights)
   state = read_verified(workdir, step)
   ema = state.get("ema_params")
   if weights == "ema" and not ema:
     raise UserError(f"--weights=ema: the run in {workdir} kept no EMA (config.ema_decay was 0)")
-  params = ema if ema and weights in ("tested", "ema") else state["params"]
-  what += ", its EMA" if ema and weights in ("tested", "ema") else ""
+  use_ema = ema and weights in ("tested", "ema", "latest")
+  params = ema if use_ema else state["params"]
+  what += ", its EMA" if use_ema else ""
   logging.info("weights: %s", what)
   return step, jax.device_get({"params": params, **(state["model_state"] or {})}), what
 
 
-def latest_variables(workdir: str, what: str = "config.init_from") -> tuple:
-  """(step, {'params': ..., **model_state}) of the run's latest checkpoint, as numpy; the
-  params are the EMA where the run kept one (what it evaluated)."""
-  kept = checkpoints(workdir)
-  if not kept:
-    raise UserError(f"{what}={workdir!r} has no checkpoints")
-  step = max(kept)
-  state = read_verified(workdir, step)
-  logging.info("read %s (step %d)", os.path.join(workdir, "checkpoints", str(step)), step)
-  params = state.get("ema_params") or state["params"]
-  return step, jax.device_get({"params": params, **(state["model_state"] or {})})
+class Run(NamedTuple):
+  """A trained run as every reader sees it (read_run)."""
+
+  config: ConfigDict
+  model: object  # the Linen module it trained
+  variables: dict  # {'params': ..., **model_state}, numpy
+  step: int  # the checkpoint read
+  weights: str  # which weights, in words
 
 
-def model_of(config: ConfigDict):
-  """The run's model as it trained: its config's model and model_kwargs (num_classes
-  included; a run of an earlier convjax that did not record it takes its dataset's)."""
+def read_run(workdir: str, weights: str = "tested") -> Run:
+  """The one reader of a finished or running run (predict, evaluate, export, visualize,
+  config.init_from): its config, its model found where the run recorded it, and the verified
+  variables of the checkpoint `weights` names (run.WEIGHTS, or 'latest')."""
+  config = read_config(workdir)
+  model = model_of(config, workdir)
+  step, variables, what = run_variables(workdir, weights)
+  return Run(config, model, variables, step, what)
+
+
+def model_of(config: ConfigDict, workdir: str):
+  """The run's model as it trained: its config's model (found where the run recorded it:
+  own.use_run_source) and model_kwargs (num_classes included; a run of an earlier convjax
+  that did not record it takes its dataset's)."""
+  own.use_run_source(workdir, config.model)
   kwargs = dict(config.model_kwargs)
   if "num_classes" not in kwargs:
     from convjax.data.splits import open_source
 
     kwargs = with_num_classes(config.model, kwargs, len(open_source(config.data).classes))
   return get_model(config.model, **kwargs)
-
-
-def load_run(workdir: str):
-  """(model, variables, config) of the run in `workdir`: the model it trained, the variables
-  of its latest checkpoint as it evaluates them (params, the EMA where it kept one, and e.g.
-  BatchNorm statistics) and its config. `run_variables` reads another checkpoint."""
-  config = read_config(workdir)
-  _, variables = latest_variables(workdir, "workdir")
-  return model_of(config), variables, config

@@ -81,8 +81,9 @@ def _label(row):
 
 
 def parse_models(spec: str) -> list:
-  """'name@HxWxC,...' -> [(name, (H, W, C)), ...]; an unknown name or bad shape is a UserError."""
-  from convjax.models import MODELS
+  """'name@HxWxC,...' -> [(name, (H, W, C)), ...]; an unknown name or bad shape is a UserError.
+  A name is any model name (convjax.models), a researcher's own included: mynet:TinyNet@28x28x1."""
+  from convjax.models import factory_of
 
   out = []
   for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -93,8 +94,10 @@ def parse_models(spec: str) -> list:
       dims = ()
     if len(dims) != 3 or min(dims) <= 0:
       raise UserError(f"config.models entry {item!r}: expected NAME@HxWxC, e.g. mnist_convnet@28x28x1")
-    if name not in MODELS:
-      raise UserError(f"config.models entry {item!r}: unknown model {name!r}")
+    try:
+      factory_of(name)
+    except UserError as e:
+      raise UserError(f"config.models entry {item!r}: {e}") from None
     out.append((name, dims))
   return out
 

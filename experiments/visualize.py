@@ -12,7 +12,8 @@ occlusion.png, and timings.json (seconds per method on this machine); with
 its predicted and true class: the name of its folder where that is a class); for
 a pretrained model its diagram, model.png. The
 model, its weights and its input preprocessing come from the run
-(convjax.run.load_run); with --config.viz.model=vgg16 (or vgg16_base, its conv
+(convjax.run.read_run, the tested weights unless --weights says otherwise) and images are
+fitted as its evaluation fitted them (convjax.inference.run_input); with --config.viz.model=vgg16 (or vgg16_base, its conv
 base) the ImageNet model (configs/visualize.py). Every method is a JAX
 transform of the model's apply function (convjax.viz); convjax.viz.figures
 draws them, each taking its own config.viz.<method> options.
@@ -30,10 +31,10 @@ from ml_collections import config_flags
 
 from convjax import cli, inference, run
 from convjax.data.folders import decode_image
-from convjax.data.preprocess import input_transform
+from convjax.data.preprocess import Fit, input_transform
 from convjax.data.splits import open_source
 from convjax.errors import UserError
-from convjax.models import get_model
+from convjax.models import get_model, has_features
 from convjax.models.diagram import plot_model
 from convjax.pretrained import imagenet, keras_h5, transfer
 from convjax.viz import figures, layers
@@ -44,6 +45,7 @@ flags.DEFINE_string("image", None, "The image to explain.")
 flags.DEFINE_string(
   "images", None, "Many images (a folder, recursively, or a glob): Grad-CAM and saliency of each, one grid per method."
 )
+flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see docs/using-a-run.md).")
 flags.mark_flags_as_required(["workdir"])
 
 METHODS = ("activations", "first_layer", "filters", "top_images", "gradcam", "saliency", "occlusion")
@@ -76,27 +78,29 @@ def check_options(viz) -> list:
 
 
 def pretrained(viz):
-  """(model, variables, pixel transform, (image size, channels)) of the ImageNet model viz.model."""
+  """(model, variables, pixel transform, fit, (image size, channels)) of the ImageNet model viz.model."""
   model = get_model(viz.model)
   side = viz.image_size
   if getattr(model, "include_top", False) and side != 224:
     raise UserError(f"config.viz.image_size={side}: {viz.model} with its top takes 224x224 images")
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
   variables = {"params": keras_h5.load_into(params, transfer.weights_file(viz.weights, viz.model, model))}
-  return model, variables, input_transform(1.0, "caffe"), ((side, side), 3)
+  return model, variables, input_transform(1.0, "caffe"), Fit((side, side)), ((side, side), 3)
 
 
-def trained(workdir: str):
-  """(model, variables, pixel transform, (image size, channels), config) of a run."""
+def trained(workdir: str, weights: str = "tested"):
+  """(model, variables, pixel transform, fit, (image size, channels), config) of a run: the
+  weights `weights` names, read as predict and evaluate read them."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise UserError(f"{workdir!r} has no config.json: not a training run (or set --config.viz.model)")
-  model, variables, config = run.load_run(workdir)
-  data = config.data
-  size, channels = tuple(data.image_size) or None, data.channels
-  if not data.folder:  # a TFDS run: its images' shape
-    shape = open_source(data).image_shape
-    size, channels = size or shape[:2], shape[-1]
-  return model, variables, input_transform(data.rescale, data.preprocess), (size, channels), config
+  config, model, variables, _, what = run.read_run(workdir, weights)
+  if config.feature_extractor.model:
+    raise UserError(
+      f"{workdir} trained a head on {config.feature_extractor.model}'s features: visualize explains models of images"
+    )
+  logging.info("explaining %s", what)
+  _, shape, fit, prepare = inference.run_input(config)
+  return model, variables, prepare, fit, (shape[:2], shape[-1]), config
 
 
 def main(argv):
@@ -107,12 +111,12 @@ def main(argv):
     raise UserError("give --image=FILE (every method) or --images=FOLDER|GLOB (Grad-CAM and saliency grids)")
   methods = check_options(viz)
   if viz.model:
-    model, variables, prepare, (size, channels) = pretrained(viz)
+    model, variables, prepare, fit, (size, channels) = pretrained(viz)
     name, data = viz.model, None
     os.makedirs(os.path.join(workdir, "viz"), exist_ok=True)
     plot_model(model, (*size, channels), os.path.join(workdir, "viz", "model.png"), viz.model)
   else:
-    model, variables, prepare, (size, channels), config = trained(workdir)
+    model, variables, prepare, fit, (size, channels), config = trained(workdir, flags.FLAGS.weights)
     name, data = config.model, config.data
   classifier = not (viz.model and not getattr(model, "include_top", True))
   if not classifier:
@@ -129,12 +133,13 @@ def main(argv):
       model,
       variables,
       prepare,
+      fit,
       (size, channels),
       name,
       classes_of(viz, data, model, variables, size, channels),
       workdir,
     )
-  image = decode_image(flags.FLAGS.image, channels, size)
+  image = fit(decode_image(flags.FLAGS.image, channels, None))
   subject = figures.Subject(model, variables, image, prepare(jnp.asarray(image, jnp.float32)[None]), None, prepare)
   subject, probability, draw = figure_functions(viz, methods, subject, name, classifier, data, workdir)
   timings = {}
@@ -168,7 +173,7 @@ def classes_of(viz, data, model, variables, size, channels) -> tuple:
   return tuple(str(i) for i in range(max(2, jax.eval_shape(model.apply, variables, x).shape[-1])))
 
 
-def explain_images(viz, methods, model, variables, prepare, shape, name: str, classes: tuple, workdir: str):
+def explain_images(viz, methods, model, variables, prepare, fit, shape, name: str, classes: tuple, workdir: str):
   """Grad-CAM and saliency grids of every image --images names (a file's true label: the name
   of its folder where that is a class)."""
   batch_methods = [m for m in methods if m in ("gradcam", "saliency")]
@@ -185,7 +190,7 @@ def explain_images(viz, methods, model, variables, prepare, shape, name: str, cl
   images, names = [], []
   for path in files:
     try:
-      images.append(decode_image(path, channels, size))
+      images.append(fit(decode_image(path, channels, None)))
       names.append(path)
     except UserError as e:
       logging.warning("skipped %s", e)
@@ -249,15 +254,26 @@ def figure_functions(viz, methods, subject, name: str, classifier: bool, data, w
     return figures.top_images(subject, split.read(0, split.size)["image"], path, options.filter, options.k, out)
 
   filter_paths = [p for p in chosen if p in conv_paths] if names else conv_paths[:1] + conv_paths[-1:]
+  filter_options = dict(viz.filters)
+  if not has_features(model, input_shape) and (viz.filters.size != input_shape[0] or viz.filters.octaves > 1):
+    # Without `features` the whole model runs, which takes only its input size.
+    logging.info("filters: %s has no `features`; patterns of its input size %d", name, input_shape[0])
+    filter_options.update(size=input_shape[0], octaves=1)
+  gradcam_layer = by_name.get(viz.gradcam.layer, last_conv)
+
+  def gradcam():
+    logging.info("gradcam of layer %s", "/".join(gradcam_layer))
+    return figures.gradcam(subject, gradcam_layer, out)
+
   return (
     subject,
     prob,
     {
       "activations": lambda: figures.layer_activations(subject, chosen, out),
       "first_layer": lambda: figures.first_layer_kernels(variables, conv_paths[0], out),
-      "filters": lambda: figures.filter_patterns(subject, filter_paths, out, seed=viz.seed, **viz.filters),
+      "filters": lambda: figures.filter_patterns(subject, filter_paths, out, seed=viz.seed, **filter_options),
       "top_images": top_images,
-      "gradcam": lambda: figures.gradcam(subject, by_name.get(viz.gradcam.layer, last_conv), out),
+      "gradcam": gradcam,
       "saliency": lambda: figures.saliency_maps(subject, out, seed=viz.seed, **viz.saliency),
       "occlusion": lambda: figures.occlusion_map(subject, out, **viz.occlusion),
     },

@@ -270,7 +270,7 @@ def loop_probabilities(workdir, epoch: int, images):
 
   state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
   config = run.read_config(str(workdir))
-  model = run.model_of(config)
+  model = run.model_of(config, str(workdir))
   x = input_transform(config.data.rescale, config.data.preprocess)(images.astype(np.float32))
   logits = model.apply({"params": state["params"], **(state["model_state"] or {})}, x, train=False)
   return np.asarray(jax.nn.softmax(logits) if logits.shape[-1] > 1 else jax.nn.sigmoid(logits))

@@ -344,5 +344,5 @@ def test_init_from_starts_a_new_run_from_another_runs_latest_weights(tmp_path, m
   with pytest.raises(UserError, match="init_from=.*does not fit the model"):
     starting_params(config, other, {})
   config.init_from = str(tmp_path / "nothing")
-  with pytest.raises(UserError, match="has no checkpoints"):
+  with pytest.raises(UserError, match="init_from=.*nothing.*has no config.json: not a training run"):
     starting_params(config, fresh, {})

@@ -155,3 +155,25 @@ def test_visualize_explains_a_folder_of_images_in_grids(mnist_run, tmp_path):
   assert "gradcam and saliency of 6 images" in result.stderr
   for name in ("gradcam_images.png", "saliency_images.png"):
     assert (workdir / "viz" / name).stat().st_size > 10_000
+
+
+def test_visualize_and_evaluate_read_the_same_weights(mnist_run, tmp_path):
+  """One reader of a run: visualize explains the weights evaluate scores (the tested ones by
+  default). The copy's test record names epoch 2 (step 20), so the latest checkpoint (step
+  30), which visualize once read, differs from them."""
+  workdir = tmp_path / "run"
+  shutil.copytree(mnist_run, workdir)
+  history = json.loads((workdir / "history.json").read_text())
+  history[-1]["test_epoch"] = 2
+  (workdir / "history.json").write_text(json.dumps(history))
+  image = tmp_path / "digit.png"
+  Image.fromarray(mnist_test_images(1)["image"][0, ..., 0]).save(image)
+  evaluated = run_binary("experiments.evaluate", f"--workdir={workdir}")
+  explained = run_binary(
+    "experiments.visualize", f"--workdir={workdir}", f"--image={image}", "--config.viz.methods=gradcam"
+  )
+  lines = []
+  for result in (evaluated, explained):
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines.append([line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] weights: " in line])
+  assert lines[0] == lines[1] == ["weights: the weights the run tested (epoch 2, step 20)"]

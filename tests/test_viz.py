@@ -330,7 +330,7 @@ def test_visualize_binary_writes_every_figure(tmp_path, import_binary):
 
   visualize = import_binary("visualize")
 
-  model, variables, prepare, (size, channels), config = visualize.trained(str(workdir))
+  model, variables, prepare, _, (size, channels), config = visualize.trained(str(workdir))
   image = np.asarray(Image.open(tmp_path / "digit.png"))[..., None]
   from convjax.viz import figures
 

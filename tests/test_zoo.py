@@ -11,7 +11,7 @@ from PIL import Image
 from convjax.models import get_model
 from convjax.models.lenet import C3_TABLE, PartialConv
 from convjax.models.summary import summary
-from convjax.run import load_run
+from convjax.run import read_run
 from convjax.train.state import starting_params
 from tests.conftest import mnist_arrays_args, run_binary
 
@@ -123,7 +123,7 @@ def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
 @pytest.mark.slow
 def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_arrays):
   """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated;
-  the run is read back (load_run, init_from, the visualisation binary) with those 10 classes."""
+  the run is read back (read_run, init_from, the visualisation binary) with those 10 classes."""
   workdir = tmp_path / "run"
   result = run_binary(
     "experiments.train",
@@ -147,7 +147,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
 
   # The run records the class count it trained with, so every reader rebuilds the same model.
   assert json.loads((workdir / "config.json").read_text())["model_kwargs"]["num_classes"] == 10
-  model, variables, config = load_run(str(workdir))
+  model, variables, config = read_run(str(workdir), "latest")[:3]
   assert model.num_classes == 10 and config.model == "resnet18"
   assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
     np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))

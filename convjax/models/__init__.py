@@ -1,17 +1,32 @@
 """Models by name: `get_model(name, **overrides)` returns a Linen module.
 
-Every model maps images (B, H, W, C) to logits (B, num_classes); a model with
-num_classes=1 is a binary classifier (one sigmoid logit). Each model is
-`head(features(x))` with its params under 'features/...' and 'head/...';
-`apply_features` and `apply_head` run either half alone. `with_num_classes` fits a
-model's class count to a dataset's.
+The model contract, for convjax's own models and a researcher's (convjax/models/own.py,
+docs/your-own-model.md):
+- images (B, H, W, C) float in, logits (B, K) out; one logit is a binary (sigmoid) classifier;
+- a `train` keyword is optional (dropout and BatchNorm train with train=True);
+- BatchNorm statistics live in the `batch_stats` collection, dropout draws from the
+  `dropout` rng;
+- a `num_classes` field, if there is one, follows the dataset's class count
+  (`with_num_classes`) unless model_kwargs set it;
+- `features` and `head` are optional: `head(features(x))` with params under 'features/...'
+  and 'head/...' is what feature extraction, a frozen conv base and `apply_features` use,
+  and a config that needs them on a model without them is refused by name.
+A model is a `flax.linen.Module` or a `flax.nnx.Module` class (constructed with `rngs=`),
+the latter adapted by own.NNXModel.
+
+A name is one of MODELS (convjax's, and those `register` adds), an installed package's
+entry point (group `convjax.models`), `package.module:Class` or `path/to/file.py:Class`.
 """
 
+import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
 from absl import logging
 
 from convjax.errors import UserError
+from convjax.models import own
 from convjax.models.alexnet import AlexNet
 from convjax.models.googlenet import GoogLeNet
 from convjax.models.lenet import LeNet5
@@ -58,6 +73,60 @@ MODELS = {
   "mobilenet": MobileNet,
   "xception_small": XceptionSmall,
 }
+BUILTIN = frozenset(MODELS)
+
+
+def register(name: str):
+  """A class decorator: `@convjax.models.register("tinynet")` makes the model a name."""
+
+  def add(factory):
+    if name in MODELS and MODELS[name] is not factory:
+      raise UserError(f"model name {name!r} is already taken (by {MODELS[name]})")
+    MODELS[name] = factory
+    return factory
+
+  return add
+
+
+def how_named(name: str) -> str:
+  """How `name` is found: builtin, registered, entry_point, import or file."""
+  if name in MODELS:
+    return "builtin" if name in BUILTIN else "registered"
+  if own.is_path(name):
+    return "file" if own._is_file(own._file_and_class(name)[0]) else "import"
+  return "entry_point"
+
+
+def factory_of(name: str):
+  """The class (or factory) that `name` names; an unknown name is one UserError."""
+  if name in MODELS:
+    return MODELS[name]
+  if own.is_path(name):
+    return own.resolve_path(name)
+  if name in own.entry_points():
+    return own.load_entry_point(name)
+  raise UserError(
+    f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}, or your own as "
+    f"package.module:Class or path/to/file.py:Class ({own.GUIDE})"
+  )
+
+
+def model_fields(name: str) -> dict:
+  """{field: default} of model `name`, a preset's values included (dataclasses.MISSING: none)."""
+  return own.fields(factory_of(name))
+
+
+def has_features(model, input_shape) -> bool:
+  """Whether the model is `head(features(x))` (apply_features and a frozen base need it)."""
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, method=lambda m, x: m.features(x)), x)
+  except AttributeError as e:
+    if "features" in str(e):
+      return False
+  except Exception:  # it has features, which this input does not fit: abstract_params says so
+    pass
+  return True
 
 
 def apply_features(model, variables, x):
@@ -71,20 +140,21 @@ def apply_head(model, variables, features, train: bool = False, rngs=None):
 
 
 def get_model(name: str, **overrides):
-  if name not in MODELS:
-    raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-  try:
-    return MODELS[name](**overrides)
-  except TypeError as e:
-    raise UserError(f"model {name!r}: bad model_kwargs {sorted(overrides)}: {e}") from None
+  """The Linen module `name` names, with `overrides` of its fields (each checked)."""
+  return own.build(factory_of(name), name, overrides)
 
 
 def with_num_classes(name: str, kwargs: dict, num_classes: int) -> dict:
   """`kwargs` for model `name` with num_classes set: the dataset's `num_classes`, unless
   kwargs set it (then it must cover the dataset). A model with one output (a sigmoid binary
   classifier) fits two classes. Models without num_classes (a conv base) are left as they are."""
-  current = getattr(get_model(name, **kwargs), "num_classes", None)
-  if current is None or not num_classes:
+  fields = model_fields(name)
+  if "num_classes" not in fields or not num_classes:
+    return dict(kwargs)
+  current = kwargs.get("num_classes", fields["num_classes"])
+  if current is dataclasses.MISSING or current is None:
+    return {**kwargs, "num_classes": num_classes}
+  if not isinstance(current, int):
     return dict(kwargs)
   if current == num_classes or (current == 1 and num_classes == 2):
     return {**kwargs, "num_classes": current}

@@ -19,7 +19,8 @@ from flax import traverse_util
 from convjax.models.layers import Layer
 
 LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.BatchNorm, nn.LayerNorm, nn.Dropout, Layer)
-TYPE_NAMES = {"Conv": "Conv2D", "BatchNorm": "BatchNormalization"}
+TYPE_NAMES = {"Conv": "Conv2D", "BatchNorm": "BatchNormalization", "Linear": "Dense"}
+NNX_LAYER_TYPES = ("Conv", "ConvTranspose", "Linear", "BatchNorm", "LayerNorm", "Dropout")
 WIDTHS = (31, 27, 12)
 
 
@@ -45,6 +46,8 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optiona
   'features/conv2d/kernel' (None: every param trains). Other collections
   (BatchNorm statistics) count as non-trainable, as Keras counts them.
   """
+  from convjax.models import own
+
   types = {}
 
   def capture(module, method_name):
@@ -56,6 +59,13 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optiona
 
   def init_and_capture(x):
     variables = model.init(jax.random.key(0), x)
+    if isinstance(model, own.NNXModel):  # flax.nnx layers, by their class, from own's hook
+      with own.LayerHook() as hook:
+        model.apply(variables, x)
+      for path, name in hook.types.items():
+        if name in NNX_LAYER_TYPES:
+          types.setdefault(path, TYPE_NAMES.get(name, name))
+      return variables, traverse_util.unflatten_dict({(*p, "__call__"): (o,) for p, o in hook.outputs.items()})
     _, state = model.apply(variables, x, capture_intermediates=capture, mutable=["intermediates"])
     return variables, state["intermediates"]
 

@@ -41,7 +41,8 @@ def weights_file(weights: str, model_name: str, model) -> str:
   return imagenet_weights(name, include_top=getattr(model, "include_top", False))
 
 
-def _base_model(extractor):
+def base_model(extractor):
+  """config.feature_extractor's model; a VGG with Keras' top gives its conv base."""
   base = get_model(extractor.model)
   if getattr(base, "include_top", False):  # a VGG with Keras' top: its conv base
     base = base.clone(include_top=False)
@@ -51,7 +52,7 @@ def _base_model(extractor):
 def frozen_base(extractor, image_shape: tuple):
   """(apply(params, x) -> features, params) of config.feature_extractor's frozen conv base,
   its weights loaded; x is the model input (preprocessed pixels)."""
-  base = _base_model(extractor)
+  base = base_model(extractor)
   params = base.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
   if extractor.weights:
     params = keras_h5.load_into(
@@ -64,7 +65,7 @@ def make_extractor(extractor, data, image_shape: tuple, batch: int = 50):
   """The frozen conv base of config.feature_extractor with its weights, as a host function
   of uint8 images (config.data's preprocessing applied), and its output shape. The weights
   are read at the first call (a cached extraction needs none)."""
-  base = _base_model(extractor)
+  base = base_model(extractor)
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: base.init(jax.random.key(0), x))
   shape = jax.eval_shape(lambda v: apply_features(base, v, x), variables).shape[1:]

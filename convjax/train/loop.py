@@ -36,7 +36,7 @@ from convjax.data import pipeline
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
-from convjax.models import get_model, with_num_classes
+from convjax.models import get_model, has_features, own, with_num_classes
 from convjax.models.diagram import plot_model
 from convjax.models.summary import summary, trainable_mask
 from convjax.pretrained import transfer
@@ -143,14 +143,22 @@ def check(config: ConfigDict, workdir: str):
         f"config.{key}={value} is not divisible by the {mesh.size} devices in use; "
         "change it or set --config.num_devices"
       )
-  source = open_source(config.data)
-  if config.feature_extractor.model:  # the model trains on the frozen base's outputs
-    source = transfer.feature_source(source, config.feature_extractor, config.data, os.path.join(workdir, "features"))
   config = config.copy_and_resolve_references()
+  config.model = own.absolute(config.model)
+  source = open_source(config.data)
+  if config.feature_extractor.model:
+    base = transfer.base_model(config.feature_extractor)
+    if not has_features(base, source.image_shape):
+      raise UserError(
+        f"config.feature_extractor.model={config.feature_extractor.model!r} has no `features`: feature "
+        "extraction runs a model's features(x) (see the model contract in convjax/models/__init__.py)"
+      )  # the model trains on the frozen base's outputs
+    source = transfer.feature_source(source, config.feature_extractor, config.data, os.path.join(workdir, "features"))
   config.model_kwargs = ConfigDict(with_num_classes(config.model, config.model_kwargs, len(source.classes)))
   model = get_model(config.model, **config.model_kwargs)
   params_shape = abstract_params(model, source.image_shape, config.model)
   run.check_identity(workdir, config)
+  own.warn_if_changed(workdir, config.model)
   return config, mesh, source, model, params_shape
 
 

@@ -56,8 +56,10 @@ def starting_params(config, params, model_state):
   """(params, model_state) to start a fresh run from, after config.init_from (another run's
   latest checkpoint) or config.pretrained (a Keras .h5); else the given ones."""
   if config.init_from:
-    _, variables = run.latest_variables(config.init_from)
-    start = dict(variables)
+    try:
+      start = dict(run.read_run(config.init_from, "latest").variables)
+    except UserError as e:
+      raise UserError(f"config.init_from={config.init_from!r}: {e}") from None
     start_params = start.pop("params")
     _same_structure(start_params, jax.device_get(params), f"config.init_from={config.init_from!r}")
     return start_params, start or model_state

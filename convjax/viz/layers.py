@@ -4,7 +4,9 @@ Everything in convjax.viz is a JAX transform of `model.apply`: a layer's output
 comes from `capture_intermediates`, and the gradient of a class score with
 respect to that output comes from running the model with the output replaced
 (`nn.intercept_methods`) and differentiating with respect to the replacement.
-Layers are named by module path, e.g. ('features', 'block5_conv3').
+Layers are named by module path, e.g. ('features', 'block5_conv3'). An NNX model (through
+convjax.models.own.NNXModel) is read the same way with own.LayerHook: Linen's hooks see only
+the bridge.
 """
 
 from typing import Optional, Sequence
@@ -13,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convjax.models import own
 from convjax.models.summary import layer_table
 
 
@@ -35,6 +38,10 @@ def layer_outputs(model, variables, x, paths) -> dict:
   compute, and any input size the conv base takes (a Flatten head fixes the size).
   """
   wanted = {tuple(p) for p in paths}
+  if isinstance(model, own.NNXModel):  # an NNX model: its submodules' outputs, from own's hook
+    with own.LayerHook() as hook:
+      model.apply(variables, x)
+    return {path: hook.outputs[path] for path in wanted}
   in_features = all(p[0] == "features" for p in wanted)
   _, state = model.apply(
     variables,
@@ -60,6 +67,9 @@ def layer_output(model, variables, x, path: tuple):
 def logits_given(model, variables, x, path: tuple, value):
   """The model's logits with the layer at `path` outputting `value` instead."""
   path = tuple(path)
+  if isinstance(model, own.NNXModel):
+    with own.LayerHook({path: value}):
+      return model.apply(variables, x)
 
   def replace(next_fun, args, kwargs, context):
     if context.method_name == "__call__" and context.module.path == path:
