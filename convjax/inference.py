@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from convjax import parallel, run
+from convjax import files, parallel, run
 from convjax.data.folders import IMAGE_EXTENSIONS, decode_image
 from convjax.data.preprocess import Fit, input_transform
 from convjax.data.splits import fit_for, open_source
@@ -213,10 +213,10 @@ def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
   exported = jax_export.export(serve, platforms=("cpu", "cuda"))(spec)
   os.makedirs(directory, exist_ok=True)
   module, meta = os.path.join(directory, "model.jax"), os.path.join(directory, "model.json")
-  with run.writing(module), open(module, "wb") as f:
+  with files.writing(module), open(module, "wb") as f:
     f.write(exported.serialize())
   out = exported.out_avals[0]
-  run.write_json(
+  files.write_json(
     meta,
     {
       "model": classifier.name,

@@ -32,7 +32,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from convjax import cli, run
+from convjax import cli, files, run
 from convjax.errors import UserError
 
 flags.DEFINE_string("data", None, "The carried data: mnist/{train,test}.npz, cats_and_dogs_small/.")
@@ -215,7 +215,7 @@ def main(argv):
   started = time.perf_counter()
   result = check(f.data, f.workdir, f.tiny)
   result["seconds"] = time.perf_counter() - started
-  run.write_json(os.path.join(f.workdir, "check.json"), result)
+  files.write_json(os.path.join(f.workdir, "check.json"), result)
   text = markdown(result) + f"\nTotal {result['seconds']:.0f} s.\n"
   with open(os.path.join(f.workdir, "check.md"), "w") as out:
     out.write(text)

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from convjax import cli, inference, parallel, run
+from convjax import cli, files, inference, parallel, run
 from convjax.data.splits import open_source
 from convjax.errors import UserError
 from convjax.viz import plots
@@ -47,18 +47,18 @@ def main(argv):
   classes = classifier.classes
   scores = inference.metrics(result, classes)
   out = os.path.join(f.workdir, "eval", f.split)
-  with run.writing(out):
+  with files.writing(out):
     os.makedirs(out, exist_ok=True)
-  run.write_json(os.path.join(out, "metrics.json"), {"split": split.spec, "weights": f.weights, **scores})
+  files.write_json(os.path.join(out, "metrics.json"), {"split": split.spec, "weights": f.weights, **scores})
   path = os.path.join(out, "predictions.csv")
-  with run.writing(path), open(path, "w", newline="") as fh:
+  with files.writing(path), open(path, "w", newline="") as fh:
     writer = csv.writer(fh)
     writer.writerow(["row", "label", "predicted", "probability", "correct"])
     for i, (label, predicted) in enumerate(zip(result.labels, result.predicted, strict=True)):
       writer.writerow(
         [i, classes[label], classes[predicted], f"{result.probabilities[i, predicted]:.6f}", int(label == predicted)]
       )
-  with run.writing(out):
+  with files.writing(out):
     plots.confusion_matrix(
       np.asarray(scores["confusion_matrix"]),
       classes,

@@ -19,7 +19,7 @@ import json
 
 from absl import app, flags, logging
 
-from convjax import cli, inference, parallel, run
+from convjax import cli, files, inference, parallel, run
 from convjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir.")
@@ -44,7 +44,7 @@ def write_table(path: str, rows: list, skipped: list, k: int) -> None:
   their reason) or JSON."""
   if not path.endswith((".csv", ".json")):
     raise UserError(f"--output={path!r}: give a .csv or .json file")
-  with run.writing(path), open(path, "w", newline="") as f:
+  with files.writing(path), open(path, "w", newline="") as f:
     if path.endswith(".json"):
       json.dump(
         {

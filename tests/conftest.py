@@ -215,12 +215,12 @@ TINY_MNIST = [
 def tiny_mnist_run(tmp_path_factory, mnist_arrays):
   """The finished TINY_MNIST run (checkpoints of steps 20 and 30, its test record), trained
   once for the session: copy it before changing it."""
-  from convjax import run
+  from convjax import checkpoints
 
   workdir = tmp_path_factory.mktemp("tiny_mnist") / "run"
   result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert sorted(run.checkpoints(str(workdir))) == [20, 30]
+  assert sorted(checkpoints.kept(str(workdir))) == [20, 30]
   return workdir
 
 
@@ -243,10 +243,10 @@ def validation_best_at_epoch_1(monkeypatch):
 
 def epoch_checkpoint(workdir, epoch):
   """The path of the run's checkpoint at the end of `epoch`."""
-  from convjax import run
+  from convjax import checkpoints
 
-  steps = [s for s, p in run.checkpoints(workdir).items() if p.get("epoch_end") and p["epochs"] == epoch]
-  assert steps, f"no checkpoint of epoch {epoch} in {workdir}: {run.checkpoints(workdir)}"
+  steps = [s for s, p in checkpoints.kept(workdir).items() if p.get("epoch_end") and p["epochs"] == epoch]
+  assert steps, f"no checkpoint of epoch {epoch} in {workdir}: {checkpoints.kept(workdir)}"
   return os.path.join(os.path.abspath(workdir), "checkpoints", str(steps[0]))
 
 
@@ -254,9 +254,9 @@ def restore_state(workdir, epoch):
   """The train state at the end of `epoch` as numpy leaves {path: array}, whatever wrote it."""
   import jax
   import numpy as np
-  from convjax import run
+  from convjax import checkpoints
 
-  state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
+  state = checkpoints.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
@@ -265,10 +265,10 @@ def loop_probabilities(workdir, epoch: int, images):
   mode on the checkpoint of `epoch`, read with orbax directly."""
   import jax
   import numpy as np
-  from convjax import run
+  from convjax import checkpoints, run
   from convjax.data.preprocess import input_transform
 
-  state = run.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
+  state = checkpoints.read_state(os.path.join(epoch_checkpoint(workdir, epoch), "state"))
   config = run.read_config(str(workdir))
   model = run.model_of(config, str(workdir))
   x = input_transform(config.data.rescale, config.data.preprocess)(images.astype(np.float32))
@@ -283,7 +283,7 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   """
   import signal
   import time
-  from convjax import run
+  from convjax import checkpoints
 
   proc = subprocess.Popen(
     binary_argv("experiments.train", *args, f"--workdir={workdir}"),
@@ -293,11 +293,11 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
     stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 300
-  while not run.checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
+  while not checkpoints.kept(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  return sorted(p.get("epochs", 0) for p in run.checkpoints(workdir).values())
+  return sorted(p.get("epochs", 0) for p in checkpoints.kept(workdir).values())
 
 
 def link_cats_dogs_subset(root, per_split):

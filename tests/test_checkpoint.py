@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convjax import run
+from convjax import checkpoints
 
 
 def _state(value):
@@ -17,26 +17,28 @@ def test_keeps_latest_and_best_and_resumes_from_latest(tmp_path):
   """Epoch-end checkpoints carry val_accuracy, mid-epoch ones none: kept are the latest and the best
   epoch end, also when a second manager (a resumed run) saves beside the first one's."""
   val = [0.5, 0.9, 0.7, 0.6]
-  manager = run.checkpoint_manager(str(tmp_path))
+  manager = checkpoints.checkpoint_manager(str(tmp_path))
   history = []
   for epoch, acc in enumerate(val[:2], start=1):
-    run.save(manager, epoch * 10 - 5, _state(epoch * 10 - 5), history, _sums(1.0), epoch_end=False)
+    checkpoints.save(manager, epoch * 10 - 5, _state(epoch * 10 - 5), history, _sums(1.0), epoch_end=False)
     history.append({"epoch": epoch, "val_accuracy": acc})
-    run.save(manager, epoch * 10, _state(epoch * 10), history, _sums(2.0), epoch_end=True)
+    checkpoints.save(manager, epoch * 10, _state(epoch * 10), history, _sums(2.0), epoch_end=True)
   manager.close()
-  manager = run.checkpoint_manager(str(tmp_path))  # the run resumed: its metrics are read back
+  manager = checkpoints.checkpoint_manager(str(tmp_path))  # the run resumed: its metrics are read back
   for epoch, acc in enumerate(val[2:], start=3):
     history.append({"epoch": epoch, "val_accuracy": acc})
-    run.save(manager, epoch * 10, _state(epoch * 10), history, _sums(3.0), epoch_end=True)
-  run.save(manager, 45, _state(45), history, _sums(4.0), epoch_end=False)
+    checkpoints.save(manager, epoch * 10, _state(epoch * 10), history, _sums(3.0), epoch_end=True)
+  checkpoints.save(manager, 45, _state(45), history, _sums(4.0), epoch_end=False)
   manager.close()
-  kept = run.checkpoints(str(tmp_path))
+  kept = checkpoints.kept(str(tmp_path))
   assert {step: (p["epochs"], p["epoch_end"]) for step, p in kept.items()} == {20: (2, True), 45: (4, False)}
 
-  manager = run.checkpoint_manager(str(tmp_path))
-  assert run.best_checkpoint(manager) == (20, 2)
+  manager = checkpoints.checkpoint_manager(str(tmp_path))
+  assert checkpoints.best_checkpoint(manager) == (20, 2)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restored = run.restore_latest(manager, run.abstract(_state(0), sharding), run.abstract(_sums(0.0), sharding))
+  restored = checkpoints.restore_latest(
+    manager, checkpoints.abstract(_state(0), sharding), checkpoints.abstract(_sums(0.0), sharding)
+  )
   manager.close()
   assert restored.step == 45 and restored.history == history
   np.testing.assert_array_equal(np.asarray(restored.state["w"]), [45.0, 45.0, 45.0])
@@ -44,7 +46,12 @@ def test_keeps_latest_and_best_and_resumes_from_latest(tmp_path):
 
 
 def test_no_checkpoint_restores_nothing(tmp_path):
-  manager = run.checkpoint_manager(str(tmp_path))
+  manager = checkpoints.checkpoint_manager(str(tmp_path))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  assert run.restore_latest(manager, run.abstract(_state(0), sharding), run.abstract(_sums(0.0), sharding)) is None
+  assert (
+    checkpoints.restore_latest(
+      manager, checkpoints.abstract(_state(0), sharding), checkpoints.abstract(_sums(0.0), sharding)
+    )
+    is None
+  )
   manager.close()

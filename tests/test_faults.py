@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convjax import run
+from convjax import checkpoints, run
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
 from tests.conftest import REPO, TINY_MNIST, binary_argv, run_binary
@@ -140,7 +140,7 @@ def test_a_full_disk_during_a_save_is_one_error_and_history_matches_the_checkpoi
   with pytest.raises(UserError, match=rf"cannot write {tmp_path}/checkpoints/24: the disk is full"):
     train_and_evaluate(mnist_run, str(tmp_path))
   assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
-  assert {p["epochs"] for p in run.checkpoints(str(tmp_path)).values()} >= {2}
+  assert {p["epochs"] for p in checkpoints.kept(str(tmp_path)).values()} >= {2}
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_ctrl_c_during_training_saves_and_says_so_in_one_line(tmp_path):
   assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in text, text[-3000:]
   (said,) = [line for line in lines if "interrupted at step" in line]
   step = int(said.split("interrupted at step ")[1].split()[0])
-  assert 50 <= step < 781 and max(run.checkpoints(str(tmp_path))) == step, (said, run.checkpoints(str(tmp_path)))
+  assert 50 <= step < 781 and max(checkpoints.kept(str(tmp_path))) == step, (said, checkpoints.kept(str(tmp_path)))
 
 
 @pytest.mark.slow
@@ -209,7 +209,7 @@ def test_retention_keeps_the_latest_and_the_best_also_after_a_resume(tmp_path, m
   train_and_evaluate(mnist_run, str(tmp_path))
   mnist_run.num_epochs = 4
   train_and_evaluate(mnist_run, str(tmp_path))
-  kept = run.checkpoints(str(tmp_path))
+  kept = checkpoints.kept(str(tmp_path))
   history = {r["epoch"]: r["val_accuracy"] for r in json.loads((tmp_path / "history.json").read_text()) if "epoch" in r}
   assert max(history, key=history.get) == 1
   assert sorted((p["epochs"], p["epoch_end"]) for p in kept.values()) == [(1, True), (4, True)]

@@ -1,6 +1,6 @@
 """A researcher's own model, Linen and NNX, from a file of their own, through every binary
-(convjax/models/own.py; docs/your-own-model.md): the binaries run in subprocesses with the
-file's folder on PYTHONPATH, as a user runs them."""
+(convjax/models/own.py): the models are docs/your-own-model.md's worked example, and the
+binaries run in subprocesses with their folder on PYTHONPATH, as a user runs them."""
 
 import json
 import os
@@ -17,46 +17,15 @@ from PIL import Image
 
 from tests.conftest import MNIST_ARRAYS, REPO, binary_argv, mnist_arrays_args, run_binary
 
-LINEN = '''
-import flax.linen as nn
+GUIDE = REPO / "docs" / "your-own-model.md"
 
 
-class TinyNet(nn.Module):
-  """Two convs with BatchNorm, dropout, a dense layer: no features/head."""
+def guide_file(name: str) -> str:
+  """The Python block of the guide that starts `# name`: the tests run its worked example as written."""
+  blocks = re.findall(r"^```python\n(.*?)^```\n", GUIDE.read_text(), re.M | re.S)
+  (block,) = [b for b in blocks if b.startswith(f"# {name}\n")]
+  return block
 
-  num_classes: int = 10
-  width: int = 16
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(self.width, (3, 3))(x)))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
-    x = nn.max_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
-    x = nn.Dropout(0.25, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
-'''
-
-NNX = '''
-import jax.numpy as jnp
-from flax import nnx
-
-
-class NnxNet(nnx.Module):
-  """The same in NNX: modes, not a train argument."""
-
-  def __init__(self, num_classes: int = 10, width: int = 16, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs)
-    self.bn = nnx.BatchNorm(width, rngs=rngs)
-    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
-    self.dropout = nnx.Dropout(0.25, rngs=rngs)
-    self.dense = nnx.Linear(7 * 7 * 2 * width, num_classes, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.max_pool(nnx.relu(self.bn(self.conv1(x))), (2, 2), (2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
-    return self.dense(self.dropout(x.reshape((x.shape[0], -1))))
-'''
 
 ARGS = [
   "--config=configs/mnist.py",
@@ -70,8 +39,8 @@ ARGS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, mnist_arrays):
   folder = tmp_path_factory.mktemp("own")
-  (folder / "mynet.py").write_text(LINEN)
-  (folder / "nnxnet.py").write_text(NNX)
+  for name in ("mynet.py", "nnxnet.py"):
+    (folder / name).write_text(guide_file(name))
   return folder
 
 
@@ -99,7 +68,7 @@ def _train(folder, model, workdir, *extra, epochs=1):
 
 def _kill_mid_epoch_two(folder, model, workdir):
   """kill -9 once a checkpoint inside epoch 2 is committed."""
-  from convjax import run
+  from convjax import checkpoints
 
   proc = subprocess.Popen(
     binary_argv("experiments.train", *ARGS, f"--config.model={model}", "--config.num_epochs=2", f"--workdir={workdir}"),
@@ -110,13 +79,13 @@ def _kill_mid_epoch_two(folder, model, workdir):
   )
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline:
-    kept = run.checkpoints(workdir)
+    kept = checkpoints.kept(workdir)
     if any(p.get("epochs") == 1 and not p.get("epoch_end") for p in kept.values()):
       break
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  kept = run.checkpoints(workdir)
+  kept = checkpoints.kept(workdir)
   assert kept and max(p.get("epochs", 0) for p in kept.values()) < 2, f"not killed mid-epoch 2: {kept}"
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from convjax import run
+from convjax import checkpoints
 from convjax.config import default_config
 from convjax.models import get_model
 from convjax.train.optim import learning_rate_schedule, make_optimizer
@@ -100,7 +100,7 @@ def test_a_diverging_run_stops_with_one_error_and_saves_nothing_non_finite(tmp_p
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite loss or gradient at epoch 1, step ") and "train step" in last, last
   assert "no checkpoint was saved before it" in last and "Traceback" not in result.stderr
-  assert run.checkpoints(str(tmp_path)) == {}  # as the error line says
+  assert checkpoints.kept(str(tmp_path)) == {}  # as the error line says
 
 
 @pytest.mark.slow
@@ -147,7 +147,7 @@ def test_bfloat16_compute_trains_with_float32_params(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   history = _history(tmp_path)
   assert history[-1]["test_accuracy"] > 0.75, history  # 40 steps; seen 0.833
-  state = run.read_state(os.path.join(epoch_checkpoint(tmp_path, 1), "state"))
+  state = checkpoints.read_state(os.path.join(epoch_checkpoint(tmp_path, 1), "state"))
   assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convjax import run
+from convjax import checkpoints
 from convjax.data import tfds as tfds_data
 from convjax.models import get_model
 from convjax.models.diagram import layer_graph
@@ -113,10 +113,10 @@ def test_the_export_runs_in_a_program_with_only_jax_and_numpy(mnist_run, tmp_pat
 def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(mnist_run, workdir)
-  step = max(run.checkpoints(str(workdir)))
+  step = max(checkpoints.kept(str(workdir)))
   shutil.rmtree(workdir / "checkpoints" / str(step) / "state")
   shutil.copytree(
-    workdir / "checkpoints" / str(min(run.checkpoints(str(workdir)))) / "state",
+    workdir / "checkpoints" / str(min(checkpoints.kept(str(workdir)))) / "state",
     workdir / "checkpoints" / str(step) / "state",
   )
   result = run_binary("experiments.evaluate", f"--workdir={workdir}", "--weights=last")

@@ -308,16 +308,16 @@ def record(name: str, factory, how: str) -> dict:
 
 def write_record(workdir: str, source: dict) -> None:
   """<workdir>/model_source/: source.json and, for a file, its copy (atomically, process 0)."""
-  from convjax import run
+  from convjax import files
 
   folder = os.path.join(workdir, SOURCE_DIR)
-  with run.writing(folder):
+  with files.writing(folder):
     os.makedirs(folder, exist_ok=True)
     if "copy" in source:
       copy = os.path.join(folder, source["copy"])
       shutil.copyfile(source["file"], copy + ".tmp")
       os.replace(copy + ".tmp", copy)
-    run.write_json(os.path.join(folder, "source.json"), source)
+    files.write_json(os.path.join(folder, "source.json"), source)
 
 
 def read_record(workdir: str):

@@ -29,7 +29,7 @@ from absl import logging
 from flax import traverse_util
 from ml_collections import ConfigDict
 
-from convjax import parallel, run
+from convjax import checkpoints, files, parallel, run
 from convjax import config as config_lib
 from convjax.data import augment as augment_lib
 from convjax.data import pipeline
@@ -226,11 +226,13 @@ def start_state(
   state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.txt")
-    with run.writing(path), open(path, "w") as f:
+    with files.writing(path), open(path, "w") as f:
       f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
-    with run.writing(os.path.join(workdir, "model.png")):
+    with files.writing(os.path.join(workdir, "model.png")):
       plot_model(model, input_shape, os.path.join(workdir, "model.png"), config.model)
-  restored = run.restore_latest(manager, run.abstract(state, repl), run.abstract(zero_metrics(), repl))
+  restored = checkpoints.restore_latest(
+    manager, checkpoints.abstract(state, repl), checkpoints.abstract(zero_metrics(), repl)
+  )
   if restored:
     position = restored.step - len(restored.history) * steps_per_epoch
     if not 0 <= position <= steps_per_epoch:
@@ -265,7 +267,7 @@ def set_up(config: ConfigDict, workdir: str, started: float):
   config, mesh, source, model, params_shape = check(config, workdir)
   data, steps_per_epoch = load_data(config, workdir, mesh, source)
   tx, schedule = make_optimizer(config, steps_per_epoch, params_shape)
-  manager = run.checkpoint_manager(workdir, config.keep_checkpoints)
+  manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
   start = start_state(config, workdir, mesh, model, source.image_shape, tx, manager, steps_per_epoch)
   prepare = (
     input_transform(config.data.rescale, config.data.preprocess) if not config.feature_extractor.model else lambda x: x
@@ -362,8 +364,8 @@ def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) ->
   check_finite(t, sums, epoch)
   step = int(jax.device_get(state.step))
   path = os.path.join(t.workdir, "checkpoints", str(step))
-  with run.writing(path):
-    run.save(t.manager, step, state, history, sums, epoch_end)
+  with files.writing(path):
+    checkpoints.save(t.manager, step, state, history, sums, epoch_end)
     if epoch_end:
       t.manager.wait_until_finished()
   return path
@@ -433,7 +435,7 @@ def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> 
   run.write_history(t.workdir, history)
   if jax.process_index() == 0:
     plot = os.path.join(t.workdir, "plots", "learning_curves.png")
-    with run.writing(plot):
+    with files.writing(plot):
       learning_curves(history, plot, config.plot_smoothing, title=config.model)
   t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
   left = (config.num_epochs - epoch) * record["seconds"]
@@ -490,13 +492,15 @@ def test_weights(t: Trainer, state, history: list) -> tuple:
   """(epoch, state) whose weights the test evaluates: the last epoch's, or with
   config.test_weights='best' the kept checkpoint of highest val_accuracy."""
   last = history[-1]["epoch"] if history else 0
-  best = run.best_checkpoint(t.manager) if t.config.test_weights == "best" and history else None
+  best = checkpoints.best_checkpoint(t.manager) if t.config.test_weights == "best" and history else None
   if best is None:
     return last, state
   step, epoch = best
   if epoch != last:
     repl = parallel.replicated(t.mesh)
-    state = run.restore(t.manager, step, run.abstract(state, repl), run.abstract(zero_metrics(), repl)).state
+    state = checkpoints.restore(
+      t.manager, step, checkpoints.abstract(state, repl), checkpoints.abstract(zero_metrics(), repl)
+    ).state
   logging.info(
     "test with the weights of epoch %d (best val_accuracy %.4f)",
     epoch,
@@ -534,7 +538,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   finally:
     t.data.close()
     try:
-      with run.writing(os.path.join(workdir, "checkpoints")):
+      with files.writing(os.path.join(workdir, "checkpoints")):
         t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
     except UserError:
       if completed:  # else the error on its way out already names the failed write
