@@ -147,7 +147,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
 
   # The run records the class count it trained with, so every reader rebuilds the same model.
   assert json.loads((workdir / "config.json").read_text())["model_kwargs"]["num_classes"] == 10
-  model, variables, config = read_run(str(workdir), "latest")[:3]
+  config, model, variables = read_run(str(workdir), "latest")[:3]
   assert model.num_classes == 10 and config.model == "resnet18"
   assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
     np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))

@@ -93,7 +93,7 @@ def how_named(name: str) -> str:
   if name in MODELS:
     return "builtin" if name in BUILTIN else "registered"
   if own.is_path(name):
-    return "file" if own._is_file(own._file_and_class(name)[0]) else "import"
+    return "file" if own.is_file_name(own.file_and_class(name)[0]) else "import"
   return "entry_point"
 
 

@@ -56,14 +56,14 @@ def _python_path() -> str:
   return f"PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}"
 
 
-def _file_and_class(name: str) -> tuple:
+def file_and_class(name: str) -> tuple:
   where, _, cls = name.rpartition(":")
   if not where or not cls.isidentifier():
     raise UserError(f"config.model={name!r}: expected package.module:Class or path/to/file.py:Class")
   return where, cls
 
 
-def _is_file(where: str) -> bool:
+def is_file_name(where: str) -> bool:
   return where.endswith(".py") or os.sep in where
 
 
@@ -118,8 +118,8 @@ def resolve_path(name: str):
   """The class that `package.module:Class` or `path/to/file.py:Class` names."""
   if name in _FROM_RUN:
     return _FROM_RUN[name]
-  where, cls = _file_and_class(name)
-  if _is_file(where):
+  where, cls = file_and_class(name)
+  if is_file_name(where):
     path = os.path.abspath(where)
     if not os.path.isfile(path):
       raise UserError(f"config.model={name!r}: no file {path}")
@@ -144,8 +144,8 @@ def absolute(name: str) -> str:
   """`name` with a file path made absolute (what a run records in config.json)."""
   if not is_path(name):
     return name
-  where, cls = _file_and_class(name)
-  return f"{os.path.abspath(where)}:{cls}" if _is_file(where) else name
+  where, cls = file_and_class(name)
+  return f"{os.path.abspath(where)}:{cls}" if is_file_name(where) else name
 
 
 def fields(factory) -> dict:
@@ -259,10 +259,6 @@ class NNXModel(bridge.ToLinen):
   def init_with_output(self, rngs, *args, **kwargs):
     return super().init_with_output(_with_dropout(rngs), *args, **kwargs)
 
-  @property
-  def nnx_module_class(self):
-    return self.nnx_class
-
 
 def build(factory, name: str, overrides: dict):
   """The Linen module of `factory` with `overrides` (checked against its fields)."""
@@ -301,7 +297,7 @@ def record(name: str, factory, how: str) -> dict:
   if how == "entry_point":
     out["entry_point"] = entry_points()[name].value
   if how == "file":
-    path = _file_and_class(name)[0]
+    path = file_and_class(name)[0]
     out |= {"file": path, "sha256": digest(path), "copy": os.path.basename(path)}
   return out
 
@@ -352,7 +348,7 @@ def use_run_source(workdir: str, name: str) -> None:
   if not source or source.get("model") != name:
     return
   if source["how"] == "import":
-    _import(_file_and_class(name)[0], name, source.get("module_file") or "")
+    _import(file_and_class(name)[0], name, source.get("module_file") or "")
   elif source["how"] == "file":
     path, copy = source["file"], os.path.join(workdir, SOURCE_DIR, source["copy"])
     if os.path.isfile(path) and digest(path) == source["sha256"]:
@@ -361,7 +357,7 @@ def use_run_source(workdir: str, name: str) -> None:
       raise UserError(f"the run's model file {path} is {'changed' if os.path.isfile(path) else 'gone'} and {copy} too")
     if os.path.isfile(path):
       logging.warning("the model file %s changed since the run; reading the run's copy %s", path, copy)
-    cls = _file_and_class(name)[1]
+    cls = file_and_class(name)[1]
     _FROM_RUN[name] = _class_of(_load_file(copy, digest(copy)), cls, name, copy)
   elif source["how"] == "registered":
     from convjax.models import MODELS

@@ -146,13 +146,13 @@ def check(config: ConfigDict, workdir: str):
   config = config.copy_and_resolve_references()
   config.model = own.absolute(config.model)
   source = open_source(config.data)
-  if config.feature_extractor.model:
+  if config.feature_extractor.model:  # the model trains on the frozen base's outputs
     base = transfer.base_model(config.feature_extractor)
     if not has_features(base, source.image_shape):
       raise UserError(
         f"config.feature_extractor.model={config.feature_extractor.model!r} has no `features`: feature "
         "extraction runs a model's features(x) (see the model contract in convjax/models/__init__.py)"
-      )  # the model trains on the frozen base's outputs
+      )
     source = transfer.feature_source(source, config.feature_extractor, config.data, os.path.join(workdir, "features"))
   config.model_kwargs = ConfigDict(with_num_classes(config.model, config.model_kwargs, len(source.classes)))
   model = get_model(config.model, **config.model_kwargs)
