@@ -276,6 +276,24 @@ def loop_probabilities(workdir, epoch: int, images):
   return np.asarray(jax.nn.softmax(logits) if logits.shape[-1] > 1 else jax.nn.sigmoid(logits))
 
 
+def served_probabilities(export, images, folder):
+  """What the export in `export` outputs for `images`, run in a new process that imports only
+  jax and numpy (it fails if convjax or flax get imported)."""
+  import numpy as np
+
+  np.save(os.path.join(folder, "images.npy"), images)
+  program = (
+    "import sys, numpy as np, jax\n"
+    "from jax import export\n"
+    f"module = export.deserialize(open({os.path.join(export, 'model.jax')!r}, 'rb').read())\n"
+    f"np.save({os.path.join(folder, 'probs.npy')!r}, np.asarray(module.call(np.load({os.path.join(folder, 'images.npy')!r}))))\n"
+    "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n"
+  )
+  loaded = subprocess.run([sys.executable, "-c", program], cwd=folder, capture_output=True, text=True)
+  assert loaded.returncode == 0, loaded.stderr[-3000:]
+  return np.load(os.path.join(folder, "probs.npy"))
+
+
 def kill_after_first_checkpoint(workdir, *args, env=None):
   """Starts `python -m experiments.train args`, kill -9s it once its first checkpoint is committed.
 

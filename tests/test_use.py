@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from convjax.data import tfds as tfds_data
 from convjax.models import get_model
 from convjax.models.diagram import layer_graph
 from convjax.models.summary import layer_labels, layer_table
-from tests.conftest import loop_probabilities, run_binary
+from tests.conftest import loop_probabilities, run_binary, served_probabilities
 
 
 @pytest.fixture
@@ -94,20 +92,9 @@ def test_the_export_runs_in_a_program_with_only_jax_and_numpy(mnist_run, tmp_pat
   assert meta["input"] == {**meta["input"], "shape": [None, 28, 28, 1], "dtype": "uint8"}
   assert meta["classes"] == [str(i) for i in range(10)] and meta["output"]["shape"] == [None, 10]
   images = mnist_test_images(100)["image"]
-  np.save(tmp_path / "images.npy", images)
-  program = (
-    "import sys, numpy as np, jax\n"
-    "from jax import export\n"
-    f"module = export.deserialize(open({str(export / 'model.jax')!r}, 'rb').read())\n"
-    f"np.save({str(tmp_path / 'probs.npy')!r}, np.asarray(module.call(np.load({str(tmp_path / 'images.npy')!r}))))\n"
-    "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n"
-  )
-  loaded = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True)
-  assert loaded.returncode == 0, loaded.stderr[-3000:]
+  served = served_probabilities(str(export), images, str(tmp_path))
   test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
-  np.testing.assert_allclose(
-    np.load(tmp_path / "probs.npy"), loop_probabilities(mnist_run, test_epoch, images), atol=1e-5
-  )
+  np.testing.assert_allclose(served, loop_probabilities(mnist_run, test_epoch, images), atol=1e-5)
 
 
 def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):

@@ -193,8 +193,9 @@ class LayerHook:
 
 
 def _with_hook(module, call, hook: LayerHook):
-  paths = {id(m): tuple(str(p) for p in path) for path, m in nnx.iter_modules(module) if path}
-  classes = {type(m) for _, m in nnx.iter_modules(module) if id(m) in paths}
+  submodules = [(path, m) for path, m in nnx.iter_modules(module) if path]
+  paths = {id(m): tuple(str(p) for p in path) for path, m in submodules}
+  classes = {type(m) for _, m in submodules}
   originals = {cls: cls.__dict__.get("__call__") for cls in classes}
 
   def wrap(cls):
