@@ -150,27 +150,40 @@ def _differences(expected: dict, got: dict) -> list:
   return out
 
 
+def _raised_by_a_read(error) -> bool:
+  """Whether `error`, or an exception it was raised from, was raised inside orbax's array
+  deserialisation (every read of a damaged checkpoint's arrays fails there)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      if "orbax/checkpoint/_src/serialization" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def _drop_failed_reads() -> None:
   """Keeps the reads a failed restore leaves behind from each printing its traceback: their
-  coroutines and tasks when collected (now or later), and tensorstore's completions that
-  arrive after orbax closed their event loop. The failure they share is reported once, as
-  Damaged."""
+  coroutines and tasks when collected (now or later, whichever of orbax's gathered reads is
+  collected), and tensorstore's completions that arrive after orbax closed their event loop.
+  The failure they share is reported once, as Damaged."""
   if getattr(sys.unraisablehook, "drops_failed_reads", False):
     return
   previous = sys.unraisablehook
 
   def unraisable_hook(unraisable):
     late = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-    if not late and "_read_array_index_and_device_put" not in repr(unraisable.object):
+    if not (late or _raised_by_a_read(unraisable.exc_value) or "_read_array_index" in repr(unraisable.object)):
       previous(unraisable)
 
   unraisable_hook.drops_failed_reads = True
   sys.unraisablehook = unraisable_hook
   # A read task collected later is reported by asyncio's exception handler, through logging.
   py_logging.getLogger("asyncio").addFilter(
-    lambda record: (
-      "Task exception was never retrieved" not in record.getMessage() or "async_deserialize" not in record.getMessage()
-    )
+    lambda record: not ("never retrieved" in record.getMessage() and record.exc_info and _raised_by_a_read(record.exc_info[1]))
   )
 
 
