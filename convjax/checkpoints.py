@@ -183,7 +183,9 @@ def _drop_failed_reads() -> None:
   sys.unraisablehook = unraisable_hook
   # A read task collected later is reported by asyncio's exception handler, through logging.
   py_logging.getLogger("asyncio").addFilter(
-    lambda record: not ("never retrieved" in record.getMessage() and record.exc_info and _raised_by_a_read(record.exc_info[1]))
+    lambda record: (
+      not ("never retrieved" in record.getMessage() and record.exc_info and _raised_by_a_read(record.exc_info[1]))
+    )
   )
 
 

@@ -112,9 +112,18 @@ def pytest_sessionfinish(session, exitstatus):
     )
 
 
+def binary_env(env=None) -> dict:
+  """This process's environment with `env` on top; XLA_FLAGS that a test sets are added to
+  the session's own (`XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest` limits every binary's code)."""
+  full_env = {**os.environ, **(env or {})}
+  if os.environ.get("XLA_FLAGS") and "XLA_FLAGS" in (env or {}):
+    full_env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
+  return full_env
+
+
 def run_binary(module: str, *args, env=None, timeout=900):
   """Runs `python -m module args` from the repo root; returns CompletedProcess (text)."""
-  full_env = {**os.environ, **(env or {})}
+  full_env = binary_env(env)
   return subprocess.run(
     binary_argv(module, *args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
   )
@@ -306,7 +315,7 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
   proc = subprocess.Popen(
     binary_argv("experiments.train", *args, f"--workdir={workdir}"),
     cwd=REPO,
-    env={**os.environ, **(env or {})},
+    env=binary_env(env),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import MNIST_ARRAYS, REPO, binary_argv, mnist_arrays_args, run_binary, served_probabilities
+from tests.conftest import (
+  MNIST_ARRAYS,
+  REPO,
+  binary_argv,
+  binary_env,
+  mnist_arrays_args,
+  run_binary,
+  served_probabilities,
+)
 
 GUIDE = REPO / "docs" / "your-own-model.md"
 
@@ -73,7 +81,7 @@ def _kill_mid_epoch_two(folder, model, workdir):
   proc = subprocess.Popen(
     binary_argv("experiments.train", *ARGS, f"--config.model={model}", "--config.num_epochs=2", f"--workdir={workdir}"),
     cwd=REPO,
-    env={**os.environ, **_env(folder)},
+    env=binary_env(_env(folder)),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )

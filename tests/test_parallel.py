@@ -5,7 +5,6 @@ Each run is a subprocess, since the device count is fixed when JAX starts
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -14,7 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, binary_argv, kill_after_first_checkpoint, mnist_arrays_args, restore_state, run_binary
+from tests.conftest import (
+  REPO,
+  binary_argv,
+  binary_env,
+  kill_after_first_checkpoint,
+  mnist_arrays_args,
+  restore_state,
+  run_binary,
+)
 
 pytestmark = pytest.mark.usefixtures("mnist_arrays")
 
@@ -133,7 +140,7 @@ def test_compiled_step_is_one_spmd_program():
     cwd=REPO,
     capture_output=True,
     text=True,
-    env={**os.environ, **devices_env(8)},
+    env=binary_env(devices_env(8)),
     timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -162,7 +169,7 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
         f"--process_id={i}",
       ),
       cwd=REPO,
-      env={**os.environ, **devices_env(2)},
+      env=binary_env(devices_env(2)),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from convjax.errors import UserError
-from tests.conftest import REPO, binary_argv, SHARED, kill_after_first_checkpoint, restore_state, run_binary
+from tests.conftest import REPO, SHARED, binary_argv, binary_env, kill_after_first_checkpoint, restore_state, run_binary
 
 ARRAY_RECORD = SHARED / "datasets" / "tfds_array_record"
 STREAM = ["--config.data.pipeline=stream", f"--config.data.data_dir={ARRAY_RECORD}"]
@@ -247,7 +247,7 @@ def _free_port():
 @pytest.mark.slow
 def test_two_streaming_processes_match_one(tmp_path):
   """Each process streams only its own devices' rows; together they train what one process does."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = binary_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   one = subprocess.run(
     binary_argv("experiments.train", *SMALL, f"--workdir={tmp_path / 'one'}"),
     cwd=REPO,
