@@ -77,11 +77,11 @@ def _repair_metrics(directory: str) -> None:
       metrics = {"val_accuracy": history[-1]["val_accuracy"], "epoch": len(history)} if epoch_end else None
     except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
       metrics = None
-    with writing(path):
-      if metrics is None:
+    if metrics is None:
+      with writing(path):
         os.remove(path)
-      else:
-        write_json(path, metrics)
+    else:
+      write_json(path, metrics)
     logging.warning(
       "checkpoint %s had an unreadable metrics file: %s",
       os.path.dirname(os.path.dirname(path)),

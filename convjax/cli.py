@@ -12,14 +12,19 @@ of the config with its value and meaning, and the model's fields, then exits.
 import ast
 import dataclasses
 import logging as py_logging
+import os
 import re
+import signal
 import sys
+import threading
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
 from convjax import config as config_lib
+from convjax import files
 from convjax.config import RENAMED
 from convjax.errors import Interrupted, UserError
 
@@ -45,6 +50,41 @@ class _LibraryInfoFilter(py_logging.Filter):
     if any(record.getMessage().startswith(w) for w in QUIET_WARNINGS):
       return False
     return record.levelno >= py_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
+
+
+def _a_reported_failure(error) -> bool:
+  """A failed write (reported once, as the binary's last line), or what it leaves behind:
+  tensorstore completions that arrive after orbax closed their event loop."""
+  late = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  return error is not None and (late or files.write_cause(error) is not None)
+
+
+class _ReportedFailureFilter(py_logging.Filter):
+  """Drops a library's log of a failure the binary reports in one line: orbax logs a failed
+  write from each of its threads with the traceback, asyncio a task's that nobody awaited."""
+
+  def filter(self, record):
+    library = "/convjax/" not in record.pathname and "/experiments/" not in record.pathname
+    return not (library and record.exc_info and _a_reported_failure(record.exc_info[1]))
+
+
+def _report_failures_once() -> None:
+  """One line for a failed write, whichever thread meets it (see _ReportedFailureFilter);
+  none of this with CONVJAX_TRACEBACK=1."""
+  if os.environ.get(files.TRACEBACK_VARIABLE) == "1":
+    return
+  logging.get_absl_handler().addFilter(_ReportedFailureFilter())
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+  def quiet_thread_hook(args):
+    if not _a_reported_failure(args.exc_value):
+      thread_hook(args)
+
+  def quiet_unraisable_hook(unraisable):
+    if not _a_reported_failure(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  threading.excepthook, sys.unraisablehook = quiet_thread_hook, quiet_unraisable_hook
 
 
 def _one_line_error(message) -> None:
@@ -202,21 +242,27 @@ def initialize_distributed() -> None:
 
 
 def run(main) -> None:
-  """`app.run(main)`; a UserError from main ends the binary with one `error: ...` line, exit 1;
-  an Interrupted run with its line and 128 + the signal; a Ctrl-C with one line."""
+  """`app.run(main)`; a UserError from main ends the binary with one `error: ...` line, exit 1,
+  the last line of its output (CONVJAX_TRACEBACK=1 prints the traceback of the failure that
+  caused it first); an Interrupted run with its line and 128 + the signal; a Ctrl-C with one line."""
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    _report_failures_once()
     initialize_distributed()
     try:
       main(argv)
     except UserError as e:
+      if e.__cause__ is not None and os.environ.get(files.TRACEBACK_VARIABLE) == "1":
+        traceback.print_exception(e.__cause__)
       _one_line_error(e)
     except Interrupted as e:  # saved; one line, and the signal's exit status
       logging.warning("%s", e)
       logging.flush()
       sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-      _one_line_error("interrupted (Ctrl-C); nothing was saved since the last checkpoint")
+    except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside
+      logging.flush()
+      print("error: interrupted (Ctrl-C); nothing was saved since the last checkpoint", file=sys.stderr)
+      sys.exit(128 + signal.SIGINT)
 
   app.run(guarded, flags_parser=_parse_flags)

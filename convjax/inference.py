@@ -211,10 +211,8 @@ def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
   batch = jax_export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((*batch, *classifier.image_shape), jnp.uint8)
   exported = jax_export.export(serve, platforms=("cpu", "cuda"))(spec)
-  os.makedirs(directory, exist_ok=True)
-  module, meta = os.path.join(directory, "model.jax"), os.path.join(directory, "model.json")
-  with files.writing(module), open(module, "wb") as f:
-    f.write(exported.serialize())
+  module, meta = os.path.join(files.make_dir(directory), "model.jax"), os.path.join(directory, "model.json")
+  files.write_bytes(module, exported.serialize())
   out = exported.out_avals[0]
   files.write_json(
     meta,

@@ -15,6 +15,7 @@ resuming a run reads its checkpoints with checkpoints.restore_latest.
 import json
 import os
 import shutil
+import time
 from typing import NamedTuple
 
 import jax
@@ -24,7 +25,7 @@ from ml_collections import ConfigDict
 from convjax import config as config_lib
 from convjax.checkpoints import best_kept, first_line, kept, read_verified
 from convjax.errors import UserError
-from convjax.files import write_json, writing
+from convjax import files
 from convjax.models import factory_of, get_model, how_named, own, with_num_classes
 
 # What a run owns in its workdir; `overwrite` removes exactly these.
@@ -68,7 +69,7 @@ def claim(workdir: str, config: ConfigDict) -> None:
   allowed by check_identity), writes config.json. Process 0 writes; all call it."""
   replace = check_identity(workdir, config)
   if jax.process_index() == 0:
-    with writing(workdir):
+    with files.writing(workdir):
       if replace:  # overwrite=True: remove the old run, nothing else in the workdir
         for name in RUN_FILES:
           path = os.path.join(workdir, name)
@@ -76,46 +77,61 @@ def claim(workdir: str, config: ConfigDict) -> None:
             shutil.rmtree(path)
           elif os.path.exists(path):
             os.remove(path)
-      os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-      write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    files.make_dir(os.path.join(workdir, "plots"))
+    files.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     own.write_record(workdir, own.record(config.model, factory_of(config.model), how_named(config.model)))
 
 
 def write_history(workdir: str, history: list) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "history.json")
-    with writing(path):
-      write_json(path, history)
+    files.write_json(os.path.join(workdir, "history.json"), history)
 
 
 class TensorBoard:
-  """Scalars for TensorBoard in <workdir>/tensorboard (process 0; elsewhere nothing).
+  """Scalars for TensorBoard in <workdir>/tensorboard (process 0; elsewhere nothing), all on
+  the global-step axis.
 
-  Written through tensorboardX's event-file writer, which needs no TensorFlow (clu's
-  SummaryWriter writes through tf.summary, so it cannot run where TensorFlow is absent).
+  Written with tensorboardX's event-file writer, which needs no TensorFlow (clu's
+  SummaryWriter writes through tf.summary), in this thread: its SummaryWriter writes from a
+  thread of its own, where a full disk would be a traceback and then a hang on its queue.
+  An event file is appended to, so it is the one file not written through files.output.
   """
+
+  FLUSH_SECONDS = 30
 
   def __init__(self, workdir: str):
     self._writer = None
+    self._path = os.path.join(workdir, "tensorboard")
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
+      from tensorboardX.event_file_writer import EventsWriter
 
-      path = os.path.join(workdir, "tensorboard")
-      with writing(path):
-        self._writer = SummaryWriter(path, flush_secs=30)
+      with files.writing(self._path):
+        os.makedirs(self._path, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(self._path, "events"))
+      self._flushed = time.monotonic()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self._writer:
-      for name, value in scalars.items():
-        self._writer.add_scalar(name, float(value), step)
+      from tensorboardX.proto.event_pb2 import Event
+      from tensorboardX.summary import scalar
+
+      with files.writing(self._path):
+        for name, value in scalars.items():
+          self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(name, float(value))))
+      if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+        self.flush()
 
   def flush(self) -> None:
     if self._writer:
-      self._writer.flush()
+      with files.writing(self._path):
+        self._writer.flush()
+      self._flushed = time.monotonic()
 
   def close(self) -> None:
     if self._writer:
-      self._writer.close()
+      with files.writing(self._path):
+        self._writer.close()
+      self._writer = None
 
 
 # Reading a run.

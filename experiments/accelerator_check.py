@@ -24,7 +24,6 @@ TensorFlow blocked, so the check cannot rot).
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -54,15 +53,17 @@ def prepare(out: str, cats_per_class: int) -> None:
   if os.path.exists(out):
     raise UserError(f"--prepare={out} exists; give a new folder")
   builder = tfds_data.get_builder("mnist", None, False)
-  os.makedirs(os.path.join(out, "mnist"))
+  files.make_dir(os.path.join(out, "mnist"))
   for split in ("train", "test"):
     rows = tfds_data.read_rows(builder, tfds_data.row_range(builder, split))
-    np.savez_compressed(os.path.join(out, "mnist", f"{split}.npz"), image=rows["image"], label=rows["label"])
+    with files.output(os.path.join(out, "mnist", f"{split}.npz"), "wb") as npz:
+      np.savez_compressed(npz, image=rows["image"], label=rows["label"])
   for split, n in (("train", cats_per_class), ("validation", cats_per_class // 2)):
     for c in ("cats", "dogs"):
-      os.makedirs(os.path.join(out, "cats_and_dogs_small", split, c))
+      files.make_dir(os.path.join(out, "cats_and_dogs_small", split, c))
       for name in sorted(os.listdir(os.path.join(CATS, split, c)))[:n]:
-        shutil.copy(os.path.join(CATS, split, c, name), os.path.join(out, "cats_and_dogs_small", split, c))
+        with open(os.path.join(CATS, split, c, name), "rb") as photo:
+          files.write_bytes(os.path.join(out, "cats_and_dogs_small", split, c, name), photo.read())
   logging.info("wrote %s", out)
 
 
@@ -217,8 +218,7 @@ def main(argv):
   result["seconds"] = time.perf_counter() - started
   files.write_json(os.path.join(f.workdir, "check.json"), result)
   text = markdown(result) + f"\nTotal {result['seconds']:.0f} s.\n"
-  with open(os.path.join(f.workdir, "check.md"), "w") as out:
-    out.write(text)
+  files.write_text(os.path.join(f.workdir, "check.md"), text)
   print(text)
 
 

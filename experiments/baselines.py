@@ -10,7 +10,6 @@ are scored on the same test images. Writes baselines.json, baselines.md (a
 table) and baselines.png (a bar chart). Re-running resumes or reuses the runs.
 """
 
-import json
 import os
 import time
 
@@ -18,7 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convjax import cli
+from convjax import cli, files
 from convjax import config as config_lib
 from convjax.data.splits import open_source
 from convjax.train.loop import train_and_evaluate
@@ -89,12 +88,10 @@ def compare(config, workdir: str, mlp_epochs: int) -> list:
 
 
 def write_report(results: list, workdir: str, title: str) -> None:
-  with open(os.path.join(workdir, "baselines.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  files.write_json(os.path.join(workdir, "baselines.json"), results)
   lines = ["| method | test accuracy | seconds |", "|---|---|---|"]
   lines += [f"| {r['method']} | {r['test_accuracy']:.4f} | {r['seconds']:.1f} |" for r in results]
-  with open(os.path.join(workdir, "baselines.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  files.write_text(os.path.join(workdir, "baselines.md"), "\n".join(lines) + "\n")
   bar_chart(
     [r["method"] for r in results],
     [r["test_accuracy"] for r in results],
@@ -109,7 +106,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.make_dir(workdir)
   results = compare(config, workdir, flags.FLAGS.mlp_epochs)
   write_report(results, workdir, title=os.path.basename(config.data.folder or config.data.dataset))
   for r in results:

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import benchmark as benchmark_config
-from convjax import benchmark, cli
+from convjax import benchmark, cli, files
 from convjax.data.splits import open_source
 from convjax.errors import UserError
 from convjax.viz.plots import bar_chart
@@ -63,13 +63,6 @@ def run_peer(peer: str, row: dict, config) -> dict:
   measured = json.loads(lines[-1])
   measured["ratio"] = row["images_per_second"] / measured["images_per_second"]
   return measured
-
-
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as out:
-    json.dump(value, out, indent=1)
-  os.replace(tmp, path)
 
 
 def _key(row):
@@ -167,8 +160,7 @@ def write_profile(path: str, label: str, row: dict) -> None:
     f"{o['source'] or '- (made by an XLA rewrite)'} |"
     for o in p["ops"]
   ]
-  with open(path, "w") as out:
-    out.write("\n".join(lines) + "\n")
+  files.write_text(path, "\n".join(lines) + "\n")
   logging.info("profile of %s: %s", label, path)
 
 
@@ -240,7 +232,7 @@ def main(argv):
     raise UserError(f"unknown config.peers {unknown}; valid: {', '.join(PEERS)}")
   rows, pipeline = [], []
   result = {"environment": env, "rows": rows, "pipeline": pipeline}
-  os.makedirs(f.workdir, exist_ok=True)
+  files.make_dir(f.workdir)
   for name, input_shape in models:
     for batch in config.batch_sizes:
       for precision in config.precisions:
@@ -263,7 +255,7 @@ def main(argv):
             write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
           row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
           rows.append(row)
-          _write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
+          files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
           logging.info(
             "%s: %.1f images/s (compile %.1fs) %s",
             _label(row),
@@ -287,7 +279,7 @@ def main(argv):
           pipeline.append(
             benchmark.pipeline_overhead(model_name, spec, kind, workers, batch, config.steps, config.warmup)
           )
-          _write_json(os.path.join(f.workdir, "benchmark.json"), result)
+          files.write_json(os.path.join(f.workdir, "benchmark.json"), result)
           logging.info(
             "pipeline %s %s (%d workers) b%d: overhead %.1f%%",
             item,
@@ -296,9 +288,8 @@ def main(argv):
             batch,
             pipeline[-1]["overhead_percent"],
           )
-  _write_json(os.path.join(f.workdir, "benchmark.json"), result)
-  with open(os.path.join(f.workdir, "benchmark.md"), "w") as out:
-    out.write(markdown(result))
+  files.write_json(os.path.join(f.workdir, "benchmark.json"), result)
+  files.write_text(os.path.join(f.workdir, "benchmark.md"), markdown(result))
   if rows:
     bar_chart(
       [_label(r) for r in rows],

@@ -47,34 +47,32 @@ def main(argv):
   classes = classifier.classes
   scores = inference.metrics(result, classes)
   out = os.path.join(f.workdir, "eval", f.split)
-  with files.writing(out):
-    os.makedirs(out, exist_ok=True)
+  files.make_dir(out)
   files.write_json(os.path.join(out, "metrics.json"), {"split": split.spec, "weights": f.weights, **scores})
   path = os.path.join(out, "predictions.csv")
-  with files.writing(path), open(path, "w", newline="") as fh:
+  with files.output(path, newline="") as fh:
     writer = csv.writer(fh)
     writer.writerow(["row", "label", "predicted", "probability", "correct"])
     for i, (label, predicted) in enumerate(zip(result.labels, result.predicted, strict=True)):
       writer.writerow(
         [i, classes[label], classes[predicted], f"{result.probabilities[i, predicted]:.6f}", int(label == predicted)]
       )
-  with files.writing(out):
-    plots.confusion_matrix(
-      np.asarray(scores["confusion_matrix"]),
-      classes,
-      os.path.join(out, "confusion_matrix.png"),
-      f"{f.split}: accuracy {scores['accuracy']:.4f} ({scores['count']:,} images)",
+  plots.confusion_matrix(
+    np.asarray(scores["confusion_matrix"]),
+    classes,
+    os.path.join(out, "confusion_matrix.png"),
+    f"{f.split}: accuracy {scores['accuracy']:.4f} ({scores['count']:,} images)",
+  )
+  if result.wrong:
+    plots.image_grid(
+      [image for _, _, image in result.wrong],
+      os.path.join(out, "misclassified.png"),
+      cols=min(4, len(result.wrong)),
+      titles=[
+        f"row {row}: true {classes[result.labels[row]]}\npredicted {classes[result.predicted[row]]} ({p:.3f})"
+        for p, row, _ in result.wrong
+      ],
     )
-    if result.wrong:
-      plots.image_grid(
-        [image for _, _, image in result.wrong],
-        os.path.join(out, "misclassified.png"),
-        cols=min(4, len(result.wrong)),
-        titles=[
-          f"row {row}: true {classes[result.labels[row]]}\npredicted {classes[result.predicted[row]]} ({p:.3f})"
-          for p, row, _ in result.wrong
-        ],
-      )
   print(
     f"{f.split} ({scores['count']:,} images): loss {scores['loss']:.4f}  accuracy {scores['accuracy']:.4f}"
     + (f"  top-5 {scores['top5_accuracy']:.4f}" if "top5_accuracy" in scores else "")

@@ -44,7 +44,7 @@ def write_table(path: str, rows: list, skipped: list, k: int) -> None:
   their reason) or JSON."""
   if not path.endswith((".csv", ".json")):
     raise UserError(f"--output={path!r}: give a .csv or .json file")
-  with files.writing(path), open(path, "w", newline="") as f:
+  with files.output(path, newline="") as f:
     if path.endswith(".json"):
       json.dump(
         {

@@ -17,7 +17,7 @@ import zipfile
 
 from absl import app, flags, logging
 
-from convjax import cli
+from convjax import cli, files
 from convjax.errors import UserError
 
 flags.DEFINE_string("source", None, "Kaggle's train.zip, or a folder of <class>.<n>.jpg files.")
@@ -55,33 +55,35 @@ def prepare(source: str, output: str, counts=(1000, 500, 500)) -> dict:
   if not index:
     raise UserError(f"source {source!r} has no files named <class>.<number>.jpg")
   need = sum(counts)
-  for c, files in index.items():
-    if len(files) < need:
+  for c, found in index.items():
+    if len(found) < need:
       raise UserError(
-        f"source {source!r} has {len(files)} {c} files, fewer than the {need} "
+        f"source {source!r} has {len(found)} {c} files, fewer than the {need} "
         f"that --counts={','.join(map(str, counts))} takes"
       )
   # Build beside the output and rename at the end: a failure leaves no half-made folder.
   parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".prepare_", dir=parent)
+  with files.writing(parent):
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prepare_", dir=parent)
   summary = {}
   try:
-    for c, files in sorted(index.items()):
-      start = 0
-      for split, n in zip(SPLITS, counts, strict=True):
-        folder = os.path.join(staging, split, c + "s")
-        os.makedirs(folder)
-        for _, name in files[start : start + n]:
-          target = os.path.join(folder, os.path.basename(name))
-          if archive:
-            with archive.open(name) as src, open(target, "wb") as dst:
-              shutil.copyfileobj(src, dst)
-          else:
-            shutil.copyfile(os.path.join(source, name), target)
-        summary.setdefault(split, {})[c + "s"] = n
-        start += n
-    os.rename(staging, output)
+    with files.writing(output):
+      for c, names in sorted(index.items()):
+        start = 0
+        for split, n in zip(SPLITS, counts, strict=True):
+          folder = os.path.join(staging, split, c + "s")
+          os.makedirs(folder)
+          for _, name in names[start : start + n]:
+            target = os.path.join(folder, os.path.basename(name))
+            if archive:
+              with archive.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            else:
+              shutil.copyfile(os.path.join(source, name), target)
+          summary.setdefault(split, {})[c + "s"] = n
+          start += n
+      os.rename(staging, output)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

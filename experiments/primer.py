@@ -12,7 +12,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from convjax import cli, primer
+from convjax import cli, files, primer
 from convjax.data.folders import decode_image
 from convjax.viz.plots import image_grid
 
@@ -38,7 +38,7 @@ def main(argv):
     scale = f.size / max(image.shape[:2])
     image = decode_image(f.image, 1, (round(image.shape[0] * scale), round(image.shape[1] * scale)))
   gray = image[..., 0].astype(np.float32) / 255.0
-  os.makedirs(f.output_dir, exist_ok=True)
+  files.make_dir(f.output_dir)
 
   gx, gy, magnitude = primer.sobel(gray)
   maps = [gray, np.abs(gx), np.abs(gy), magnitude]

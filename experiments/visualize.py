@@ -19,7 +19,6 @@ transform of the model's apply function (convjax.viz); convjax.viz.figures
 draws them, each taking its own config.viz.<method> options.
 """
 
-import json
 import os
 import time
 
@@ -29,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convjax import cli, inference, run
+from convjax import cli, files, inference, run
 from convjax.data.folders import decode_image
 from convjax.data.preprocess import Fit, input_transform
 from convjax.data.splits import open_source
@@ -113,7 +112,7 @@ def main(argv):
   if viz.model:
     model, variables, prepare, fit, (size, channels) = pretrained(viz)
     name, data = viz.model, None
-    os.makedirs(os.path.join(workdir, "viz"), exist_ok=True)
+    files.make_dir(os.path.join(workdir, "viz"))
     plot_model(model, (*size, channels), os.path.join(workdir, "viz", "model.png"), viz.model)
   else:
     model, variables, prepare, fit, (size, channels), config = trained(workdir, flags.FLAGS.weights)
@@ -148,17 +147,15 @@ def main(argv):
     draw[method]()
     timings[method] = round(time.perf_counter() - t0, 3)
     logging.info("%s: %.2fs", method, timings[method])
-  with open(os.path.join(workdir, "viz", "timings.json"), "w") as f:
-    json.dump(
-      {
-        "device": jax.devices()[0].device_kind,
-        "class": subject.class_index,
-        "probability": probability,
-        "seconds": timings,
-      },
-      f,
-      indent=1,
-    )
+  files.write_json(
+    os.path.join(workdir, "viz", "timings.json"),
+    {
+      "device": jax.devices()[0].device_kind,
+      "class": subject.class_index,
+      "probability": probability,
+      "seconds": timings,
+    },
+  )
 
 
 def classes_of(viz, data, model, variables, size, channels) -> tuple:
@@ -186,9 +183,9 @@ def explain_images(viz, methods, model, variables, prepare, fit, shape, name: st
     raise UserError(f"config.viz.gradcam.layer={viz.gradcam.layer!r} is not a Conv2D layer of {name}")
   if "gradcam" in batch_methods and not conv_paths:
     raise UserError(f"config.viz.methods gradcam needs a Conv2D layer; {name} has none")
-  files = inference.list_images(flags.FLAGS.images)
+  paths = inference.list_images(flags.FLAGS.images)
   images, names = [], []
-  for path in files:
+  for path in paths:
     try:
       images.append(fit(decode_image(path, channels, None)))
       names.append(path)
@@ -200,7 +197,7 @@ def explain_images(viz, methods, model, variables, prepare, fit, shape, name: st
     os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else "?" for p in names
   ]
   out = os.path.join(workdir, "viz")
-  os.makedirs(out, exist_ok=True)
+  files.make_dir(out)
   layer = by_name.get(viz.gradcam.layer, (conv_paths or [None])[-1])
   figures.batch_maps(model, variables, prepare, np.stack(images), names, classes, true, layer, batch_methods, out)
 
@@ -238,7 +235,7 @@ def figure_functions(viz, methods, subject, name: str, classifier: bool, data, w
     prob = float(layers.class_probability(logits, cls)[0])
   subject = subject._replace(class_index=cls)
   out = os.path.join(workdir, "viz")
-  os.makedirs(out, exist_ok=True)
+  files.make_dir(out)
   logging.info("%s; figures in %s", "no classifier" if cls is None else f"class {cls} (p={prob:.3f})", out)
 
   def top_images():

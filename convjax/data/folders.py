@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from convjax import files
 from convjax.data.preprocess import resize_bilinear, to_uint8
 from convjax.errors import UserError
 
@@ -55,21 +56,25 @@ def extracted_root(path: str, cache_dir: Optional[str] = None) -> str:
   stat = os.stat(path)
   target = os.path.join(cache_dir, f"{os.path.basename(path)}-{stat.st_size}-{int(stat.st_mtime)}")
   if not os.path.isdir(target):
-    os.makedirs(cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".extract_", dir=cache_dir)
+    with files.writing(cache_dir):
+      files.make_dir(cache_dir)
+      staging = tempfile.mkdtemp(prefix=".extract_", dir=cache_dir)
     logging.info("extracting %s into %s (once)", path, target)
     try:
-      if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
-          archive.extractall(staging)
-      else:
-        with tarfile.open(path) as archive:
-          archive.extractall(staging, filter="data")
-      os.rename(staging, target)
-    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+      with files.writing(target):  # a failed write to the cache's disk is one "cannot write" line
+        if path.endswith(".zip"):
+          with zipfile.ZipFile(path) as archive:
+            archive.extractall(staging)
+        else:
+          with tarfile.open(path) as archive:
+            archive.extractall(staging, filter="data")
+        os.rename(staging, target)
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, UserError) as e:
       shutil.rmtree(staging, ignore_errors=True)
       if os.path.isdir(target):  # another process finished the same extraction first
         return extracted_root(path, cache_dir)
+      if isinstance(e, UserError):
+        raise
       raise UserError(f"cannot extract image folder archive {path!r}: {e}") from None
   entries = [e for e in os.listdir(target) if not e.startswith(".")]
   if len(entries) == 1 and os.path.isdir(os.path.join(target, entries[0])):

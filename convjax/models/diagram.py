@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
+from convjax import files  # noqa: E402
 from convjax.models.summary import layer_labels, layer_table  # noqa: E402
 
 
@@ -166,8 +167,7 @@ def draw(nodes: list, edges: list, path: str, title: str = "") -> None:
   if title:
     ax.set_title(title, fontsize=10)
   fig.subplots_adjust(left=0, right=1, top=1 - 0.4 / fig_h, bottom=0)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=90)
 
 
 def plot_model(model: nn.Module, input_shape: Sequence[int], path: str, name: str = "") -> list:

@@ -23,7 +23,6 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import sys
 
 import flax.linen as nn
@@ -308,13 +307,11 @@ def write_record(workdir: str, source: dict) -> None:
   from convjax import files
 
   folder = os.path.join(workdir, SOURCE_DIR)
-  with files.writing(folder):
-    os.makedirs(folder, exist_ok=True)
-    if "copy" in source:
-      copy = os.path.join(folder, source["copy"])
-      shutil.copyfile(source["file"], copy + ".tmp")
-      os.replace(copy + ".tmp", copy)
-    files.write_json(os.path.join(folder, "source.json"), source)
+  files.make_dir(folder)
+  if "copy" in source:
+    with open(source["file"], "rb") as f:
+      files.write_bytes(os.path.join(folder, source["copy"]), f.read())
+  files.write_json(os.path.join(folder, "source.json"), source)
 
 
 def read_record(workdir: str):

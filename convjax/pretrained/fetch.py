@@ -9,13 +9,12 @@ nothing in the cache. Offline, set CONVJAX_WEIGHTS_DIR (here ../shared/weights).
 
 import hashlib
 import os
-import shutil
-import tempfile
 import urllib.request
 from typing import NamedTuple, Optional
 
 from absl import logging
 
+from convjax import files
 from convjax.errors import UserError
 
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -61,26 +60,24 @@ def file_digest(path: str, file_hash: str) -> str:
 
 
 def download(remote: Remote, target: str) -> str:
-  """Downloads `remote` to `target` (atomically), verifying its hash."""
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".download_", dir=os.path.dirname(target))
-  os.close(fd)
+  """Downloads `remote` to `target` (atomically, through files.output), verifying its hash."""
+  digest = (hashlib.md5 if len(remote.file_hash) == 32 else hashlib.sha256)()
+  logging.info("downloading %s", remote.url)
+  files.make_dir(os.path.dirname(target))
   try:
-    logging.info("downloading %s", remote.url)
-    with urllib.request.urlopen(remote.url, timeout=60) as response, open(tmp, "wb") as out:
-      shutil.copyfileobj(response, out)
-    got = file_digest(tmp, remote.file_hash)
-    if got != remote.file_hash.lower():
-      raise UserError(f"download of {remote.url} has hash {got}, expected {remote.file_hash}; not kept")
-    os.replace(tmp, target)
+    with urllib.request.urlopen(remote.url, timeout=60) as response, files.output(target, "wb") as out:
+      for chunk in iter(lambda: response.read(1 << 20), b""):
+        digest.update(chunk)
+        out.write(chunk)
+      if digest.hexdigest() != remote.file_hash.lower():
+        raise UserError(
+          f"download of {remote.url} has hash {digest.hexdigest()}, expected {remote.file_hash}; not kept"
+        )
   except OSError as e:
     raise UserError(
       f"cannot download {remote.url} ({e}); offline, set CONVJAX_WEIGHTS_DIR to a "
       f"directory holding {os.path.basename(target)}"
     ) from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return target
 
 

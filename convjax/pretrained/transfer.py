@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from convjax import files
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import Source, Split
 from convjax.errors import UserError
@@ -95,10 +96,9 @@ def feature_split(name: str, split: Split, extract, cache_dir: str) -> Split:
     else:
       logging.info("extracting features of %s rows %d:%d", name, a, b)
       features = extract(rows["image"])
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = path + ".tmp.npy"
-      np.save(tmp, features)
-      os.replace(tmp, path)
+      files.make_dir(cache_dir)
+      with files.output(path, "wb") as f:
+        np.save(f, features)
     return {"image": features, "label": rows["label"]}
 
   return split._replace(read=read, spec=f"features of {split.spec}")

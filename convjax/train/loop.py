@@ -41,7 +41,7 @@ from convjax.models.diagram import plot_model
 from convjax.models.summary import summary, trainable_mask
 from convjax.pretrained import transfer
 from convjax.train.optim import make_optimizer
-from convjax.train.progress import Interrupts, Progress
+from convjax.train.progress import Interrupts, Progress, pause_point
 from convjax.train.state import create_from, create_train_state, starting_params
 from convjax.train.steps import NO_STEP, jit_steps, zero_metrics
 from convjax.viz.plots import learning_curves
@@ -226,10 +226,8 @@ def start_state(
   state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.txt")
-    with files.writing(path), open(path, "w") as f:
-      f.write(summary(model, input_shape, name=config.model, trainable=config.trainable or None))
-    with files.writing(os.path.join(workdir, "model.png")):
-      plot_model(model, input_shape, os.path.join(workdir, "model.png"), config.model)
+    files.write_text(path, summary(model, input_shape, name=config.model, trainable=config.trainable or None))
+    plot_model(model, input_shape, os.path.join(workdir, "model.png"), config.model)
   restored = checkpoints.restore_latest(
     manager, checkpoints.abstract(state, repl), checkpoints.abstract(zero_metrics(), repl)
   )
@@ -364,9 +362,13 @@ def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) ->
   check_finite(t, sums, epoch)
   step = int(jax.device_get(state.step))
   path = os.path.join(t.workdir, "checkpoints", str(step))
+  if jax.process_count() == 1 and not os.path.isfile(os.path.join(t.workdir, "config.json")):
+    # orbax would make the folders again: a run deleted (or moved) while it trains stops instead.
+    raise UserError(f"cannot write {path}: the run's folder {t.workdir} was deleted or moved while it trained")
   with files.writing(path):
     checkpoints.save(t.manager, step, state, history, sums, epoch_end)
     if epoch_end:
+      pause_point("checkpoint")
       t.manager.wait_until_finished()
   return path
 
@@ -389,6 +391,8 @@ def train_epoch(t: Trainer, state, epoch: int, start: Start, interrupts: Interru
   spe, every = t.steps_per_epoch, t.config.checkpoint_every_steps
   sums = start.sums if start.sums is not None else parallel.put_replicated_tree(t.mesh, zero_metrics())
   in_flight, progress = InFlight(), Progress(t, epoch, start.position, sums, first)
+  if first:
+    pause_point("first_step")
   for i, feed in enumerate(t.data.train_batches(epoch, start.position), start=start.position + 1):
     global_step = (epoch - 1) * spe + i
     profile(t, global_step - 1, sums)
@@ -404,28 +408,32 @@ def train_epoch(t: Trainer, state, epoch: int, start: Start, interrupts: Interru
   return state, sums
 
 
-def fit(t: Trainer, start: Start) -> tuple:
+def fit(t: Trainer, start: Start, interrupts: Interrupts) -> tuple:
   """(state, history) after the epochs left, each checkpointed and recorded as it ends."""
   config, state, history = t.config, start.state, start.history
-  with Interrupts() as interrupts:
-    for epoch in range(len(history) + 1, config.num_epochs + 1):
-      if stop_epoch(config, history):
-        break
-      t0 = time.perf_counter()
-      first = epoch == len(start.history) + 1
-      state, sums = train_epoch(t, state, epoch, start._replace(history=history), interrupts, first)
-      start = start._replace(sums=None, position=0)
-      record = {"epoch": epoch, **_metric_record("train", sums)}
-      train_seconds = time.perf_counter() - t0
-      record.update(_metric_record("val", evaluate(t, state, "validation")))
-      if config.target_accuracy and config.target_split == "test":
-        record.update(_metric_record("test", evaluate(t, state, "test")))
-      record["seconds"] = time.perf_counter() - t0
-      if config.target_accuracy:  # since this process started the run: resumed runs count from their restart
-        record["wall_seconds"] = time.perf_counter() - t.started
-      history = history + [record]
-      save(t, state, history, sums, epoch, epoch_end=True)
-      end_epoch(t, history, record, train_seconds)
+  for epoch in range(len(history) + 1, config.num_epochs + 1):
+    if stop_epoch(config, history):
+      break
+    t0 = time.perf_counter()
+    first = epoch == len(start.history) + 1
+    state, sums = train_epoch(t, state, epoch, start._replace(history=history), interrupts, first)
+    start = start._replace(sums=None, position=0)
+    record = {"epoch": epoch, **_metric_record("train", sums)}
+    train_seconds = time.perf_counter() - t0
+    pause_point("evaluate")
+    record.update(_metric_record("val", evaluate(t, state, "validation")))
+    if config.target_accuracy and config.target_split == "test":
+      record.update(_metric_record("test", evaluate(t, state, "test")))
+    record["seconds"] = time.perf_counter() - t0
+    if config.target_accuracy:  # since this process started the run: resumed runs count from their restart
+      record["wall_seconds"] = time.perf_counter() - t.started
+    history = history + [record]
+    path = save(t, state, history, sums, epoch, epoch_end=True)
+    end_epoch(t, history, record, train_seconds)
+    interrupts.stop_after(
+      f"during epoch {epoch}'s evaluation or checkpoint",
+      f"saved {path} (the end of epoch {epoch}): rerun the same command to resume",
+    )
   return state, history
 
 
@@ -435,8 +443,7 @@ def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> 
   run.write_history(t.workdir, history)
   if jax.process_index() == 0:
     plot = os.path.join(t.workdir, "plots", "learning_curves.png")
-    with files.writing(plot):
-      learning_curves(history, plot, config.plot_smoothing, title=config.model)
+    learning_curves(history, plot, config.plot_smoothing, title=config.model)
   t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
   left = (config.num_epochs - epoch) * record["seconds"]
   logging.info(
@@ -513,8 +520,10 @@ def final_test(t: Trainer, state, history: list, test_epoch: int) -> list:
   """history with the test record appended (and written), when the run has a test split."""
   if "test" not in t.data.sizes:
     return history
+  pause_point("final_test")
   test = {**_metric_record("test", evaluate(t, state, "test")), "test_epoch": test_epoch}
-  t.writer.write_scalars(test_epoch, test)
+  # On the one step axis of the train and validation scalars: the step of the weights tested.
+  t.writer.write_scalars(test_epoch * t.steps_per_epoch, {k: v for k, v in test.items() if k != "test_epoch"})
   logging.info("test loss %.4f acc %.4f (weights of epoch %d)", test["test_loss"], test["test_accuracy"], test_epoch)
   history = history + [test]
   run.write_history(t.workdir, history)
@@ -524,26 +533,33 @@ def final_test(t: Trainer, state, history: list, test_epoch: int) -> list:
 def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
   """Trains (or resumes) the configured run in `workdir` and returns its history."""
   started = time.perf_counter()
-  t, start = set_up(config, workdir, started)
-  test_epoch: Optional[int] = None
-  completed = False
-  try:
-    state, history = fit(t, start)
-    log_stop(t.config, history)
-    if jax.process_count() > 1:
-      logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
-    if "test" in t.data.sizes:
-      test_epoch, state = test_weights(t, state, history)
-    completed = True
-  finally:
-    t.data.close()
+  with Interrupts() as interrupts:  # SIGTERM/SIGINT: each phase ends, then one line and 128 + the signal
+    t, start = set_up(config, workdir, started)
+    test_epoch: Optional[int] = None
+    completed = False
     try:
-      with files.writing(os.path.join(workdir, "checkpoints")):
-        t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
-    except UserError:
-      if completed:  # else the error on its way out already names the failed write
-        raise
-    t.writer.flush()
-  history = final_test(t, state, history, test_epoch)
-  t.writer.close()
+      pause_point("set_up")
+      interrupts.stop_after(
+        "while the run was set up (data read, state made or restored)",
+        "nothing was trained since the last checkpoint: rerun the same command to resume",
+      )
+      state, history = fit(t, start, interrupts)
+      log_stop(t.config, history)
+      if jax.process_count() > 1:
+        logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
+      if "test" in t.data.sizes:
+        test_epoch, state = test_weights(t, state, history)
+      completed = True
+    finally:
+      t.data.close()
+      try:
+        with files.writing(os.path.join(workdir, "checkpoints")):
+          t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
+      except UserError:
+        if completed:  # else the error on its way out already names the failed write
+          raise
+      t.writer.flush()
+    history = final_test(t, state, history, test_epoch)
+    t.writer.close()
+    interrupts.stop_after("during the final test", "its record is in history.json: the run is complete")
   return history

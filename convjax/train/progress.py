@@ -11,6 +11,7 @@ step in flight: it saves and ends the run with `Interrupted`. A second SIGINT
 aborts at once, as Python's default would.
 """
 
+import os
 import signal
 import threading
 import time
@@ -123,14 +124,22 @@ class Interrupts:
     if self.requested == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: abort now
     self.requested = signum
-    logging.warning("%s received: finishing the step, then saving (Ctrl-C again aborts)", signal.Signals(signum).name)
+    logging.warning(
+      "%s received: finishing this step (or evaluation, checkpoint, set-up), then saving and stopping "
+      "(Ctrl-C again aborts)",
+      signal.Signals(signum).name,
+    )
 
   def stop_at(self, step: int) -> bool:
     """Whether to stop after global step `step` (the same answer in every process)."""
+    if jax.process_count() > 1 and step % self.every:
+      return False
+    return self.requested_anywhere()
+
+  def requested_anywhere(self) -> bool:
+    """Whether any process got a signal (all processes call this at the same point)."""
     if jax.process_count() == 1:
       return self.requested is not None
-    if step % self.every:
-      return False
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.int32(self.requested or 0))
@@ -138,9 +147,34 @@ class Interrupts:
       self.requested = int(np.max(flags))
     return bool(np.any(flags))
 
+  def stop_after(self, what: str, then: str) -> None:
+    """Stops when a signal came during `what` (a phase outside the train steps, which is
+    finished before the stop): `then` says what is on disk and what the rerun does."""
+    if self.requested_anywhere():
+      raise Interrupted(
+        f"interrupted by {signal.Signals(self.requested).name} {what}; {then}", 128 + int(self.requested)
+      )
+
   def stop(self, step: int, epoch: int, position: int, steps_per_epoch: int, where: str):
     raise Interrupted(
       f"interrupted at step {step} (epoch {epoch}, step {position}/{steps_per_epoch}); saved "
       f"{where}: rerun the same command to resume",
       128 + int(self.requested),
     )
+
+
+PAUSE_VARIABLE = "CONVJAX_PAUSE_AT"
+_paused = set()
+
+
+def pause_point(phase: str) -> None:
+  """A hook for tests (CONVJAX_PAUSE_AT=PHASE[,PHASE]): the first time this process reaches
+  PHASE it logs `paused at PHASE` and stops itself (SIGSTOP) until a SIGCONT, so that a test
+  meets a fault or sends a signal exactly then. The trainer's phases: set_up (data read,
+  nothing compiled), first_step (before the first step's compilation), evaluate (before an
+  epoch's validation), checkpoint (an epoch's checkpoint being written), final_test."""
+  if phase in os.environ.get(PAUSE_VARIABLE, "").split(",") and phase not in _paused:
+    _paused.add(phase)
+    logging.warning("paused at %s (%s)", phase, PAUSE_VARIABLE)
+    logging.flush()
+    os.kill(os.getpid(), signal.SIGSTOP)

@@ -7,6 +7,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from convjax import files  # noqa: E402
+
 
 def smooth(points, factor: float):
   """Exponential moving average, as Chollet smooths noisy curves (factor 0.8)."""
@@ -40,8 +42,7 @@ def learning_curves(history: list, path: str, smoothing: float = 0.0, title: str
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
 
 
 def image_grid(images, path: str, cols: int = 4, titles=None, size: float = 2.5) -> None:
@@ -59,8 +60,7 @@ def image_grid(images, path: str, cols: int = 4, titles=None, size: float = 2.5)
       if titles:
         ax.set_title(titles[i], fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
 
 
 def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> None:
@@ -75,8 +75,7 @@ def bar_chart(labels, values, path: str, ylabel: str = "", title: str = "") -> N
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
 
 
 def map_panels(path: str, image, panels) -> None:
@@ -94,8 +93,7 @@ def map_panels(path: str, image, panels) -> None:
   for ax in axes:
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
 
 
 def channel_grid_figure(grid, path: str, title: str) -> None:
@@ -104,8 +102,7 @@ def channel_grid_figure(grid, path: str, title: str) -> None:
   plt.imshow(grid, cmap="viridis", aspect="auto")
   plt.title(title)
   plt.axis("off")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
 
 
 def confusion_matrix(matrix, classes, path: str, title: str = "") -> None:
@@ -136,5 +133,4 @@ def confusion_matrix(matrix, classes, path: str, title: str = "") -> None:
   ax.set_ylabel("true")
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  files.save_figure(fig, path, dpi=100)
