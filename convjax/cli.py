@@ -88,8 +88,16 @@ def _report_failures_once() -> None:
 
 
 def _one_line_error(message) -> None:
+  """Prints `error: MESSAGE` as the last line and exits 1. Library threads still running
+  (orbax's writers after a failed checkpoint wait minutes for a folder that was never made,
+  then log) would print after it or keep the process alive: the process then ends at once."""
   logging.flush()
-  sys.exit("error: " + " ".join(str(message).split()))
+  line = "error: " + " ".join(str(message).split())
+  if threading.active_count() > 1:
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+  sys.exit(line)
 
 
 def _literal(raw: str, default):

@@ -15,6 +15,8 @@ resuming a run reads its checkpoints with checkpoints.restore_latest.
 import json
 import os
 import shutil
+import socket
+import struct
 import time
 from typing import NamedTuple
 
@@ -91,47 +93,40 @@ class TensorBoard:
   """Scalars for TensorBoard in <workdir>/tensorboard (process 0; elsewhere nothing), all on
   the global-step axis.
 
-  Written with tensorboardX's event-file writer, which needs no TensorFlow (clu's
-  SummaryWriter writes through tf.summary), in this thread: its SummaryWriter writes from a
-  thread of its own, where a full disk would be a traceback and then a hang on its queue.
-  An event file is appended to, so it is the one file not written through files.output.
+  One event file, opened only to append the records of each write_scalars call: tensorboardX's
+  SummaryWriter writes from a thread of its own (a full disk there is a traceback, then a hang
+  on its queue) and holds the file open for the whole run (a file system cannot become
+  read-only under an open writer). The records are tensorboardX's Event protos in TFRecord
+  framing with its masked CRC-32C, which is all an event file is; no TensorFlow needed.
   """
 
-  FLUSH_SECONDS = 30
-
   def __init__(self, workdir: str):
-    self._writer = None
-    self._path = os.path.join(workdir, "tensorboard")
+    self._file = None
     if jax.process_index() == 0:
-      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.proto.event_pb2 import Event
 
-      with files.writing(self._path):
-        os.makedirs(self._path, exist_ok=True)
-        self._writer = EventsWriter(os.path.join(self._path, "events"))
-      self._flushed = time.monotonic()
+      folder = files.make_dir(os.path.join(workdir, "tensorboard"))
+      self._file = os.path.join(folder, f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}")
+      self._append([Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+  def _append(self, events) -> None:
+    from tensorboardX.record_writer import masked_crc32c
+
+    records = []
+    for event in events:
+      data = event.SerializeToString()
+      header = struct.pack("<Q", len(data))
+      records += [header, struct.pack("<I", masked_crc32c(header)), data, struct.pack("<I", masked_crc32c(data))]
+    with files.writing(self._file), open(self._file, "ab") as f:
+      f.write(b"".join(records))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    if self._writer:
+    if self._file:
       from tensorboardX.proto.event_pb2 import Event
       from tensorboardX.summary import scalar
 
-      with files.writing(self._path):
-        for name, value in scalars.items():
-          self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(name, float(value))))
-      if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
-        self.flush()
-
-  def flush(self) -> None:
-    if self._writer:
-      with files.writing(self._path):
-        self._writer.flush()
-      self._flushed = time.monotonic()
-
-  def close(self) -> None:
-    if self._writer:
-      with files.writing(self._path):
-        self._writer.close()
-      self._writer = None
+      now = time.time()
+      self._append([Event(wall_time=now, step=step, summary=scalar(k, float(v))) for k, v in scalars.items()])
 
 
 # Reading a run.

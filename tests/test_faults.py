@@ -137,7 +137,7 @@ def _unguarded_writes(path) -> list:
       isinstance(item.context_expr, ast.Call) and ast.unparse(item.context_expr.func).endswith(("writing", "output"))
       for item in node.items
     ):
-      guarded |= {id(n) for child in node.body for n in ast.walk(child)}
+      guarded |= {id(n) for n in ast.walk(node)}  # its body, and the other items (an `open`)
   found = []
   for node in ast.walk(tree):
     if not isinstance(node, ast.Call) or id(node) in guarded:

@@ -184,6 +184,42 @@ def test_a_run_folder_deleted_while_it_trains_is_one_error(tmp_path):
   assert not (tmp_path / "parent").exists()
 
 
+NO_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("fault", ["the disk is full", "the file system is read-only", "permission denied"])
+def test_a_fault_that_comes_while_the_run_trains_fails_its_checkpoint_and_the_rerun_resumes(
+  tmp_path, tiny_mnist_run, fault
+):
+  """The fault comes while the binary is paused before epoch 1's evaluation: the epoch's
+  checkpoint (orbax's writes) fails; history.json does not list the epoch; once the fault is
+  gone the rerun starts again and ends with the uninterrupted run's history."""
+  with tmpfs(tmp_path / "disk") as disk:
+    workdir = disk / "run"
+    argv = [*NO_DAC_OVERRIDE, *binary_argv("experiments.train", *TINY_MNIST, f"--workdir={workdir}")]
+    proc, lines = paused(argv, "evaluate")
+    if fault == "the disk is full":
+      fill(disk)
+    elif fault == "the file system is read-only":
+      remount(disk, "ro")
+    else:
+      (workdir / "checkpoints").chmod(0o555)
+    output = finish(proc, lines)
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith(f"error: cannot write {workdir}/checkpoints/10"), output[-3000:]
+    assert output.strip().splitlines()[-1].endswith(f": {fault} {HINT}"), output[-3000:]
+    assert checkpoints.kept(str(workdir)) == {} and not (workdir / "history.json").exists()
+    if fault == "the disk is full":
+      (disk / "filler").unlink()
+    elif fault == "the file system is read-only":
+      remount(disk, "rw")
+    else:
+      (workdir / "checkpoints").chmod(0o755)
+    result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert history(workdir) == history(tiny_mnist_run)
+
+
 PHASES = {  # each phase with one of the two signals a user sends
   "set_up": (signal.SIGTERM, "while the run was set up", None),
   "first_step": (signal.SIGINT, "at step 1 (epoch 1, step 1/10)", 1),

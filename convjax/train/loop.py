@@ -365,7 +365,7 @@ def save(t: Trainer, state, history: list, sums, epoch: int, epoch_end: bool) ->
   if jax.process_count() == 1 and not os.path.isfile(os.path.join(t.workdir, "config.json")):
     # orbax would make the folders again: a run deleted (or moved) while it trains stops instead.
     raise UserError(f"cannot write {path}: the run's folder {t.workdir} was deleted or moved while it trained")
-  with files.writing(path):
+  with files.writing(path, name_what=True):  # not orbax's temporary folder
     checkpoints.save(t.manager, step, state, history, sums, epoch_end)
     if epoch_end:
       pause_point("checkpoint")
@@ -556,10 +556,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
         with files.writing(os.path.join(workdir, "checkpoints")):
           t.manager.close()  # waits for a checkpoint still being written, also on Ctrl-C
       except UserError:
-        if completed:  # else the error on its way out already names the failed write
+        if completed:  # else the error on its way out already names what failed first
           raise
-      t.writer.flush()
     history = final_test(t, state, history, test_epoch)
-    t.writer.close()
     interrupts.stop_after("during the final test", "its record is in history.json: the run is complete")
   return history
