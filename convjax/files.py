@@ -90,9 +90,9 @@ def make_dir(path: str) -> str:
   return path
 
 
-def write_json(path: str, value, indent: int = 1) -> None:
+def write_json(path: str, value) -> None:
   with output(path) as f:
-    json.dump(value, f, indent=indent)
+    json.dump(value, f, indent=1)
 
 
 def write_text(path: str, text: str) -> None:

@@ -50,18 +50,9 @@ def cache_dir() -> str:
   return os.environ.get("CONVJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "convjax")
 
 
-def file_digest(path: str, file_hash: str) -> str:
-  algorithm = hashlib.md5 if len(file_hash) == 32 else hashlib.sha256
-  digest = algorithm()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def download(remote: Remote, target: str) -> str:
   """Downloads `remote` to `target` (atomically, through files.output), verifying its hash."""
-  digest = (hashlib.md5 if len(remote.file_hash) == 32 else hashlib.sha256)()
+  digest = (hashlib.md5 if len(remote.file_hash) == 32 else hashlib.sha256)()  # Keras publishes either
   logging.info("downloading %s", remote.url)
   files.make_dir(os.path.dirname(target))
   try:
