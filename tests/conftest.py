@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import pytest
@@ -308,8 +310,6 @@ def kill_after_first_checkpoint(workdir, *args, env=None):
 
   Returns the epochs completed in the checkpoints on disk after the kill.
   """
-  import signal
-  import time
   from convjax import checkpoints
 
   proc = subprocess.Popen(
@@ -336,3 +336,29 @@ def link_cats_dogs_subset(root, per_split):
       for name in sorted(os.listdir(source_root / split / c))[:n]:
         os.symlink(source_root / split / c / name, root / split / c / name)
   return root
+
+
+def paused(argv, phase, env=None):
+  """The binary started with CONVJAX_PAUSE_AT=phase (convjax/train/progress.py), once it has
+  stopped itself there; and the lines it wrote so far. `finish` continues it."""
+  proc = subprocess.Popen(
+    argv, cwd=REPO, env=binary_env({"CONVJAX_PAUSE_AT": phase, **(env or {})}), stderr=subprocess.PIPE, text=True
+  )
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if f"paused at {phase}" in line:
+      break
+  else:
+    raise AssertionError(f"never paused at {phase}: {''.join(lines[-20:])}")
+  while open(f"/proc/{proc.pid}/stat").read().rsplit(") ", 1)[1][0] != "T":
+    time.sleep(0.01)
+  return proc, lines
+
+
+def finish(proc, lines):
+  """Continues a paused binary to its end; all it wrote."""
+  proc.send_signal(signal.SIGCONT)
+  lines += proc.stderr.readlines()
+  proc.wait(timeout=300)
+  return "".join(lines)

@@ -1,21 +1,19 @@
 """Faults met for real, as a user meets them: a full, read-only or unwritable file system (a tmpfs
-mounted for the test; the tests run as root in CI), a run's folder deleted while it trains,
-and SIGTERM/Ctrl-C sent to the binary at each phase of a run. No test here patches a library,
-the file system or `open`. Each fault ends in one line, the last of the output, with no
-traceback; what is on disk stays consistent, and the rerun ends as the uninterrupted run."""
+mounted for the test; the tests run as root in CI) and a run's folder deleted while it trains
+(signals at each phase: test_signals.py). No test here patches a library, the file system or
+`open`. Each fault ends in one line, the last of the output, with no traceback; what is on
+disk stays consistent, and the rerun ends as the uninterrupted run."""
 
 import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
 from convjax import checkpoints
-from tests.conftest import REPO, TINY_MNIST, binary_argv, binary_env, run_binary
+from tests.conftest import REPO, TINY_MNIST, binary_argv, binary_env, finish, paused, run_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mnist_arrays")]
 
@@ -146,31 +144,6 @@ def test_every_binary_that_writes_into_a_read_only_run_is_one_error(tmp_path, ti
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
 
 
-def paused(argv, phase, env=None):
-  """The binary started with CONVJAX_PAUSE_AT=phase, once it has stopped itself there; and the
-  lines it wrote so far."""
-  proc = subprocess.Popen(
-    argv, cwd=REPO, env=binary_env({"CONVJAX_PAUSE_AT": phase, **(env or {})}), stderr=subprocess.PIPE, text=True
-  )
-  lines = []
-  for line in proc.stderr:
-    lines.append(line)
-    if f"paused at {phase}" in line:
-      break
-  else:
-    raise AssertionError(f"never paused at {phase}: {''.join(lines[-20:])}")
-  while open(f"/proc/{proc.pid}/stat").read().rsplit(") ", 1)[1][0] != "T":
-    time.sleep(0.01)
-  return proc, lines
-
-
-def finish(proc, lines):
-  proc.send_signal(signal.SIGCONT)
-  lines += proc.stderr.readlines()
-  proc.wait(timeout=300)
-  return "".join(lines)
-
-
 def test_a_run_folder_deleted_while_it_trains_is_one_error(tmp_path):
   """Without the check, orbax would make the deleted folders again for the next checkpoint."""
   workdir = tmp_path / "parent" / "run"
@@ -218,31 +191,3 @@ def test_a_fault_that_comes_while_the_run_trains_fails_its_checkpoint_and_the_re
     result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert history(workdir) == history(tiny_mnist_run)
-
-
-PHASES = {  # each phase with one of the two signals a user sends
-  "set_up": (signal.SIGTERM, "while the run was set up", None),
-  "first_step": (signal.SIGINT, "at step 1 (epoch 1, step 1/10)", 1),
-  "evaluate": (signal.SIGTERM, "during epoch 1's evaluation or checkpoint", 10),
-  "checkpoint": (signal.SIGINT, "during epoch 1's evaluation or checkpoint", 10),
-  "final_test": (signal.SIGTERM, "during the final test", 30),
-}
-
-
-@pytest.mark.parametrize("phase", list(PHASES))
-def test_a_signal_at_each_phase_is_one_line_and_the_rerun_ends_as_the_uninterrupted_run(
-  tmp_path, tiny_mnist_run, phase
-):
-  """The phase ends, what it made is saved, one line says so, exit 128 + the signal."""
-  sig, said, latest = PHASES[phase]
-  workdir = tmp_path / "run"
-  proc, lines = paused(binary_argv("experiments.train", *TINY_MNIST, f"--workdir={workdir}"), phase)
-  proc.send_signal(sig)
-  output = finish(proc, lines)
-  assert proc.returncode == 128 + sig and "Traceback" not in output, output[-3000:]
-  last = output.strip().splitlines()[-1]
-  assert f"interrupted {said}" in last or f"interrupted by {sig.name} {said}" in last, last
-  assert max(checkpoints.kept(str(workdir)), default=None) == latest
-  result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert history(workdir) == history(tiny_mnist_run)
