@@ -12,6 +12,7 @@ import json
 import logging as py_logging
 import os
 import sys
+import traceback
 from typing import NamedTuple
 
 import jax
@@ -21,7 +22,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from convjax.errors import UserError
+from convjax.errors import UserError, chain, closed_loop_leftover
 from convjax.files import write_json, writing
 
 
@@ -153,16 +154,11 @@ def _differences(expected: dict, got: dict) -> list:
 def _raised_by_a_read(error) -> bool:
   """Whether `error`, or an exception it was raised from, was raised inside orbax's array
   deserialisation (every read of a damaged checkpoint's arrays fails there)."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    tb = error.__traceback__
-    while tb is not None:
-      if "orbax/checkpoint/_src/serialization" in tb.tb_frame.f_code.co_filename:
-        return True
-      tb = tb.tb_next
-    error = error.__cause__ or error.__context__
-  return False
+  return any(
+    "orbax/checkpoint/_src/serialization" in frame.f_code.co_filename
+    for e in chain(error)
+    for frame, _ in traceback.walk_tb(e.__traceback__)
+  )
 
 
 def _drop_failed_reads() -> None:
@@ -175,8 +171,11 @@ def _drop_failed_reads() -> None:
   previous = sys.unraisablehook
 
   def unraisable_hook(unraisable):
-    late = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-    if not (late or _raised_by_a_read(unraisable.exc_value) or "_read_array_index" in repr(unraisable.object)):
+    if not (
+      closed_loop_leftover(unraisable.exc_value)
+      or _raised_by_a_read(unraisable.exc_value)
+      or "_read_array_index" in repr(unraisable.object)
+    ):
       previous(unraisable)
 
   unraisable_hook.drops_failed_reads = True

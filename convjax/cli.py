@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 from convjax import config as config_lib
 from convjax import files
 from convjax.config import RENAMED
-from convjax.errors import Interrupted, UserError
+from convjax.errors import Interrupted, UserError, closed_loop_leftover
 
 # Multi-host: one process per host, all started with the same flags but their own process_id.
 # Without --coordinator_address, jax.distributed is not started (one process, all local devices);
@@ -55,8 +55,7 @@ class _LibraryInfoFilter(py_logging.Filter):
 def _a_reported_failure(error) -> bool:
   """A failed write (reported once, as the binary's last line), or what it leaves behind:
   tensorstore completions that arrive after orbax closed their event loop."""
-  late = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-  return error is not None and (late or files.write_cause(error) is not None)
+  return error is not None and (closed_loop_leftover(error) or files.write_cause(error) is not None)
 
 
 class _ReportedFailureFilter(py_logging.Filter):

@@ -9,7 +9,7 @@ import errno
 import json
 import os
 
-from convjax.errors import UserError
+from convjax.errors import UserError, chain
 
 # Set to 1 to see the traceback of a failure that a binary reports in one line.
 TRACEBACK_VARIABLE = "CONVJAX_TRACEBACK"
@@ -38,15 +38,12 @@ _TEXT_CAUSES = (
 def write_cause(error: BaseException):
   """Why `error`, or an exception it was raised from, failed to write (the disk is full, ...),
   or None when it is no failed write."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _CAUSES:
-      return _CAUSES[error.errno]
+  for e in chain(error):
+    if isinstance(e, OSError) and e.errno in _CAUSES:
+      return _CAUSES[e.errno]
     for marker, cause in _TEXT_CAUSES:
-      if marker in str(error):
+      if marker in str(e):
         return cause
-    error = error.__cause__ or error.__context__
   return None
 
 

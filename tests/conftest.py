@@ -114,6 +114,11 @@ def pytest_sessionfinish(session, exitstatus):
     )
 
 
+def history(workdir) -> list:
+  """A run's history.json without the wall times (what two runs of the same work share)."""
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
+
+
 def binary_env(env=None) -> dict:
   """This process's environment with `env` on top; XLA_FLAGS that a test sets are added to
   the session's own (`XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest` limits every binary's code)."""

@@ -19,7 +19,7 @@ from PIL import Image
 from convjax import checkpoints
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import REPO, TINY_MNIST, binary_argv, run_binary
+from tests.conftest import REPO, TINY_MNIST, binary_argv, history, run_binary
 
 pytestmark = pytest.mark.usefixtures("mnist_arrays")
 
@@ -29,10 +29,6 @@ ARGS = TINY_MNIST
 @pytest.fixture
 def finished(tiny_mnist_run):
   return tiny_mnist_run
-
-
-def _history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
 
 
 def _largest(pattern):
@@ -87,7 +83,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back_to_the_one_
   assert len(damaged) == 1 and f"checkpoint {workdir}/checkpoints/30 is damaged (" in damaged[0], result.stderr[-2000:]
   assert re.search(MESSAGES[fault], damaged[0]), damaged[0]
   assert "resumed from the checkpoint of step 20 (the end of epoch 2)" in result.stderr
-  assert _history(workdir) == _history(finished)
+  assert history(workdir) == history(finished)
 
 
 @pytest.mark.slow
@@ -112,7 +108,7 @@ def test_an_unreadable_metrics_file_is_rewritten_from_the_checkpoint_history(tmp
   result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}")
   assert result.returncode == 0 and "had an unreadable metrics file: rewritten from its history" in result.stderr
   metrics = json.loads((workdir / "checkpoints" / "30" / "metrics" / "metrics").read_text())
-  assert metrics == {"val_accuracy": _history(finished)[2]["val_accuracy"], "epoch": 3}
+  assert metrics == {"val_accuracy": history(finished)[2]["val_accuracy"], "epoch": 3}
 
 
 @pytest.fixture

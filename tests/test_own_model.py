@@ -56,10 +56,6 @@ def _env(folder):
   return {"PYTHONPATH": f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def _history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
-
-
 def _train(folder, model, workdir, *extra, epochs=1):
   result = run_binary(
     "experiments.train",
@@ -161,7 +157,7 @@ def test_own_model_trains_resumes_and_every_reader_reads_it(tmp_path, models, mo
   _kill_mid_epoch_two(models, model, killed)
   result = _train(models, model, killed, epochs=2)
   assert "resumed from the checkpoint of step" in result.stderr
-  assert _history(killed) == _history(straight)
+  assert history(killed) == history(straight)
 
   monkeypatch.syspath_prepend(str(models))  # the loop's own evaluation, in this process
   _check_readers(models, straight, tmp_path, loop_epoch=history[-1]["test_epoch"])

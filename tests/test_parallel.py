@@ -4,7 +4,6 @@ Each run is a subprocess, since the device count is fixed when JAX starts
 (XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
-import json
 import re
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (
+  history,
   REPO,
   binary_argv,
   binary_env,
@@ -56,11 +56,6 @@ def train(workdir, devices_visible, *extra):
   result = run_binary("experiments.train", *ARGS, f"--workdir={workdir}", *extra, env=devices_env(devices_visible))
   assert result.returncode == 0, result.stderr[-3000:]
   return result
-
-
-def history(workdir):
-  records = json.loads((workdir / "history.json").read_text())
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def assert_same_run(a, b):

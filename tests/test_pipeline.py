@@ -12,7 +12,16 @@ import pytest
 from PIL import Image
 
 from convjax.errors import UserError
-from tests.conftest import REPO, SHARED, binary_argv, binary_env, kill_after_first_checkpoint, restore_state, run_binary
+from tests.conftest import (
+  REPO,
+  SHARED,
+  binary_argv,
+  binary_env,
+  history,
+  kill_after_first_checkpoint,
+  restore_state,
+  run_binary,
+)
 
 ARRAY_RECORD = SHARED / "datasets" / "tfds_array_record"
 STREAM = ["--config.data.pipeline=stream", f"--config.data.data_dir={ARRAY_RECORD}"]
@@ -42,10 +51,6 @@ def run_without_tensorflow(module, *args, timeout=900):
     timeout=timeout,
     env={k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"},
   )
-
-
-def history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
 
 
 def assert_close_histories(a, b, tol):

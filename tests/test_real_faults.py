@@ -5,7 +5,6 @@ mounted for the test; the tests run as root in CI) and a run's folder deleted wh
 disk stays consistent, and the rerun ends as the uninterrupted run."""
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import subprocess
 import pytest
 
 from convjax import checkpoints
-from tests.conftest import REPO, TINY_MNIST, binary_argv, binary_env, finish, paused, run_binary
+from tests.conftest import REPO, TINY_MNIST, binary_argv, binary_env, finish, history, paused, run_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mnist_arrays")]
 
@@ -45,10 +44,6 @@ def fill(path):
         f.write(b"\0" * 65536)
         f.flush()
   assert shutil.disk_usage(path).free == 0
-
-
-def history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
 
 
 def assert_one_error(result, line):

@@ -1,19 +1,14 @@
 """SIGTERM (a scheduler's preemption) and Ctrl-C sent for real to the train binary at each
 phase of a run, reached with the binary's CONVJAX_PAUSE_AT pause points."""
 
-import json
 import signal
 
 import pytest
 
 from convjax import checkpoints
-from tests.conftest import TINY_MNIST, binary_argv, finish, paused, run_binary
+from tests.conftest import TINY_MNIST, binary_argv, finish, history, paused, run_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mnist_arrays")]
-
-
-def history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
 
 
 PHASES = {  # each phase with one of the two signals a user sends
