@@ -20,6 +20,7 @@ from tests.conftest import (
   REPO,
   binary_argv,
   binary_env,
+  history,
   mnist_arrays_args,
   run_binary,
   served_probabilities,
@@ -147,8 +148,8 @@ def test_own_model_trains_resumes_and_every_reader_reads_it(tmp_path, models, mo
   equals the uninterrupted run; predict, evaluate, visualize and the export read it."""
   straight = tmp_path / "straight"
   _train(models, model, straight, epochs=2)
-  history = json.loads((straight / "history.json").read_text())
-  assert history[-1]["test_accuracy"] > 0.9, history[-1]
+  records = json.loads((straight / "history.json").read_text())
+  assert records[-1]["test_accuracy"] > 0.9, records[-1]
   source = json.loads((straight / "model_source" / "source.json").read_text())
   assert source["how"] == "import" and source["module_file"] == str(models / f"{model.split(':')[0]}.py")
   assert source["flax"] == ("nnx" if "nnx" in model else "linen")
@@ -160,7 +161,7 @@ def test_own_model_trains_resumes_and_every_reader_reads_it(tmp_path, models, mo
   assert history(killed) == history(straight)
 
   monkeypatch.syspath_prepend(str(models))  # the loop's own evaluation, in this process
-  _check_readers(models, straight, tmp_path, loop_epoch=history[-1]["test_epoch"])
+  _check_readers(models, straight, tmp_path, loop_epoch=records[-1]["test_epoch"])
 
 
 @pytest.mark.slow

@@ -172,9 +172,13 @@ def pause_point(phase: str) -> None:
   PHASE it logs `paused at PHASE` and stops itself (SIGSTOP) until a SIGCONT, so that a test
   meets a fault or sends a signal exactly then. The trainer's phases: set_up (data read,
   nothing compiled), first_step (before the first step's compilation), evaluate (before an
-  epoch's validation), checkpoint (an epoch's checkpoint being written), final_test."""
+  epoch's validation), checkpoint (an epoch's checkpoint being written), final_test. A signal
+  sent while it is stopped is handled before it goes on."""
   if phase in os.environ.get(PAUSE_VARIABLE, "").split(",") and phase not in _paused:
     _paused.add(phase)
     logging.warning("paused at %s (%s)", phase, PAUSE_VARIABLE)
     logging.flush()
     os.kill(os.getpid(), signal.SIGSTOP)
+    # A signal sent while stopped may reach another thread first; its Python handler runs in
+    # this thread at the next check, which this sleep makes sure comes before the phase goes on.
+    time.sleep(0.1)
