@@ -272,7 +272,7 @@ def main(argv):
     streams = open_source(benchmark.data_config(spec)).streams
     for kind in config.pipeline_modes:
       if kind == "stream" and not streams:
-        logging.info("pipeline %s: %s cannot stream (TFRecord); skipped", item, spec)
+        logging.info("pipeline %s: %s cannot stream (its file format reads only in row ranges); skipped", item, spec)
         continue
       for workers in config.workers if kind == "stream" else (0,):
         for batch in config.batch_sizes:

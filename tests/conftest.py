@@ -172,8 +172,8 @@ def mnist_small():
 
 
 # Slices of the real MNIST as .npz (convjax/data/arrays.py), {split file: TFDS split}, for the
-# binaries whose subject is not TFDS: reading them, a binary starts ~6 s sooner than on TFDS'
-# TFRecord, which imports TensorFlow. Written once per machine (the `mnist_arrays` fixture).
+# binaries whose subject is not TFDS: reading them, a binary starts ~1.5 s sooner than on
+# TFDS (its import and dataset info). Written once per machine (the `mnist_arrays` fixture).
 MNIST_ARRAYS = pathlib.Path(tempfile.gettempdir()) / "convjax-tests" / "mnist-arrays-1"
 MNIST_SLICES = {
   "train2048": "train[:2048]",
@@ -227,17 +227,45 @@ TINY_MNIST = [
 ]
 
 
+def _trained_once(tmp_path_factory, name, args, env=None):
+  """The folder of `experiments.train args`, trained once per session for every xdist worker
+  (the first to ask trains it while the other waits) and its stderr: read it, never change it."""
+  base = tmp_path_factory.getbasetemp()
+  folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+  folder.mkdir(exist_ok=True)
+  workdir = folder / "run"
+  with open(folder / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (folder / "complete").exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      result = run_binary("experiments.train", *args, f"--workdir={workdir}", env=env)
+      assert result.returncode == 0, result.stderr[-3000:]
+      (folder / "stderr.txt").write_text(result.stderr)
+      (folder / "complete").touch()
+  return workdir, (folder / "stderr.txt").read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist_run(tmp_path_factory, mnist_arrays):
   """The finished TINY_MNIST run (checkpoints of steps 20 and 30, its test record), trained
   once for the session: copy it before changing it."""
   from convjax import checkpoints
 
-  workdir = tmp_path_factory.mktemp("tiny_mnist") / "run"
-  result = run_binary("experiments.train", *TINY_MNIST, f"--workdir={workdir}")
-  assert result.returncode == 0, result.stderr[-3000:]
+  workdir, _ = _trained_once(tmp_path_factory, "tiny_mnist", TINY_MNIST)
   assert sorted(checkpoints.kept(str(workdir))) == [20, 30]
   return workdir
+
+
+# The 'Scaling out' guide's command on one device: a full MNIST epoch of 390 steps (batch 128).
+MNIST_EPOCH = ["--config=configs/mnist.py", "--config.num_epochs=1", "--config.batch_size=128"]
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+@pytest.fixture(scope="session")
+def mnist_epoch_run(tmp_path_factory):
+  """The finished MNIST_EPOCH run on one device (its workdir, its stderr), for the tests that
+  compare another run with it or read it."""
+  return _trained_once(tmp_path_factory, "mnist_epoch", MNIST_EPOCH, env=ONE_DEVICE)
 
 
 @pytest.fixture

@@ -51,13 +51,11 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   # XLA's count: the convolutions and matmuls, plus a little elementwise work (bias, ReLU, pooling).
   assert MNIST_FORWARD_FLOPS <= inference <= 1.1 * MNIST_FORWARD_FLOPS, inference
   assert data["rows"][0]["flops_per_image"] > 2.5 * inference  # backward pass ~2x forward
-  (pipeline,) = data["pipeline"]  # the training loop's input path on the real MNIST, batch 8 (TFRecord: no stream)
-  assert (pipeline["model"], pipeline["data"], pipeline["pipeline"], pipeline["batch"]) == (
-    "mnist_convnet",
-    "mnist",
-    "device",
-    8,
-  )
+  # The training loop's input paths on the real MNIST (TFDS' TFRecord copy), batch 8.
+  assert [(p["model"], p["data"], p["pipeline"], p["batch"]) for p in data["pipeline"]] == [
+    ("mnist_convnet", "mnist", "device", 8),
+    ("mnist_convnet", "mnist", "stream", 8),
+  ]
   assert "| mnist_convnet | 28x28x1 | 8 | float32 | train |" in (tmp_path / "benchmark.md").read_text()
   assert "| mnist_convnet | mnist | device | 0 | 8 |" in (tmp_path / "benchmark.md").read_text()
   assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from convjax.errors import UserError
 from tests.conftest import (
+  MNIST_EPOCH,
   REPO,
   SHARED,
   binary_argv,
@@ -61,23 +62,21 @@ def assert_close_histories(a, b, tol):
 
 
 @pytest.mark.slow
-def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_device(tmp_path):
+def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_device(tmp_path, mnist_epoch_run):
   """The 'Scaling out' guide's command as written (a full MNIST epoch, the project's default XLA
-  settings) on 8 devices, against the same command on 1."""
-  runs = {}
-  for n in (1, 8):
-    workdir = tmp_path / str(n)
-    result = run_binary(
-      "experiments.train",
-      "--config=configs/mnist.py",
-      f"--workdir={workdir}",
-      "--config.num_epochs=1",
-      "--config.batch_size=128",
-      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"mesh: {n} x cpu" in result.stderr and "input pipeline: device" in result.stderr
-    runs[n] = history(workdir)
+  settings) on 8 devices, against the same command on 1 (the session's shared run)."""
+  workdir = tmp_path / "8"
+  result = run_binary(
+    "experiments.train",
+    *MNIST_EPOCH,
+    f"--workdir={workdir}",
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  one, one_stderr = mnist_epoch_run
+  for n, stderr in ((1, one_stderr), (8, result.stderr)):
+    assert f"mesh: {n} x cpu" in stderr and "input pipeline: device" in stderr
+  runs = {1: history(one), 8: history(workdir)}
   assert [r.get("epoch") for r in runs[8]] == [1, None] and runs[8][-1]["test_accuracy"] > 0.97
   # The same batches; only the float summation order differs (XLA's CPU convolutions split
   # their work by the per-device batch; test_parallel compares steps to 1e-5). 390 RMSprop
@@ -94,24 +93,25 @@ def test_the_documented_eight_device_command_runs_a_full_epoch_and_matches_one_d
 
 
 @pytest.mark.slow
-def test_stream_equals_device_for_one_mnist_epoch(tmp_path):
+def test_stream_equals_device_for_one_mnist_epoch(tmp_path, mnist_epoch_run):
   """The streamed pipeline (grain over TFDS' ArrayRecord copy) sees the batches the on-device
-  one (TFRecord copy) does: the same history, bit for bit on one device."""
-  common = ["--config=configs/mnist.py", "--config.num_epochs=1", "--config.model_kwargs.dropout_rate=0.25"]
-  device = run_binary("experiments.train", *common, f"--workdir={tmp_path / 'device'}")
-  assert device.returncode == 0, device.stderr[-3000:]
-  assert "input pipeline: device (70,000 images 28x28x1 = 54.9 MB; budget 0.25 x free host RAM" in device.stderr
-  stream = run_binary("experiments.train", *common, *STREAM, f"--workdir={tmp_path / 'stream'}")
+  one (TFRecord copy, the session's shared run) does: the same history and weights, bit for bit."""
+  device, device_stderr = mnist_epoch_run
+  assert "input pipeline: device (70,000 images 28x28x1 = 54.9 MB; budget 0.25 x free host RAM" in device_stderr
+  stream = run_binary("experiments.train", *MNIST_EPOCH, *STREAM, f"--workdir={tmp_path / 'stream'}")
   assert stream.returncode == 0, stream.stderr[-3000:]
   assert "input pipeline: stream" in stream.stderr
-  assert history(tmp_path / "device") == history(tmp_path / "stream")
-  a, b = restore_state(tmp_path / "device", 1), restore_state(tmp_path / "stream", 1)
+  assert history(device) == history(tmp_path / "stream")
+  a, b = restore_state(device, 1), restore_state(tmp_path / "stream", 1)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def sharded_mnist_test(root, shard_lengths, truncated_images=()):
-  """A copy of MNIST's ArrayRecord test split in several shard files (the shared copy has one),
-  the PNGs of the rows in truncated_images cut short."""
+def sharded_mnist_test(root, shard_lengths, truncated_images=(), file_format="array_record"):
+  """A copy of MNIST's test split in several shard files of `file_format` (ArrayRecord or
+  TFRecord; the shared copies have one), the PNGs of the rows in truncated_images cut short."""
+  import struct
+
+  from tensorboardX.record_writer import masked_crc32c
   from tensorflow_datasets.proto import tf_example_pb2
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
@@ -120,6 +120,7 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=()):
   target.mkdir(parents=True)
   (target / "features.json").write_text((source / "features.json").read_text())
   info = json.loads((source / "dataset_info.json").read_text())
+  info["fileFormat"] = file_format
   info["splits"] = [
     {**split, "shardLengths": [str(n) for n in shard_lengths]} for split in info["splits"] if split["name"] == "test"
   ]
@@ -133,14 +134,63 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=()):
     records[row] = example.SerializeToString()
   start = 0
   for i, n in enumerate(shard_lengths):
-    writer = ArrayRecordWriter(
-      str(target / f"mnist-test.array_record-{i:05d}-of-{len(shard_lengths):05d}"), "group_size:1"
-    )
-    for record in records[start : start + n]:
-      writer.write(record)
-    writer.close()
+    path = str(target / f"mnist-test.{file_format}-{i:05d}-of-{len(shard_lengths):05d}")
+    if file_format == "tfrecord":  # length, its masked CRC-32C, data, its masked CRC-32C
+      with open(path, "wb") as f:
+        for record in records[start : start + n]:
+          header = struct.pack("<Q", len(record))
+          f.write(header + struct.pack("<I", masked_crc32c(header)) + record)
+          f.write(struct.pack("<I", masked_crc32c(record)))
+    else:
+      writer = ArrayRecordWriter(path, "group_size:1")
+      for record in records[start : start + n]:
+        writer.write(record)
+      writer.close()
     start += n
   return root
+
+
+def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path):
+  """TFRecord shards read row by row (offsets from the record headers) give what TFDS'
+  as_dataset decodes; TensorFlow is not imported; a damaged or cut file is one error naming it."""
+  import tensorflow_datasets as tfds
+  from convjax.data import tfds as tfds_data
+
+  builder = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path, (300, 200, 500), file_format="tfrecord")))
+  assert tfds_data.file_format(builder) == "tfrecord" and len(builder.info.splits["test"].file_instructions) == 3
+  # TFDS' own decoding (TensorFlow), its shards read one after another, not interleaved.
+  in_order = tfds.ReadConfig(interleave_cycle_length=1)
+  want = tfds.as_numpy(builder.as_dataset(split="test[250:750]", batch_size=-1, read_config=in_order))
+  got = tfds_data.read_rows(builder, tfds_data.row_range(builder, "test[250:750]"))
+  assert np.array_equal(got["image"], want["image"]) and np.array_equal(got["label"], want["label"])
+  assert np.array_equal(tfds_data.labels_of(builder, tfds_data.RowRange("test", 250, 750)), want["label"])
+  positions = np.random.default_rng(0).choice(1000, 50, replace=False)
+  rows = tfds_data.Rows(builder, "test", positions).read(range(50))
+  full = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 1000))
+  assert all(np.array_equal(r["image"], full["image"][p]) for r, p in zip(rows, positions, strict=True))
+
+  script = (
+    "import sys, tensorflow_datasets as tfds; from convjax.data import tfds as t; "
+    f"b = tfds.builder('mnist', data_dir={str(tmp_path)!r}); "
+    "print(list(t.read_rows(b, t.RowRange('test', 295, 305))['label']), 'tensorflow' in sys.modules)"
+  )
+  hide = WITHOUT_TENSORFLOW.replace('("tensorflow", "tensorflow_datasets")', '("tensorflow",)').split("module = ")[0]
+  result = subprocess.run([sys.executable, "-c", hide + script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == f"{list(full['label'][295:305])} False", result.stdout
+
+  shard = tmp_path / "mnist" / "3.0.1" / "mnist-test.tfrecord-00001-of-00003"
+  data = bytearray(shard.read_bytes())
+  shard.write_bytes(data[:-7])
+  with pytest.raises(UserError, match=rf"{shard}: the last record ends past the file's end .* it is truncated"):
+    tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 10))
+  data[len(data) // 2] ^= 0xFF  # inside some record: its data, or the next record's header
+  first = len(tfds_data.record_offsets(str(tmp_path / "mnist" / "3.0.1" / "mnist-test.tfrecord-00000-of-00003")))
+  data[8] ^= 0xFF  # the first record's length CRC
+  shard.write_bytes(data)
+  with pytest.raises(UserError, match=rf"{shard}: record 0 \(byte 0\) has a damaged header"):
+    tfds_data.record_offsets(str(shard))
+  assert first == 301
 
 
 def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):
@@ -398,9 +448,11 @@ def test_the_pipeline_choice_is_logged_and_a_device_that_cannot_hold_the_data_is
       "error: config.data.pipeline='device': the data does not fit (1,024 images 28x28x1 = 0.8 MB; budget 1e-06"
     )
   )
+  # TFDS' TFRecord copy of MNIST streams too, row by row without TensorFlow: the same batches.
   tfrecord = run_binary("experiments.train", *args[:-1], "--config.data.pipeline=stream", f"--workdir={tmp_path / 'c'}")
-  assert tfrecord.returncode == 1 and "prepared as TFRecord" in tfrecord.stderr
-  assert "file_format='array_record'" in tfrecord.stderr.strip().splitlines()[-1]
+  assert tfrecord.returncode == 0, tfrecord.stderr[-3000:]
+  assert "input pipeline: stream" in tfrecord.stderr
+  assert history(tmp_path / "c") == history(tmp_path / "a")
 
 
 def _digit_arrays(directory, n_train=3072, n_test=256):

@@ -1,7 +1,6 @@
 """The trainer of long runs: progress, step checkpoints and SIGTERM, extension, no silent NaN,
 mixed precision, optimizers and regularisers, frozen BatchNorm, the model from the command line."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,18 @@ from convjax.models import get_model
 from convjax.train.optim import learning_rate_schedule, make_optimizer
 from convjax.train.state import create_train_state
 from convjax.train.steps import loss_and_correct, make_train_step
-from tests.conftest import REPO, binary_argv, epoch_checkpoint, mnist_arrays_args, restore_state, run_binary
+from tests.conftest import (
+  MNIST_EPOCH,
+  ONE_DEVICE,
+  REPO,
+  binary_argv,
+  binary_env,
+  epoch_checkpoint,
+  history,
+  mnist_arrays_args,
+  restore_state,
+  run_binary,
+)
 
 pytestmark = pytest.mark.usefixtures("mnist_arrays")
 
@@ -32,58 +42,39 @@ SMALL = [
 ]
 
 
-def _history(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((workdir / "history.json").read_text())]
-
-
-def _same_params(a, b):
-  sa, sb = restore_state(a, 2), restore_state(b, 2)
-  assert sa.keys() == sb.keys()
-  for key in sa:
-    assert np.array_equal(sa[key], sb[key]), key
-
-
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_and_the_rerun_equals_the_uninterrupted_run(tmp_path):
-  """The MNIST recipe (full epochs of 781 steps), SIGTERM in the middle of epoch 2: it finishes the
-  step, saves, says so and exits; the same command resumes inside epoch 2 and ends where an
-  uninterrupted run does, bit for bit. Progress lines come during epoch 1, not only after it."""
-  args = ["--config=configs/mnist.py", "--config.num_epochs=2", "--config.log_every_steps=100"]
-  straight = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'straight'}")
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  lines = straight.stderr.splitlines()
-  first_epoch_end = next(i for i, line in enumerate(lines) if "epoch 1/2  train loss" in line)
-  assert any("epoch 1/2 step 1/781: first step done" in line for line in lines[:first_epoch_end])
-  assert any(
-    "epoch 1/2 step 401/781  loss" in line and "images/s" in line and "ETA epoch" in line
-    for line in lines[:first_epoch_end]
-  )
-
+def test_sigterm_mid_epoch_saves_and_the_rerun_equals_the_uninterrupted_run(tmp_path, mnist_epoch_run):
+  """The MNIST recipe for a full epoch of 390 steps, SIGTERM in the middle: it finishes the step,
+  saves, says so and exits; the same command resumes inside the epoch and ends where the
+  uninterrupted run (the session's shared one) does, bit for bit. Progress lines come during
+  the epoch, not only after it."""
+  straight, _ = mnist_epoch_run
+  args = [*MNIST_EPOCH, "--config.log_every_steps=100", f"--workdir={tmp_path / 'killed'}"]
   proc = subprocess.Popen(
-    binary_argv("experiments.train", *args, f"--workdir={tmp_path / 'killed'}"),
-    cwd=REPO,
-    stderr=subprocess.PIPE,
-    text=True,
+    binary_argv("experiments.train", *args), cwd=REPO, env=binary_env(ONE_DEVICE), stderr=subprocess.PIPE, text=True
   )
   seen = []
   for line in proc.stderr:
     seen.append(line)
-    if "epoch 2/2 step " in line and int(line.split("epoch 2/2 step ")[1].split("/")[0]) >= 300:
+    if "epoch 1/1 step " in line and int(line.split("epoch 1/1 step ")[1].split("/")[0]) >= 150:
       proc.send_signal(signal.SIGTERM)
       break
   seen += proc.stderr.readlines()
   proc.wait(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, "".join(seen[-20:])
+  assert any("epoch 1/1 step 1/390: first step done" in line for line in seen)
+  assert any("epoch 1/1 step 101/390  loss" in line and "images/s" in line and "ETA epoch" in line for line in seen)
   stopped = [line for line in seen if "interrupted at step" in line]
   assert stopped and "rerun the same command to resume" in stopped[0] and "Traceback" not in "".join(seen)
   step = int(stopped[0].split("interrupted at step ")[1].split()[0])
-  assert 781 + 300 <= step < 2 * 781, step  # inside epoch 2
+  assert 150 <= step < 390, step  # inside the epoch
 
-  resumed = run_binary("experiments.train", *args, f"--workdir={tmp_path / 'killed'}")
+  resumed = run_binary("experiments.train", *args, env=ONE_DEVICE)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from the checkpoint of step {step} (epoch 2, step {step - 781}/781)" in resumed.stderr
-  assert _history(tmp_path / "killed") == _history(tmp_path / "straight")
-  _same_params(tmp_path / "straight", tmp_path / "killed")
+  assert f"resumed from the checkpoint of step {step} (epoch 1, step {step}/390)" in resumed.stderr
+  assert history(tmp_path / "killed") == history(straight)
+  a, b = restore_state(straight, 1), restore_state(tmp_path / "killed", 1)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -128,7 +119,7 @@ def test_raising_num_epochs_continues_a_finished_run(tmp_path):
   assert "resumed from the checkpoint of step 80 (the end of epoch 2)" in three.stderr
   straight = run_binary("experiments.train", *SMALL, "--config.num_epochs=3", f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr[-3000:]
-  assert _history(tmp_path / "extended") == _history(tmp_path / "straight")
+  assert history(tmp_path / "extended") == history(tmp_path / "straight")
   other = run_binary(
     "experiments.train",
     *SMALL,
@@ -145,8 +136,8 @@ def test_bfloat16_compute_trains_with_float32_params(tmp_path):
     "experiments.train", *SMALL, "--config.num_epochs=1", "--config.compute_dtype=bfloat16", f"--workdir={tmp_path}"
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  history = _history(tmp_path)
-  assert history[-1]["test_accuracy"] > 0.75, history  # 40 steps; seen 0.833
+  records = history(tmp_path)
+  assert records[-1]["test_accuracy"] > 0.75, records  # 40 steps; seen 0.833
   state = checkpoints.read_state(os.path.join(epoch_checkpoint(tmp_path, 1), "state"))
   assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
 

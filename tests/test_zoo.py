@@ -134,14 +134,15 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
     *mnist_arrays_args("train2048", "test500"),
     "--config.data.validation_size=512",
     "--config.num_epochs=2",
-    "--config.steps_per_epoch=24",
+    "--config.steps_per_epoch=20",
+    "--config.batch_size=32",
     "--config.optimizer=adam",
     "--config.eval_batch_size=256",
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "num_classes 1000 -> 10" in result.stderr
   history = json.loads((workdir / "history.json").read_text())
-  assert history[-1]["test_accuracy"] > 0.5, history
+  assert history[-1]["test_accuracy"] > 0.5, history  # 40 steps of 32 digits; seen 0.692
   assert "Non-trainable params: 9,600" in (workdir / "summary.txt").read_text()  # BN statistics
   assert (workdir / "model.png").stat().st_size > 50_000  # its diagram (tests/test_use.py checks the graph)
 

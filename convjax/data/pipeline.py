@@ -422,9 +422,9 @@ def choose(data, source: Source, mesh: Mesh) -> str:
     )
   if kind == "stream" and not source.streams:
     raise UserError(
-      f"the data cannot stream ({numbers}): {source.description} is prepared as TFRecord, "
-      "which reads only in ranges; prepare it as ArrayRecord: tfds.builder(NAME, "
-      "file_format='array_record').download_and_prepare()"
+      f"the data cannot stream ({numbers}): {source.description} is prepared in a file format "
+      "that reads only in row ranges (TFRecord and ArrayRecord stream); prepare it as one of "
+      "them: tfds.builder(NAME, file_format='array_record').download_and_prepare()"
     )
   logging.info("input pipeline: %s (%s)", kind, numbers)
   return kind

@@ -5,20 +5,19 @@ else TFDS' default. Offline, point it at a directory holding the prepared
 dataset (here: TFDS_DATA_DIR=../shared/datasets/tfds). Online, a missing
 dataset is downloaded and prepared by TFDS itself.
 
-A dataset prepared in ArrayRecord format (`tfds.builder(name,
-file_format='array_record').download_and_prepare()`; offline here
-../shared/datasets/tfds_array_record) is read row by row from its ArrayRecord files
-(`Rows`; labels alone through `as_data_source`): random access to every row, no
-TensorFlow needed, and it streams. One prepared in TFRecord
-format (TFDS' default) is read through `as_dataset`, which needs TensorFlow, and
-only in row ranges (the on-device pipeline). tensorflow-datasets itself is
-imported only when a TFDS dataset is used (`pip install 'convjax[tfds]'`).
+A dataset prepared in TFRecord format (TFDS' default) or in ArrayRecord format
+(`tfds.builder(name, file_format='array_record').download_and_prepare()`; offline here
+../shared/datasets/tfds_array_record) is read row by row (`Rows`) without TensorFlow:
+random access to every row, so either streams. tensorflow-datasets itself is imported
+only when a TFDS dataset is used (`pip install 'convjax[tfds]'`); TensorFlow only for
+another file format, through TFDS' `as_dataset`.
 """
 
 import difflib
 import importlib.util
 import io
 import os
+import struct
 import threading
 from typing import NamedTuple, Optional, Sequence
 
@@ -99,9 +98,63 @@ def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True
   return builder
 
 
+ROW_FORMATS = ("tfrecord", "array_record")
+
+
+def file_format(builder) -> str:
+  """'tfrecord', 'array_record' or another of TFDS' file formats, as the builder was prepared."""
+  return str(builder.info.file_format).lower().rsplit(".", 1)[-1]
+
+
 def random_access(builder) -> bool:
-  """Whether the prepared dataset is in ArrayRecord format (row access, no TensorFlow)."""
-  return str(builder.info.file_format).lower().endswith("array_record")
+  """Whether the prepared dataset reads row by row without TensorFlow: its records are in
+  TFRecord or ArrayRecord files. (Records that TFDS serves without files, such as
+  tfds.testing.mock_data's, read through as_dataset.)"""
+  if file_format(builder) not in ROW_FORMATS:
+    return False
+  files = [f.filename for split in builder.info.splits.values() for f in split.file_instructions[:1]]
+  return bool(files) and all(os.path.exists(f) for f in files)
+
+
+class TFRecordFile:
+  """The records of one TFRecord file by index (`seek(i)`, then `read()`), the reader API of
+  ArrayRecord's: TFRecord has no index, so one pass over the record headers (8-byte length,
+  its masked CRC-32C, checked) finds every record's offset. Hand-written because no
+  maintained reader without TensorFlow gives random access to TFRecord."""
+
+  def __init__(self, path: str, offsets: Optional[np.ndarray] = None):
+    self.path = path
+    self.offsets = record_offsets(path) if offsets is None else offsets
+    self._file, self._next = open(path, "rb"), 0
+
+  def seek(self, index: int) -> None:
+    self._next = index
+
+  def read(self) -> bytes:
+    start, stop = self.offsets[self._next], self.offsets[self._next + 1] - 16
+    self._file.seek(start)
+    self._next += 1
+    return self._file.read(stop - start)
+
+
+def record_offsets(path: str) -> np.ndarray:
+  """Where each record's data starts in the TFRecord file `path`, and where a record after the
+  last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC)."""
+  from tensorboardX.record_writer import masked_crc32c  # tensorboardX: a dependency already
+
+  offsets, position, size = [], 0, os.path.getsize(path)
+  with open(path, "rb", buffering=1 << 16) as f:
+    while position < size:
+      header = f.read(12)
+      (length,) = struct.unpack("<Q", header[:8]) if len(header) == 12 else (None,)
+      if length is None or struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+        raise UserError(f"{path}: record {len(offsets)} (byte {position}) has a damaged header; the file is not intact")
+      offsets.append(position + 12)
+      position += 12 + length + 4
+      f.seek(position)
+  if position != size:
+    raise UserError(f"{path}: the last record ends past the file's end ({position} > {size} bytes); it is truncated")
+  return np.asarray(offsets + [position + 12], np.int64)
 
 
 def _as_dataset(builder, **kwargs):
@@ -111,11 +164,12 @@ def _as_dataset(builder, **kwargs):
 
 
 def _require_tensorflow(builder) -> None:
-  """TFRecord needs TensorFlow: one UserError saying so, and how to do without, if it is missing."""
+  """Another file format than TFRecord or ArrayRecord reads through TensorFlow: one UserError
+  saying so, and how to do without, if it is missing."""
   if importlib.util.find_spec("tensorflow") is None:
     raise UserError(
-      f"dataset {builder.name!r} in {builder.data_dir} is prepared as TFRecord, which needs "
-      "TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
+      f"dataset {builder.name!r} in {builder.data_dir} is prepared as {file_format(builder)}, which "
+      "needs TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
       f"TensorFlow needed): tfds.builder({builder.name!r}, "
       "file_format='array_record').download_and_prepare()"
     )
@@ -139,13 +193,14 @@ PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 class Rows:
-  """Random access to rows of a split in ArrayRecord format: `rows[i]` is {'image': uint8
-  (H, W, C) as stored, 'label': int} of absolute row positions[i]. Picklable: streaming
-  workers open the files themselves.
+  """Random access to rows of a split in TFRecord or ArrayRecord format: `rows[i]` is
+  {'image': uint8 (H, W, C) as stored, 'label': int} of absolute row positions[i]. Picklable:
+  streaming workers open the files themselves.
 
   Records are read one at a time (seek + read) from readers without parallelism, one set per
   thread: array_record's batched read hands every call to its 64-thread pool, ~24 us a record
-  of CPU on 2 cores against ~5 us (BENCHMARKS.md). For an encoded image with a class label
+  of CPU on 2 cores against ~5 us (BENCHMARKS.md); a TFRecord file's record offsets are found
+  once per process (TFRecordFile). For an encoded image with a class label
   (tfds.features.Image, ClassLabel), a record is parsed with TFDS' own tf.Example proto
   (protobuf's C parser, ~2 us) instead of TFDS' per-feature numpy decoding (25-70 us); the
   image stays encoded until it is decoded here: PNG by libspng (pyspng, ~7 against Pillow's
@@ -161,6 +216,7 @@ class Rows:
     self.as_proto = isinstance(features[image_key], tfds.features.Image) and isinstance(
       features[label_key], tfds.features.ClassLabel
     )
+    self.tfrecord = file_format(builder) == "tfrecord"
     self._opened = None
 
   def __getstate__(self):
@@ -173,12 +229,17 @@ class Rows:
       info = tfds_module().builder_from_directory(self.data_dir).info
       shards = info.splits[self.split].file_instructions
       starts = np.cumsum([0] + [s.take for s in shards[:-1]])
-      self._opened = info.features, starts, [(s.filename, s.skip) for s in shards], threading.local()
-    features, starts, files, local = self._opened
+      offsets = {s.filename: record_offsets(s.filename) for s in shards} if self.tfrecord else {}
+      self._opened = info.features, starts, [(s.filename, s.skip) for s in shards], offsets, threading.local()
+    features, starts, files, offsets, local = self._opened
     if not hasattr(local, "readers"):
-      from array_record.python.array_record_module import ArrayRecordReader
+      if self.tfrecord:
+        local.readers = [(TFRecordFile(f, offsets[f]), skip) for f, skip in files]
+      else:
+        from array_record.python.array_record_module import ArrayRecordReader
 
-      local.readers = [(ArrayRecordReader(f, "readahead_buffer_size:0,max_parallelism:0"), skip) for f, skip in files]
+        options = "readahead_buffer_size:0,max_parallelism:0"
+        local.readers = [(ArrayRecordReader(f, options), skip) for f, skip in files]
     return features, starts, local.readers
 
   def _records(self, positions: Sequence[int]) -> list:
@@ -267,7 +328,7 @@ def read_rows(
     arrays = _as_dataset(builder, split=spec, batch_size=-1, shuffle_files=False)
     return {"image": np.asarray(arrays[image_key])[:n], "label": np.asarray(arrays[label_key], np.int32)[:n]}
   _require_tensorflow(builder)
-  import tensorflow as tf  # TFDS' own dependency for TFRecord; only this path needs it directly
+  import tensorflow as tf  # TFDS' own dependency for its other formats; only this path needs it directly
 
   def resize(example):
     image = tf.image.resize(example[image_key], image_size, method="bilinear")
@@ -283,11 +344,10 @@ def read_rows(
 
 def labels_of(builder, rows: RowRange, label_key: str = "label") -> np.ndarray:
   """The labels of `rows` without decoding images."""
-  tfds = tfds_module()
-  skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != label_key}
   if random_access(builder):
-    source = builder.as_data_source(rows.split, decoders=skip)
-    return np.asarray([e[label_key] for e in source.__getitems__(list(range(rows.start, rows.stop)))], np.int64)
+    source = Rows(builder, rows.split, np.arange(rows.start, rows.stop), label_key=label_key)
+    return np.asarray([e[label_key] for e in source._examples(source.positions)], np.int64)
+  skip = {k: tfds_module().decode.SkipDecoding() for k in builder.info.features if k != label_key}
   ds = _as_dataset(builder, split=rows.spec(), shuffle_files=False, decoders=skip)
   return np.fromiter((ex[label_key] for ex in ds), np.int64, count=rows.size)
 
