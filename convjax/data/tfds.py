@@ -118,14 +118,11 @@ def random_access(builder) -> bool:
 
 class TFRecordFile:
   """The records of one TFRecord file by index (`seek(i)`, then `read()`), the reader API of
-  ArrayRecord's: TFRecord has no index, so one pass over the record headers (8-byte length,
-  its masked CRC-32C, checked) finds every record's offset. Hand-written because no
-  maintained reader without TensorFlow gives random access to TFRecord."""
+  ArrayRecord's, at the offsets of `record_offsets(path)`. Hand-written because no maintained
+  reader without TensorFlow gives random access to TFRecord."""
 
-  def __init__(self, path: str, offsets: Optional[np.ndarray] = None):
-    self.path = path
-    self.offsets = record_offsets(path) if offsets is None else offsets
-    self._file, self._next = open(path, "rb"), 0
+  def __init__(self, path: str, offsets: np.ndarray):
+    self.offsets, self._file, self._next = offsets, open(path, "rb"), 0
 
   def seek(self, index: int) -> None:
     self._next = index
@@ -139,7 +136,8 @@ class TFRecordFile:
 
 def record_offsets(path: str) -> np.ndarray:
   """Where each record's data starts in the TFRecord file `path`, and where a record after the
-  last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC)."""
+  last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC):
+  TFRecord has no index, so one pass over the headers, each length's CRC checked."""
   from tensorboardX.record_writer import masked_crc32c  # tensorboardX: a dependency already
 
   offsets, position, size = [], 0, os.path.getsize(path)
@@ -259,11 +257,17 @@ class Rows:
     if not self.as_proto:
       skip = {image: tfds_module().decode.SkipDecoding()}
       return [self._open()[0].deserialize_example_np(r, decoders=skip) for r in records]
+    from google.protobuf.message import DecodeError
     from tensorflow_datasets.proto import tf_example_pb2
 
     out = []
-    for record in records:
-      feature = tf_example_pb2.Example.FromString(record).features.feature
+    for record, position in zip(records, positions, strict=True):
+      try:
+        feature = tf_example_pb2.Example.FromString(record).features.feature
+      except DecodeError as e:  # the record's bytes are damaged (a TFRecord's data CRC is not read)
+        raise UserError(
+          f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its record does not parse ({e})"
+        ) from None
       out.append({image: feature[image].bytes_list.value[0], label: feature[label].int64_list.value[0]})
     return out
 

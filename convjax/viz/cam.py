@@ -1,10 +1,24 @@
-"""Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhyay et al. 2018).
+"""The CAM family: class activation maps of one conv layer, batched and jittable.
 
-For a conv layer's output A (h, w, K) and a class score y: Grad-CAM weights
-channel k by the spatial mean of dy/dA_k and keeps the positive part of the
-weighted sum of channels; Grad-CAM++ weights by alpha-weighted positive
-gradients. Both are normalised to [0, 1] per image (all-zero when nothing is
-positive). `superimpose` colours the map (jet) over the image, as the notes do.
+For a layer's output A (N, h, w, K) and a class score y (the logit; see layers.class_score):
+
+- Grad-CAM (Selvaraju et al. 2017): relu(sum_k mean_hw(dy/dA_k) A_k).
+- Grad-CAM++ (Chattopadhyay et al. 2018): alpha-weighted positive gradients as the weights.
+- XGrad-CAM (Fu et al. 2020): weights sum_hw(dy/dA_k A_k) / sum_hw(A_k).
+- HiResCAM (Draelos & Carin 2020): relu(sum_k dy/dA_k * A_k), element-wise: no averaging.
+- LayerCAM (Jiang et al. 2021): relu(sum_k relu(dy/dA_k) * A_k).
+- Eigen-CAM (Muhammad & Yeasin 2020): A (hw, K), centred over positions, projected on its
+  first right singular vector; EigenGrad-CAM the same of dy/dA * A. The singular vector's
+  sign is arbitrary: it is chosen so that the map correlates positively with sum_k A_k
+  (pytorch-grad-cam keeps whatever LAPACK returns).
+- Score-CAM (Wang et al. 2020): each channel, upsampled to the input (bilinear, corners
+  aligned, as pytorch-grad-cam) and min-max scaled, masks the input; the softmax over
+  channels of the masked inputs' class scores weighs the channels.
+- Ablation-CAM (Desai & Ramaswamy 2020): weights (y - y_without_k) / y, with channel k of
+  the layer set to zero.
+
+Every map is kept positive and normalised to [0, 1] per image (all-zero when nothing is
+positive). `superimpose` colours a map (jet) over the image, as the notes do.
 """
 
 from typing import Optional
@@ -16,25 +30,117 @@ import numpy as np
 from convjax.viz import layers
 
 
+GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam")
+CAMS = (*GRADIENT_CAMS, "eigencam", "scorecam", "ablationcam")
+
+
 def grad_cam(model, variables, x, layer: tuple, class_index: Optional[int] = None, plus_plus: bool = False):
   """Heatmaps (N, h, w) in [0, 1] at `layer`'s resolution, and the classes they explain."""
+  return cam(model, variables, x, layer, "gradcam++" if plus_plus else "gradcam", class_index)
+
+
+def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=None, channel_batch: int = 16):
+  """Maps (N, h, w) in [0, 1] of CAM `method` (one of CAMS) at `layer`, and the classes they
+  explain (class_index: an int, (N,) ints, or None for the predicted classes). Score-CAM and
+  Ablation-CAM run the model once per channel of the layer, `channel_batch` channels at a time."""
+  if method not in CAMS:
+    raise ValueError(f"unknown CAM method {method!r}; valid: {', '.join(CAMS)}")
   classes = layers.resolve_class(model, variables, x, class_index)
   activations = layers.layer_output(model, variables, x, layer)
 
-  def total_score(a):
-    return jnp.sum(layers.class_score(layers.logits_given(model, variables, x, layer, a), classes))
+  def score_with(a):
+    return layers.class_score(layers.logits_given(model, variables, x, layer, a), classes)
 
-  grads = jax.grad(total_score)(activations)
-  if plus_plus:
+  if method == "eigencam":
+    return _eigen(activations, activations), classes
+  if method == "scorecam":
+    return _score_cam(model, variables, x, classes, activations, channel_batch), classes
+  if method == "ablationcam":
+    return _ablation_cam(score_with, activations, channel_batch), classes
+  grads = jax.grad(lambda a: jnp.sum(score_with(a)))(activations)
+  if method == "eigengradcam":
+    return _eigen(grads * activations, activations), classes
+  if method == "hirescam":
+    return _positive(jnp.sum(grads * activations, -1)), classes
+  if method == "layercam":
+    return _positive(jnp.sum(jax.nn.relu(grads) * activations, -1)), classes
+  if method == "gradcam++":
     # With y = exp(score), the alphas reduce to first-derivative powers (paper eq. 19).
     g2, g3 = grads**2, grads**3
     denominator = 2 * g2 + jnp.sum(activations, axis=(1, 2), keepdims=True) * g3
     alpha = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1.0), 0.0)
     weights = jnp.sum(alpha * jax.nn.relu(grads), axis=(1, 2))
+  elif method == "xgradcam":
+    total = jnp.sum(activations, axis=(1, 2))
+    weights = jnp.sum(grads * activations, axis=(1, 2)) / jnp.where(total != 0, total, 1.0)
   else:
     weights = jnp.mean(grads, axis=(1, 2))
-  cam = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", activations, weights))
-  return layers.normalise(cam, axis=(1, 2)), classes
+  return _weighted(activations, weights), classes
+
+
+def _positive(m):
+  return layers.normalise(jax.nn.relu(m), axis=(1, 2))
+
+
+def _weighted(activations, weights):
+  """relu(sum_k weights_k A_k), normalised."""
+  return _positive(jnp.einsum("nhwk,nk->nhw", activations, weights))
+
+
+def _eigen(values, activations):
+  """The projection of `values` (N, h, w, K), centred over positions, on their first right
+  singular vector, signed to correlate positively with sum_k activations_k."""
+  n, h, w, k = values.shape
+  flat = values.reshape(n, h * w, k)
+  centred = flat - jnp.mean(flat, axis=1, keepdims=True)
+  first = jnp.linalg.svd(centred, full_matrices=False)[2][:, 0]  # (N, K)
+  projection = jnp.einsum("npk,nk->np", centred, first)
+  total = jnp.sum(activations.reshape(n, h * w, k), -1)
+  sign = jnp.where(jnp.sum(projection * (total - jnp.mean(total, 1, keepdims=True)), 1) < 0, -1.0, 1.0)
+  return _positive((projection * sign[:, None]).reshape(n, h, w))
+
+
+def upsample_aligned(maps, size):
+  """Bilinear upsampling of (N, h, w, K) to (N, *size, K) with corners aligned (torch's
+  UpsamplingBilinear2d, which Score-CAM's reference implementation uses)."""
+
+  def matrix(out, inp):
+    if inp == 1 or out == 1:
+      return jnp.ones((out, inp)) / inp
+    source = jnp.arange(out) * (inp - 1) / (out - 1)
+    return jax.nn.relu(1 - jnp.abs(source[:, None] - jnp.arange(inp)[None, :]))
+
+  return jnp.einsum("Hh,nhwk,Ww->nHWk", matrix(size[0], maps.shape[1]), maps, matrix(size[1], maps.shape[2]))
+
+
+def _channel_chunks(k: int, channel_batch: int):
+  return [jnp.arange(start, min(start + channel_batch, k)) for start in range(0, k, channel_batch)]
+
+
+def _score_cam(model, variables, x, classes, activations, channel_batch):
+  up = upsample_aligned(activations, x.shape[1:3])
+  low, high = jnp.min(up, axis=(1, 2), keepdims=True), jnp.max(up, axis=(1, 2), keepdims=True)
+  masks = (up - low) / (high - low + 1e-8)  # (N, H, W, K)
+
+  def scores(channels):  # (N, len(channels)): the class score of x masked by each channel
+    masked = jnp.einsum("nhwc,nhwk->knhwc", x, masks[..., channels])
+    logits = jax.vmap(lambda xi: model.apply(variables, xi))(masked)
+    return jax.vmap(lambda lg: layers.class_score(lg, classes))(logits).T
+
+  weights = jax.nn.softmax(jnp.concatenate([scores(c) for c in _channel_chunks(masks.shape[-1], channel_batch)], 1))
+  return _weighted(activations, weights)
+
+
+def _ablation_cam(score_with, activations, channel_batch):
+  original = score_with(activations)
+
+  def ablated(channels):  # (N, len(channels)): the class score with each channel set to zero
+    keep = 1.0 - jax.nn.one_hot(channels, activations.shape[-1], dtype=activations.dtype)  # (c, K)
+    return jax.vmap(lambda mask: score_with(activations * mask))(keep).T
+
+  without = jnp.concatenate([ablated(c) for c in _channel_chunks(activations.shape[-1], channel_batch)], 1)
+  safe = jnp.where(original != 0, original, 1.0)[:, None]
+  return _weighted(activations, (original[:, None] - without) / safe)
 
 
 def superimpose(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

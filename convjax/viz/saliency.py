@@ -1,6 +1,8 @@
-"""Input-gradient attributions: vanilla gradient, SmoothGrad, Integrated Gradients,
-guided backprop. Each returns attributions shaped like the input (N, H, W, C);
-`saliency_map` turns them into (N, H, W) maps in [0, 1]."""
+"""Input-gradient attributions: vanilla gradient, Input x Gradient, SmoothGrad and its
+SmoothGrad-squared and VarGrad variants over any of them (`noise_tunnel`), Integrated
+Gradients (from zeros, a blurred copy or uniform noise: `baseline`), GradientSHAP, guided
+backprop. Each returns attributions shaped like the input (N, H, W, C); `saliency_map`
+turns them into (N, H, W) maps in [0, 1]."""
 
 from typing import Optional
 
@@ -21,13 +23,81 @@ def vanilla_gradient(model, variables, x, class_index: Optional[int] = None):
   return jax.grad(_score_fn(model, variables, classes))(x)
 
 
+def input_x_gradient(model, variables, x, class_index: Optional[int] = None):
+  """x times the gradient of the class score (Shrikumar et al. 2016; captum's InputXGradient)."""
+  return x * vanilla_gradient(model, variables, x, class_index)
+
+
+NOISE_TUNNELS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def noise_tunnel(attribute, x, rng, samples: int = 25, noise: float = 0.15, kind: str = "smoothgrad"):
+  """captum's NoiseTunnel over any attribution `attribute(x) -> (N, H, W, C)` (its classes
+  fixed, not predicted from the noisy copies): over `samples`
+  copies of x with Gaussian noise of std noise * (max - min) per image, the mean attribution
+  (SmoothGrad, Smilkov et al. 2017), the mean of its square (SmoothGrad-squared) or its
+  variance (VarGrad, Adebayo et al. 2018)."""
+  if kind not in NOISE_TUNNELS:
+    raise ValueError(f"unknown noise tunnel {kind!r}; valid: {', '.join(NOISE_TUNNELS)}")
+  sigma = noise * (jnp.max(x, axis=(1, 2, 3), keepdims=True) - jnp.min(x, axis=(1, 2, 3), keepdims=True))
+  eps = jax.random.normal(rng, (samples, *x.shape), x.dtype)
+  first, second = jax.lax.map(lambda e: (lambda a: (a, a * a))(attribute(x + sigma * e)), eps)
+  mean, mean_sq = jnp.mean(first, 0), jnp.mean(second, 0)
+  return {"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[kind]
+
+
+BASELINES = ("zeros", "blurred", "uniform")
+
+
+def baseline(x, kind: str = "zeros", rng=None, sigma: float = 5.0):
+  """An Integrated Gradients baseline for x: zeros, x blurred by a Gaussian of std `sigma`
+  pixels, or uniform noise over x's range (per image; needs `rng`)."""
+  if kind == "zeros":
+    return jnp.zeros_like(x)
+  if kind == "blurred":
+    radius = int(3 * sigma)
+    taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = taps / taps.sum()
+    channels = x.shape[-1]
+    kernel = jnp.tile((taps[:, None] * taps[None, :])[:, :, None, None], (1, 1, 1, channels))
+    padded = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+    return jax.lax.conv_general_dilated(
+      padded,
+      kernel.astype(x.dtype),
+      (1, 1),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+    )
+  if kind == "uniform":
+    low, high = jnp.min(x, axis=(1, 2, 3), keepdims=True), jnp.max(x, axis=(1, 2, 3), keepdims=True)
+    return low + (high - low) * jax.random.uniform(rng, x.shape, x.dtype)
+  raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
+
+
+def gradient_shap(model, variables, x, rng, baselines, class_index: Optional[int] = None, samples: int = 25, noise=0.0):
+  """GradientSHAP (Lundberg & Lee 2017; captum's GradientShap): the expected gradient at a
+  random point between a random baseline of `baselines` (B, H, W, C) and x (plus Gaussian
+  noise of std `noise`), times (x - baseline)."""
+  classes = layers.resolve_class(model, variables, x, class_index)
+  grad = jax.grad(_score_fn(model, variables, classes))
+  pick, alpha, eps = jax.random.split(rng, 3)
+  chosen = jax.random.randint(pick, (samples, x.shape[0]), 0, baselines.shape[0])
+  alphas = jax.random.uniform(alpha, (samples, x.shape[0], 1, 1, 1), x.dtype)
+  noises = noise * jax.random.normal(eps, (samples, *x.shape), x.dtype)
+
+  def one(args):
+    index, a, e = args
+    start, end = baselines[index], x + e
+    return grad(start + a * (end - start)) * (end - start)
+
+  return jnp.mean(jax.lax.map(one, (chosen, alphas, noises)), axis=0)
+
+
 def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25, noise: float = 0.15):
   """Mean gradient over `samples` copies with Gaussian noise of std noise * (max - min)."""
   classes = layers.resolve_class(model, variables, x, class_index)
-  grad = jax.grad(_score_fn(model, variables, classes))
-  sigma = noise * (jnp.max(x, axis=(1, 2, 3), keepdims=True) - jnp.min(x, axis=(1, 2, 3), keepdims=True))
-  eps = jax.random.normal(rng, (samples, *x.shape), x.dtype)
-  return jnp.mean(jax.lax.map(lambda e: grad(x + sigma * e), eps), axis=0)
+  return noise_tunnel(jax.grad(_score_fn(model, variables, classes)), x, rng, samples, noise)
 
 
 def integrated_gradients(model, variables, x, class_index: Optional[int] = None, baseline=None, steps: int = 64):
