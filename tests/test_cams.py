@@ -24,6 +24,15 @@ class ConvGapLinear(nn.Module):
     return nn.Dense(3, name="linear")(jnp.mean(a, axis=(1, 2)))
 
 
+def _conv_output(variables, x):
+  """ConvGapLinear's conv layer output A, computed here by hand."""
+  conv = variables["params"]["conv"]
+  dims = ("NHWC", "HWIO", "NHWC")
+  return jax.nn.relu(
+    jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), "SAME", dimension_numbers=dims) + conv["bias"]
+  )
+
+
 def _normalised(m):
   m = np.maximum(np.asarray(m), 0)
   return m / m.max(axis=(1, 2), keepdims=True)
@@ -35,11 +44,7 @@ def linear_head():
   model = ConvGapLinear()
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
-  conv = variables["params"]["conv"]
-  a = jax.nn.relu(
-    jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    + conv["bias"]
-  )
+  a = _conv_output(variables, x)
   return model, variables, x, np.asarray(a), np.asarray(variables["params"]["linear"]["kernel"][:, 2])
 
 
@@ -76,12 +81,7 @@ def test_score_cam_of_a_one_channel_layer_is_its_normalised_activation():
   x = jax.random.normal(jax.random.key(2), (3, 10, 10, 1))
   variables = model.init(jax.random.key(3), x)
   got, _ = cam.cam(model, variables, x, ("conv",), "scorecam")
-  conv = variables["params"]["conv"]
-  a = jax.nn.relu(
-    jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    + conv["bias"]
-  )[..., 0]
-  np.testing.assert_allclose(got, _normalised(a), atol=1e-5)
+  np.testing.assert_allclose(got, _normalised(_conv_output(variables, x)[..., 0]), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])

@@ -14,6 +14,7 @@ another file format, through TFDS' `as_dataset`.
 """
 
 import difflib
+import functools
 import importlib.util
 import io
 import os
@@ -137,10 +138,17 @@ class TFRecordFile:
 def record_offsets(path: str) -> np.ndarray:
   """Where each record's data starts in the TFRecord file `path`, and where a record after the
   last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC):
-  TFRecord has no index, so one pass over the headers, each length's CRC checked."""
+  TFRecord has no index, so one pass over the headers, each length's CRC checked; once per
+  process for a file of the same size and modification time (the splits of a run share files)."""
+  status = os.stat(path)
+  return _record_offsets(path, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_offsets(path: str, size: int, mtime_ns: int) -> np.ndarray:
   from tensorboardX.record_writer import masked_crc32c  # tensorboardX: a dependency already
 
-  offsets, position, size = [], 0, os.path.getsize(path)
+  offsets, position = [], 0
   with open(path, "rb", buffering=1 << 16) as f:
     while position < size:
       header = f.read(12)
