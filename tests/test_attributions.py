@@ -97,3 +97,170 @@ def test_a_faithful_map_deletes_faster_and_inserts_faster_than_a_random_one(line
 def test_pixel_ranks_order_the_map_most_relevant_first_with_ties_in_row_order():
   maps = jnp.asarray([[[0.1, 0.9], [0.5, 0.5]]])
   assert np.asarray(faithfulness.pixel_ranks(maps)).tolist() == [[[3, 0], [1, 2]]]
+
+
+class Hidden(nn.Module):
+  """Not convjax's layers: flax's Dense and a ReLU written as jnp.maximum, the way a
+  researcher's own model may write it."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(16, name="hidden")(x.reshape(x.shape[0], -1))
+    return nn.Dense(3, name="out")(jnp.maximum(h, 0.0))
+
+
+@pytest.fixture(scope="module")
+def hidden():
+  model = Hidden()
+  x = jax.random.normal(jax.random.key(6), (2, 5, 1, 1))
+  variables = model.init(jax.random.key(7), x)
+  p = variables["params"]
+  return model, variables, x, p["hidden"]["kernel"], p["hidden"]["bias"], p["out"]["kernel"]
+
+
+def test_guided_backprop_rewrites_the_relus_of_any_model(hidden):
+  """One hidden ReLU: guided gradient = W1 @ (g * [h > 0] * [g > 0]) with g = W2[:, c]."""
+  model, variables, x, w1, b1, w2 = hidden
+  h = x.reshape(2, -1) @ w1 + b1
+  g = w2[:, 2]
+  guided = saliency.guided_backprop(model, variables, x, class_index=2).reshape(2, -1)
+  np.testing.assert_allclose(guided, (g * (h > 0) * (g > 0)) @ w1.T, atol=1e-6)
+  plain = saliency.vanilla_gradient(model, variables, x, class_index=2).reshape(2, -1)
+  assert not np.allclose(guided, plain)  # some negative g: the rule changed the backward pass
+
+
+def test_deeplift_rescales_each_relu_by_its_difference_quotient_and_sums_to_delta(hidden):
+  model, variables, x, w1, b1, w2 = hidden
+  reference = jax.random.normal(jax.random.key(8), x.shape)
+  h, hr = x.reshape(2, -1) @ w1 + b1, reference.reshape(2, -1) @ w1 + b1
+  multiplier = (jax.nn.relu(h) - jax.nn.relu(hr)) / (h - hr)
+  expected = ((w2[:, 1] * multiplier) @ w1.T) * (x - reference).reshape(2, -1)
+  got = saliency.deeplift(model, variables, x, class_index=1, baseline=reference)
+  np.testing.assert_allclose(got.reshape(2, -1), expected, rtol=1e-5, atol=1e-6)
+  delta = model.apply(variables, x)[:, 1] - model.apply(variables, reference)[:, 1]
+  np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), delta, rtol=1e-5)
+
+
+def test_deeplift_sums_to_delta_through_relus_and_max_pools_of_the_mnist_convnet():
+  """captum's rules for ReLU and max pool keep summation to delta in a real convnet; the rule
+  runs under jit. (From a zero baseline a network with zero biases, as initialised, has
+  all-zero reference units, and DeepLIFT is Input x Gradient: the baseline here is grey.)"""
+  from convjax.models import get_model
+
+  model = get_model("mnist_convnet")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  x = jax.random.uniform(jax.random.key(9), (4, 28, 28, 1))
+  grey = jnp.full_like(x, 0.5)
+  got = jax.jit(lambda v: saliency.deeplift(model, variables, v, class_index=3, baseline=grey))(x)
+  delta = model.apply(variables, x)[:, 3] - model.apply(variables, grey)[:, 3]
+  np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), delta, rtol=1e-4)
+  gradient_times_delta = (x - grey) * saliency.vanilla_gradient(model, variables, x, 3)
+  assert not np.allclose(gradient_times_delta.sum(axis=(1, 2, 3)), delta, rtol=1e-2)  # the rules matter
+
+
+class NoRelu(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(3)(jnp.tanh(nn.Dense(4)(x.reshape(x.shape[0], -1))))
+
+
+class ScannedRelu(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(3)(x.reshape(x.shape[0], -1))
+    return jax.lax.scan(lambda c, _: (jax.nn.relu(c), None), h, None, length=2)[0]
+
+
+@pytest.mark.parametrize(
+  "model, message",
+  [(NoRelu(), "has no ReLU"), (ScannedRelu(), "has ReLUs inside scan, which it cannot rewrite")],
+  ids=["no relu", "relu in a scan"],
+)
+def test_a_model_the_relu_rules_cannot_rewrite_is_refused_by_name(model, message):
+  from convjax.errors import UserError
+
+  x = jnp.ones((1, 4, 1, 1))
+  variables = model.init(jax.random.key(0), x)
+  for method, name in ((saliency.guided_backprop, "guided backprop"), (saliency.deeplift, "DeepLIFT")):
+    with pytest.raises(
+      UserError, match=f"{name} rewrites the backward pass of ReLU, and the model {type(model).__name__} {message}"
+    ):
+      method(model, variables, x, 0)
+
+
+def test_feature_ablation_of_a_linear_score_is_each_segments_contribution(linear):
+  """Segments of 3x3 over 8x8 images (the last row and column of squares cut to 2): each
+  pixel gets its segment's sum of w * (x - baseline), in every channel."""
+  from convjax.viz import occlusion
+
+  model, variables, x, w = linear
+  segments = np.asarray(occlusion.grid_segments(8, 8, 3))
+  assert segments.max() == 8 and (segments[6:, 6:] == 8).all() and (segments[:3, 3:6] == 1).all()
+  got = np.asarray(
+    jax.jit(lambda v: occlusion.feature_ablation(model, variables, v, 0, patch=3, baseline=0.25, batch=4))(x)
+  )
+  contribution = (w * (np.asarray(x) - 0.25)).sum(-1)  # (N, 8, 8)
+  per_segment = np.stack([[contribution[n][segments == s].sum() for s in range(9)] for n in range(3)])
+  np.testing.assert_allclose(got, np.broadcast_to(per_segment[:, segments][..., None], x.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_noisy_linear_imputation_keeps_a_plane_and_solves_the_neighbour_mean_system():
+  """Each removed pixel is the weighted mean of its neighbours: a plane comes back exactly
+  inside a removed block, and on a random mask the equations hold (noise 0)."""
+  rows, cols = np.mgrid[0:12, 0:12].astype(np.float32)
+  plane = jnp.asarray((0.3 * rows - 0.2 * cols + 1.0)[None, ..., None])
+  block = jnp.zeros((1, 12, 12), bool).at[0, 3:9, 4:10].set(True)
+  np.testing.assert_allclose(faithfulness.impute(plane, block, jax.random.key(0), noise=0.0), plane, atol=1e-4)
+
+  x = jax.random.uniform(jax.random.key(1), (2, 9, 9, 3))
+  removed = jax.random.uniform(jax.random.key(2), (2, 9, 9)) < 0.5
+  got = np.pad(
+    np.asarray(faithfulness.impute(x, removed, jax.random.key(3), noise=0.0)), ((0, 0), (1, 1), (1, 1), (0, 0))
+  )
+  weights = {
+    (dy, dx): 1 / 6 if 0 in (dy, dx) else 1 / 12 for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+  }
+  inside = np.pad(np.ones((9, 9)), 1)
+  for n, i, j in zip(*np.nonzero(np.asarray(removed)), strict=True):
+    total = sum(w * got[n, i + 1 + dy, j + 1 + dx] for (dy, dx), w in weights.items())
+    mass = sum(w * inside[i + 1 + dy, j + 1 + dx] for (dy, dx), w in weights.items())
+    np.testing.assert_allclose(got[n, i + 1, j + 1], total / mass, atol=1e-4)
+  np.testing.assert_array_equal(got[:, 1:-1, 1:-1][~np.asarray(removed)], np.asarray(x)[~np.asarray(removed)])
+
+
+def test_road_ranks_a_faithful_map_above_a_random_one(linear):
+  """Score = the sum of the pixels of dark images with ~15% bright pixels: the faithful map
+  is the image itself; removing its bright pixels (imputed from dark neighbours) drops the
+  score, removing the dark ones keeps it."""
+  model = linear[0]
+  variables = {"params": {"w": jnp.ones((8, 8, 2))}}
+  x = (jax.random.uniform(jax.random.key(3), (3, 8, 8, 1)) < 0.15).astype(jnp.float32).repeat(2, -1)
+  classes = jnp.zeros(3, jnp.int32)
+  faithful = x[..., 0]
+  random = jax.random.uniform(jax.random.key(4), faithful.shape)
+  road = jax.jit(lambda m: faithfulness.road(model, variables, x, m, classes, jax.random.key(5)))
+  good, bad = road(faithful), road(random)
+  assert (good["most"] < bad["most"]).all() and (good["least"] > bad["least"]).all(), (good, bad)
+  assert (good["combined"] > bad["combined"]).all()
+
+
+def test_infidelity_of_the_gradient_of_a_linear_score_is_zero_and_normalising_removes_scale(linear):
+  model, variables, x, w = linear
+  classes, rng = jnp.zeros(3, jnp.int32), jax.random.key(6)
+  exact = faithfulness.infidelity(model, variables, x, jnp.broadcast_to(w, x.shape), classes, rng)
+  doubled = faithfulness.infidelity(model, variables, x, 2 * jnp.broadcast_to(w, x.shape), classes, rng)
+  rescaled = faithfulness.infidelity(
+    model, variables, x, 2 * jnp.broadcast_to(w, x.shape), classes, rng, normalize=True
+  )
+  assert np.asarray(exact).max() < 1e-9 and np.asarray(rescaled).max() < 1e-9 and np.asarray(doubled).min() > 1e-6
+
+
+def test_max_sensitivity_of_a_constant_gradient_is_zero_and_of_input_x_gradient_bounded_by_the_radius(linear):
+  model, variables, x, w = linear
+  gradient = faithfulness.max_sensitivity(
+    lambda v: saliency.vanilla_gradient(model, variables, v, 0), x, jax.random.key(7)
+  )
+  assert np.asarray(gradient).max() < 1e-6
+  got = faithfulness.max_sensitivity(lambda v: saliency.input_x_gradient(model, variables, v, 0), x, jax.random.key(7))
+  bound = 0.02 * np.sqrt((w**2).sum()) / np.sqrt(((w * np.asarray(x)) ** 2).sum(axis=(1, 2, 3)))
+  assert (np.asarray(got) > 0).all() and (np.asarray(got) <= bound + 1e-6).all()

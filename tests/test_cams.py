@@ -9,7 +9,7 @@ import pytest
 
 from convjax.models import get_model
 from convjax.models.layers import Conv2D
-from convjax.viz import cam, layers
+from convjax.viz import cam, layers, saliency
 
 
 class ConvGapLinear(nn.Module):
@@ -119,3 +119,9 @@ def test_every_cam_runs_batched_and_jitted_on_the_mnist_convnet():
     assert got.min() >= 0 and got.max() <= 1 + 1e-6 and got.max(axis=(1, 2)).min() > 0.99, method
   with pytest.raises(ValueError, match="unknown CAM method 'gradcam-pp'"):
     cam.cam(model, variables, x, layer, "gradcam-pp")
+  # Guided Grad-CAM: guided backprop times the map resized to the input.
+  guided, classes = jax.jit(lambda v, x: cam.guided_grad_cam(model, v, x, layer))(variables, x)
+  maps = cam.cam(model, variables, x, layer, "gradcam", classes)[0]
+  resized = jax.image.resize(maps, (4, 28, 28), "bilinear")[..., None]
+  np.testing.assert_allclose(guided, saliency.guided_backprop(model, variables, x, classes) * resized, atol=1e-6)
+  assert guided.shape == x.shape and np.abs(guided).max() > 0

@@ -16,6 +16,7 @@ For a layer's output A (N, h, w, K) and a class score y (the logit; see layers.c
   channels of the masked inputs' class scores weighs the channels.
 - Ablation-CAM (Desai & Ramaswamy 2020): weights (y - y_without_k) / y, with channel k of
   the layer set to zero.
+- Guided Grad-CAM: guided backprop times the Grad-CAM map at the input's size.
 
 Every map is kept positive and normalised to [0, 1] per image (all-zero when nothing is
 positive). `superimpose` colours a map (jet) over the image, as the notes do.
@@ -76,6 +77,17 @@ def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=
   else:
     weights = jnp.mean(grads, axis=(1, 2))
   return _weighted(activations, weights), classes
+
+
+def guided_grad_cam(model, variables, x, layer: tuple, class_index=None):
+  """Guided Grad-CAM (Selvaraju et al. 2017), as pytorch-grad-cam composes it: guided
+  backprop (N, H, W, C) times the Grad-CAM map resized to the input (bilinear, half-pixel
+  centres, as cv2.resize), and the classes they explain."""
+  from convjax.viz import saliency
+
+  maps, classes = cam(model, variables, x, layer, "gradcam", class_index)
+  resized = jax.image.resize(maps, (maps.shape[0], *x.shape[1:3]), "bilinear")
+  return saliency.guided_backprop(model, variables, x, classes) * resized[..., None], classes
 
 
 def _positive(m):

@@ -1,5 +1,6 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014): the class probability (and score) as a
-grey patch slides over the image, evaluated in batches of occluded copies."""
+grey patch slides over the image, evaluated in batches of occluded copies; and feature
+ablation over a grid of segments (captum's FeatureAblation), batched over images."""
 
 from typing import NamedTuple, Optional
 
@@ -60,3 +61,30 @@ def occlusion_map(
   out = np.concatenate([np.asarray(evaluate(padded[i : i + batch])) for i in range(0, len(padded), batch)], axis=1)
   probability, score = out[:, : len(positions)].reshape(2, len(tops), len(lefts))
   return Occlusion(probability, score, cls)
+
+
+def grid_segments(height: int, width: int, patch: int):
+  """(H, W) int segment ids: a grid of patch x patch squares over the whole image (the last
+  row and column of squares cut by the border), row-major."""
+  rows, cols = np.arange(height) // patch, np.arange(width) // patch
+  return (rows[:, None] * (-(-width // patch)) + cols[None, :]).astype(np.int32)
+
+
+def feature_ablation(model, variables, x, class_index=None, patch: int = 4, baseline=0.0, batch: int = 16):
+  """captum's FeatureAblation over grid segments (`grid_segments`): each pixel's attribution
+  is score(x) - score(x with its segment set to `baseline`), the same for every channel;
+  batched over images (N, H, W, C) and jittable: segments run `batch` at a time (lax.map)."""
+  classes = layers.resolve_class(model, variables, x, class_index)
+  segments = grid_segments(x.shape[1], x.shape[2], patch)
+  count = int(segments.max()) + 1  # numpy: known while tracing
+  base = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+  score = layers.class_score(model.apply(variables, x), classes)
+
+  def drop(segment):  # (N,): the class score with `segment` set to the baseline
+    inside = (segments == segment)[None, :, :, None]
+    return layers.class_score(model.apply(variables, jnp.where(inside, base, x)), classes)
+
+  ids = jnp.arange(-(-count // batch) * batch).reshape(-1, batch)  # ids >= count change nothing
+  dropped = jax.lax.map(jax.vmap(drop), ids).reshape(-1, x.shape[0])[:count]  # (count, N)
+  per_segment = score[None, :] - dropped
+  return jnp.broadcast_to(per_segment.T[:, segments][..., None], x.shape)

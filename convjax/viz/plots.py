@@ -134,3 +134,22 @@ def confusion_matrix(matrix, classes, path: str, title: str = "") -> None:
   ax.set_title(title)
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
+
+
+def metrics_table(values, rows, columns, path: str, lower_is_better) -> None:
+  """Writes a PNG of a methods x metrics table: each value printed, each column coloured by
+  rank (green: the best of the column, by `lower_is_better` per column)."""
+  values = np.asarray(values, np.float64)
+  ranks = np.zeros_like(values)
+  for j, lower in enumerate(lower_is_better):
+    order = np.argsort(values[:, j] if lower else -values[:, j], kind="stable")
+    ranks[order, j] = np.linspace(0, 1, len(order)) if len(order) > 1 else 0
+  fig, ax = plt.subplots(figsize=(2.2 * len(columns) + 2.5, 0.45 * len(rows) + 1.5))
+  ax.imshow(ranks, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+  ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+  ax.set_yticks(range(len(rows)), rows)
+  for i in range(len(rows)):
+    for j in range(len(columns)):
+      ax.text(j, i, f"{values[i, j]:.4g}", ha="center", va="center", fontsize=8)
+  fig.tight_layout()
+  files.save_figure(fig, path, dpi=100)

@@ -1,17 +1,15 @@
 """Input-gradient attributions: vanilla gradient, Input x Gradient, SmoothGrad and its
 SmoothGrad-squared and VarGrad variants over any of them (`noise_tunnel`), Integrated
-Gradients (from zeros, a blurred copy or uniform noise: `baseline`), GradientSHAP, guided
-backprop. Each returns attributions shaped like the input (N, H, W, C); `saliency_map`
-turns them into (N, H, W) maps in [0, 1]."""
+Gradients (from zeros, a blurred copy or uniform noise: `baseline`), GradientSHAP, DeepLIFT
+and guided backprop (on any model's ReLUs: rewrite.py). Each returns attributions shaped
+like the input (N, H, W, C); `saliency_map` turns them into (N, H, W) maps in [0, 1]."""
 
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convjax.models.layers import Conv2D, Dense
-from convjax.viz import layers
+from convjax.viz import layers, rewrite
 
 
 def _score_fn(model, variables, classes):
@@ -115,52 +113,28 @@ def integrated_gradients(model, variables, x, class_index: Optional[int] = None,
   return (x - baseline) * jnp.tensordot(weights, grads, axes=1)
 
 
-@jax.custom_vjp
-def _guided_relu(x):
-  return jax.nn.relu(x)
-
-
-def _guided_fwd(x):
-  return jax.nn.relu(x), x
-
-
-def _guided_bwd(x, g):
-  return (jnp.where((x > 0) & (g > 0), g, 0.0),)  # only positive signal through active units
-
-
-_guided_relu.defvjp(_guided_fwd, _guided_bwd)
+def _rewritten_score(model, variables, classes, rule, reference=None):
+  what = f"the model {type(model).__name__}"
+  return lambda x: jnp.sum(
+    rewrite.rewritten(lambda v: layers.class_score(model.apply(variables, v), classes), x, rule, what, reference)
+  )
 
 
 def guided_backprop(model, variables, x, class_index: Optional[int] = None):
-  """Springenberg et al. 2015: ReLUs pass back only positive gradients of active units.
-
-  Applies to the ReLUs fused into Keras-shaped Conv2D / Dense layers (the small
-  convnets and VGG); other activations keep their usual gradient.
-  """
+  """Springenberg et al. 2015: every ReLU of the model (rewrite.py finds them in its program)
+  passes back only positive gradients of active units."""
   classes = layers.resolve_class(model, variables, x, class_index)
-  inside = set()
+  return jax.grad(_rewritten_score(model, variables, classes, rewrite.GUIDED))(x)
 
-  def guide(next_fun, args, kwargs, context):
-    module = context.module
-    if (
-      context.method_name == "__call__"
-      and isinstance(module, (Conv2D, Dense))
-      and module.activation is nn.relu
-      and module.path not in inside
-    ):
-      inside.add(module.path)
-      try:
-        base = nn.Conv if isinstance(module, Conv2D) else nn.Dense
-        return _guided_relu(base.__call__(module, *args, **kwargs))
-      finally:
-        inside.discard(module.path)
-    return next_fun(*args, **kwargs)
 
-  def score(inputs):
-    with nn.intercept_methods(guide):
-      return jnp.sum(layers.class_score(model.apply(variables, inputs), classes))
-
-  return jax.grad(score)(x)
+def deeplift(model, variables, x, class_index: Optional[int] = None, baseline=None):
+  """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as captum's DeepLift: (x -
+  baseline) times the gradient with each ReLU's multiplier (relu(x) - relu(r)) / (x - r)
+  and captum's max-pool rule, r being that unit's input for the baseline (default zeros).
+  Summation to delta: the attributions sum to score(x) - score(baseline)."""
+  classes = layers.resolve_class(model, variables, x, class_index)
+  baseline = jnp.zeros_like(x) if baseline is None else jnp.broadcast_to(baseline, x.shape)
+  return (x - baseline) * jax.grad(_rewritten_score(model, variables, classes, rewrite.DEEPLIFT, baseline))(x)
 
 
 def saliency_map(attributions):

@@ -1,0 +1,272 @@
+r"""Explains a trained run's split (or image files) with many methods and measures how
+faithful and robust each explanation is.
+
+  python -m experiments.explain --workdir=/tmp/mnist --split=test --rows=0:512 \
+      --methods=gradcam,integrated_gradients,deeplift --metrics=deletion,insertion,road
+
+Each method runs as one jitted program per fixed-size batch over every device (the batch
+sharded, the weights replicated; one compilation per method), a batch read at a time, so a
+large split streams. Writes to <workdir>/explain/ (or --output): <method>.npy, the maps
+(rows, h, w) in float16 (a CAM at its layer's resolution, attributions summed over
+channels); metrics.json and metrics.csv, each metric's mean and standard deviation per
+method with images/s and the compilation time; metrics.png, the methods x metrics table;
+<method>.png, the first --examples images with their maps; rows.json, the rows explained
+with their labels and the classes explained. Methods and metrics: convjax/viz/explain.py.
+"""
+
+import csv
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from convjax import cli, files, inference, parallel, run
+from convjax.data.splits import open_source
+from convjax.errors import UserError
+from convjax.viz import cam, explain, layers, plots
+
+flags.DEFINE_string("workdir", None, "A trained run's workdir.")
+flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Which of the run's splits.")
+flags.DEFINE_string("rows", "", "START:STOP of the split ('' -> every row).")
+flags.DEFINE_string("images", None, "Image files instead of a split (a folder, recursively, or a glob).")
+flags.DEFINE_string("methods", "gradcam,integrated_gradients", f"Comma-separated, of: {', '.join(explain.METHODS)}.")
+flags.DEFINE_string("metrics", "deletion,insertion,road", f"Comma-separated, of: {', '.join(explain.METRICS)}.")
+flags.DEFINE_enum("target", "predicted", ["predicted", "label"], "The class explained for each image.")
+flags.DEFINE_integer("batch_size", 64, "Images per program (divisible by the devices; the last batch is padded).")
+flags.DEFINE_integer("num_devices", 0, "Devices to shard the batch over (0: every device).")
+flags.DEFINE_string("layer", "", "The CAMs' layer (a Conv2D's name; '' -> the last).")
+flags.DEFINE_integer("ig_steps", 32, "Integrated Gradients' intervals.")
+flags.DEFINE_integer("samples", 16, "Noise tunnels' and GradientSHAP's samples.")
+flags.DEFINE_enum(
+  "baseline", "zeros", ["zeros", "blurred", "uniform"], "Integrated Gradients' and DeepLIFT's baseline."
+)
+flags.DEFINE_integer("patch", 4, "Feature ablation's grid segment side (pixels).")
+flags.DEFINE_integer("sensitivity_samples", 10, "Max-sensitivity's perturbations.")
+flags.DEFINE_integer("examples", 8, "Images drawn per method in <method>.png.")
+flags.DEFINE_integer("seed", 0, "Seed of the noise of every method and metric.")
+flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights (see docs/using-a-run.md).")
+flags.DEFINE_string("output", "", "Output folder ('' -> <workdir>/explain).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _names(value: str, valid: tuple, flag: str) -> list:
+  names = [n.strip() for n in value.split(",") if n.strip()]
+  unknown = [n for n in names if n not in valid]
+  if unknown or (flag == "methods" and not names):
+    raise UserError(f"--{flag}={value!r}: unknown {unknown or 'none given'}; valid: {', '.join(valid)}")
+  return names
+
+
+def _rows(spec: str, size: int) -> range:
+  if not spec:
+    return range(size)
+  try:
+    start, stop = (int(v) if v else d for v, d in zip(spec.split(":"), (0, size), strict=True))
+  except ValueError:
+    raise UserError(f"--rows={spec!r}: give START:STOP, e.g. 0:256") from None
+  if not 0 <= start < stop <= size:
+    raise UserError(f"--rows={spec!r}: the split has rows 0:{size}")
+  return range(start, stop)
+
+
+def _batches(f, classifier, batch: int):
+  """(uint8 images, labels (-1: unknown), names of the rows) a batch at a time, and the count."""
+  if f.images:
+    images, read, _ = inference.read_images(inference.list_images(f.images), classifier)
+    if not read:
+      raise UserError(f"--images={f.images!r}: no image could be read")
+    labels = np.array([_folder_label(p, classifier.classes) for p in read], np.int64)
+    chunks = ((images[i : i + batch], labels[i : i + batch], read[i : i + batch]) for i in range(0, len(read), batch))
+    return chunks, len(read)
+  config = run.read_config(f.workdir)
+  source = open_source(config.data)
+  splits = source.splits(stream=source.streams)
+  if f.split not in splits:
+    raise UserError(f"--split={f.split}: the run has splits {', '.join(splits)}")
+  split = splits[f.split]
+  rows = _rows(f.rows, split.size)
+  logging.info("explaining %s: %s rows %d:%d", f.split, split.spec, rows.start, rows.stop)
+
+  def read():
+    for start in range(rows.start, rows.stop, batch):
+      got = split.read(start, min(start + batch, rows.stop))
+      yield (
+        got["image"],
+        np.asarray(got["label"], np.int64),
+        [f"{f.split}[{start + i}]" for i in range(len(got["label"]))],
+      )
+
+  return read(), len(rows)
+
+
+def _folder_label(path: str, classes: tuple) -> int:
+  folder = os.path.basename(os.path.dirname(path))
+  return classes.index(folder) if folder in classes else -1
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  methods = _names(f.methods, explain.METHODS, "methods")
+  metrics = _names(f.metrics, explain.METRICS, "metrics")
+  if not os.path.exists(os.path.join(f.workdir, "config.json")):
+    raise UserError(f"{f.workdir!r} has no config.json: not a training run")
+  if run.read_config(f.workdir).feature_extractor.model:
+    raise UserError(f"{f.workdir} trained a head on a frozen base's features: explain explains models of images")
+  classifier = inference.from_run(f.workdir, f.weights)
+  model, variables, shape = classifier.model, classifier.variables["model"], classifier.image_shape
+  mesh = parallel.make_mesh(f.num_devices or None)
+  if f.batch_size < 1 or f.batch_size % mesh.size:
+    raise UserError(f"--batch_size={f.batch_size} is not a positive multiple of the {mesh.size} devices in use")
+  convs = layers.layer_paths(model, shape, types=("Conv2D",))
+  by_name = {p[-1]: p for p in convs}
+  needs_layer = [m for m in methods if m in (*cam.CAMS, "guided_gradcam")]
+  if needs_layer and not convs:
+    raise UserError(f"--methods {','.join(needs_layer)} need a conv layer; {classifier.name}'s model has none")
+  if f.layer and f.layer not in by_name:
+    raise UserError(f"--layer={f.layer!r} is not a conv layer of the model; it has {', '.join(by_name)}")
+  options = explain.Options(
+    layer=by_name[f.layer] if f.layer else (convs[-1] if convs else ()),
+    ig_steps=f.ig_steps,
+    samples=f.samples,
+    baseline=f.baseline,
+    patch=f.patch,
+    sensitivity_samples=f.sensitivity_samples,
+  )
+  random_variables = jax.jit(model.init)(jax.random.key(f.seed + 1), jnp.zeros((1, *shape)))
+  out = files.make_dir(f.output or os.path.join(f.workdir, "explain"))
+  replicated, sharded = parallel.replicated(mesh), parallel.sharded(mesh)
+  weights = parallel.put_replicated_tree(mesh, (variables, jax.device_get(random_variables)))
+  prepare, use_label = classifier.prepare, f.target == "label"
+
+  def step(method, weights, images, labels, rng):
+    trained, fresh = weights
+    x = prepare(images.astype(jnp.float32))
+    classes = labels if use_label else layers.predicted_class(model.apply(trained, x))
+    maps, scores = explain.measure(model, trained, fresh, x, classes, method, options, metrics, rng)
+    return maps, scores, classes
+
+  summary, examples = {}, None
+  for method in methods:
+    batches, count = _batches(f, classifier, f.batch_size)
+    program = jax.jit(functools.partial(step, method), in_shardings=(replicated, sharded, sharded, replicated))
+    spec = jax.ShapeDtypeStruct((f.batch_size, *shape), jnp.uint8)
+    started = time.perf_counter()
+    compiled = program.lower(
+      weights, spec, jax.ShapeDtypeStruct((f.batch_size,), jnp.int32), jax.random.key(0)
+    ).compile()
+    compile_seconds = time.perf_counter() - started
+    maps_file, per_image, explained, names, labels_all, seconds = None, {m: [] for m in metrics}, [], [], [], 0.0
+    for index, (images, labels, row_names) in enumerate(batches):
+      n = len(images)
+      padded = np.zeros((f.batch_size, *shape), np.uint8)
+      padded[:n] = images
+      label_batch = np.zeros(f.batch_size, np.int32)
+      label_batch[:n] = np.maximum(labels, 0)
+      if use_label and (labels < 0).any():
+        raise UserError(f"--target=label: {row_names[int(np.argmin(labels))]} has no label (its folder is no class)")
+      started = time.perf_counter()
+      maps, scores, classes = compiled(
+        weights,
+        jax.device_put(padded, sharded),
+        jax.device_put(label_batch, sharded),
+        jax.random.fold_in(jax.random.key(f.seed), index),
+      )
+      maps, scores, classes = (
+        np.asarray(maps)[:n],
+        {k: np.asarray(v)[:n] for k, v in scores.items()},
+        np.asarray(classes)[:n],
+      )
+      seconds += time.perf_counter() - started
+      if maps_file is None:
+        maps_file = np.lib.format.open_memmap(
+          os.path.join(out, f"{method}.npy"), "w+", np.float16, (count, *maps.shape[1:])
+        )
+        first = (padded[: min(f.examples, n)], maps[: f.examples], classes[: f.examples])
+      done = len(explained)
+      maps_file[done : done + n] = maps.astype(np.float16)
+      for k, v in scores.items():
+        per_image[k].append(v)
+      explained.extend(int(c) for c in classes)
+      names.extend(row_names)
+      labels_all.extend(int(v) for v in labels)
+    maps_file.flush()
+    del maps_file
+    values = {k: np.concatenate(v) for k, v in per_image.items()}
+    summary[method] = {
+      **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()},
+      "images_per_second": count / seconds if seconds else 0.0,
+      "compile_seconds": compile_seconds,
+      "images": count,
+    }
+    logging.info(
+      "%s: %s; %.1f images/s (compiled in %.1fs)",
+      method,
+      ", ".join(f"{k} {summary[method][k]['mean']:.4g}" for k in metrics),
+      summary[method]["images_per_second"],
+      compile_seconds,
+    )
+    _draw(first, method, classifier, os.path.join(out, f"{method}.png"))
+    examples = {"rows": names, "labels": labels_all, "classes_explained": explained}
+  _write_tables(summary, methods, metrics, out, f, mesh.size)
+  files.write_json(os.path.join(out, "rows.json"), examples)
+  print(f"explained {len(examples['rows']):,} images with {len(methods)} methods on {mesh.size} device(s); see {out}")
+
+
+def _draw(first, method, classifier, path):
+  images, maps, classes = first
+  panels = [
+    cam.superimpose(image, np.clip(np.asarray(m, np.float32), 0, None) / max(float(np.max(m)), 1e-12))
+    for image, m in zip(images, maps, strict=True)
+  ]
+  titles = [f"{method}\n{classifier.classes[c] if c < len(classifier.classes) else c}" for c in classes]
+  plots.image_grid(panels, path, cols=min(4, len(panels)), titles=titles)
+
+
+def _write_tables(summary, methods, metrics, out, f, devices):
+  files.write_json(
+    os.path.join(out, "metrics.json"),
+    {
+      "workdir": f.workdir,
+      "split": None if f.images else f.split,
+      "rows": f.rows,
+      "images": f.images,
+      "devices": devices,
+      "device_kind": jax.devices()[0].device_kind,
+      "lower_is_better": {m: explain.LOWER_IS_BETTER[m] for m in metrics},
+      "methods": summary,
+    },
+  )
+  with files.output(os.path.join(out, "metrics.csv"), newline="") as fh:
+    writer = csv.writer(fh)
+    writer.writerow(
+      ["method", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "images_per_second", "compile_seconds"]
+    )
+    for method in methods:
+      row = summary[method]
+      writer.writerow(
+        [
+          method,
+          *[f"{row[m][s]:.6g}" for m in metrics for s in ("mean", "std")],
+          f"{row['images_per_second']:.2f}",
+          f"{row['compile_seconds']:.2f}",
+        ]
+      )
+  if metrics:
+    table = np.array([[summary[method][m]["mean"] for m in metrics] for method in methods])
+    plots.metrics_table(
+      table,
+      methods,
+      [f"{m} ({'lower' if explain.LOWER_IS_BETTER[m] else 'higher'} better)" for m in metrics],
+      os.path.join(out, "metrics.png"),
+      [explain.LOWER_IS_BETTER[m] for m in metrics],
+    )
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,76 @@
+"""experiments.explain over part of a run's split: every row's map, the metrics table, the
+same maps on 1 and 8 devices, and the maps equal the library's functions."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import run_binary
+
+ARGS = [
+  "--rows=0:256",
+  "--batch_size=64",
+  "--methods=gradcam,integrated_gradients,deeplift,feature_ablation",
+  "--metrics=deletion,insertion,road,randomisation",
+  "--ig_steps=8",
+]
+
+
+def _explain(workdir, out, devices):
+  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  result = run_binary("experiments.explain", f"--workdir={workdir}", f"--output={out}", *ARGS, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"explained 256 images with 4 methods on {devices} device(s)" in result.stdout
+  return out
+
+
+@pytest.mark.slow
+def test_explain_writes_every_rows_maps_and_metrics_and_eight_devices_equal_one(tiny_mnist_run, tmp_path):
+  from convjax import inference, run
+  from convjax.data.splits import open_source
+  from convjax.viz import cam, layers
+
+  one = _explain(tiny_mnist_run, tmp_path / "one", 1)
+  eight = _explain(tiny_mnist_run, tmp_path / "eight", 8)
+  shapes = {"gradcam": (256, 3, 3), "integrated_gradients": (256, 28, 28), "deeplift": (256, 28, 28)}
+  shapes["feature_ablation"] = (256, 28, 28)
+  for method, shape in shapes.items():
+    a, b = np.load(one / f"{method}.npy"), np.load(eight / f"{method}.npy")
+    assert a.shape == shape and a.dtype == np.float16 and np.isfinite(a).all(), method
+    scale = np.abs(a.astype(np.float32)).max()
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3 * scale, err_msg=method)
+    assert (one / f"{method}.png").stat().st_size > 10_000
+  report = json.loads((one / "metrics.json").read_text())
+  assert report["devices"] == 1 and json.loads((eight / "metrics.json").read_text())["devices"] == 8
+  for method in shapes:
+    row = report["methods"][method]
+    assert row["images"] == 256 and row["images_per_second"] > 0
+    assert {"deletion", "insertion", "road", "randomisation"} <= row.keys()
+    assert 0 <= row["deletion"]["mean"] <= 1 and 0 <= row["insertion"]["mean"] <= 1
+  rows = json.loads((one / "rows.json").read_text())
+  assert rows["rows"][:2] == ["test[0]", "test[1]"] and len(rows["classes_explained"]) == 256
+  assert (one / "metrics.csv").read_text().count("\n") == 5 and (one / "metrics.png").stat().st_size > 10_000
+
+  # The binary's Grad-CAM of rows 0:8 is the library's on the same images.
+  classifier = inference.from_run(str(tiny_mnist_run))
+  images = open_source(run.read_config(str(tiny_mnist_run)).data).splits()["test"].read(0, 8)["image"]
+  x = classifier.prepare(jnp.asarray(images, jnp.float32))
+  model, variables = classifier.model, classifier.variables["model"]
+  layer = layers.last_conv(model, classifier.image_shape)
+  expected = cam.cam(model, variables, x, layer, "gradcam")[0]
+  assert rows["classes_explained"][:8] == [int(c) for c in jax.numpy.argmax(model.apply(variables, x), -1)]
+  np.testing.assert_allclose(np.load(one / "gradcam.npy")[:8].astype(np.float32), expected, atol=1e-3)
+
+
+def test_explain_names_a_bad_method_metric_or_rows_in_one_line(tiny_mnist_run, tmp_path):
+  for flag, message in (
+    ("--methods=gradcam,lime", "--methods='gradcam,lime': unknown ['lime']; valid: gradcam, gradcam++"),
+    ("--rows=0:100000", "--rows='0:100000': the split has rows 0:500"),
+  ):
+    result = run_binary("experiments.explain", f"--workdir={tiny_mnist_run}", f"--output={tmp_path}", flag)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), (
+      result.stderr[-2000:]
+    )
