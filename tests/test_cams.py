@@ -119,9 +119,14 @@ def test_every_cam_runs_batched_and_jitted_on_the_mnist_convnet():
     assert got.min() >= 0 and got.max() <= 1 + 1e-6 and got.max(axis=(1, 2)).min() > 0.99, method
   with pytest.raises(ValueError, match="unknown CAM method 'gradcam-pp'"):
     cam.cam(model, variables, x, layer, "gradcam-pp")
-  # Guided Grad-CAM: guided backprop times the map resized to the input.
+  # Guided Grad-CAM: guided backprop times the map, min-max scaled, resized to the input.
   guided, classes = jax.jit(lambda v, x: cam.guided_grad_cam(model, v, x, layer))(variables, x)
   maps = cam.cam(model, variables, x, layer, "gradcam", classes)[0]
-  resized = jax.image.resize(maps, (4, 28, 28), "bilinear")[..., None]
+
+  def min_max(m):
+    low, high = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
+    return (m - low) / (high - low + 1e-7)
+
+  resized = min_max(jax.image.resize(min_max(maps), (4, 28, 28), "bilinear"))[..., None]
   np.testing.assert_allclose(guided, saliency.guided_backprop(model, variables, x, classes) * resized, atol=1e-6)
   assert guided.shape == x.shape and np.abs(guided).max() > 0

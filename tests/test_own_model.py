@@ -110,8 +110,15 @@ def _check_readers(folder, workdir, tmp_path, loop_epoch):
 
   env = _env(folder)
   digits, images = _digits(tmp_path)
-  out = tmp_path / "predictions.json"
-  result = run_binary("experiments.predict", f"--workdir={workdir}", f"--images={digits}", f"--output={out}", env=env)
+  out, export = tmp_path / "predictions.json", tmp_path / "export"
+  result = run_binary(
+    "experiments.predict",
+    f"--workdir={workdir}",
+    f"--images={digits}",
+    f"--output={out}",
+    f"--export={export}",
+    env=env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = {p["file"]: p["top"][0]["index"] for p in json.loads(out.read_text())["predictions"]}
   predicted = [table[str(digits / f"{i:02d}.png")] for i in range(len(images))]
@@ -133,9 +140,6 @@ def _check_readers(folder, workdir, tmp_path, loop_epoch):
   assert (workdir / "viz" / "gradcam.png").stat().st_size > 1000
   assert "conv2" in result.stderr or "Conv_1" in result.stderr  # Grad-CAM's layer: the last conv
 
-  export = tmp_path / "export"
-  result = run_binary("experiments.predict", f"--workdir={workdir}", f"--export={export}", env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
   served = served_probabilities(str(export), images, str(tmp_path))
   assert list(np.argmax(served, -1)) == predicted
 

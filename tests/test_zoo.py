@@ -164,9 +164,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
     "experiments.visualize",
     f"--workdir={workdir}",
     f"--image={digit}",
-    "--config.viz.methods=activations,gradcam,saliency,occlusion",
-    "--config.viz.saliency.smoothgrad_samples=2",
-    "--config.viz.saliency.ig_steps=4",
+    "--config.viz.methods=activations,gradcam,occlusion",  # saliency: tests/test_viz.py, any model
     "--config.viz.occlusion.patch=8",
     "--config.viz.occlusion.stride=8",
   )
@@ -174,7 +172,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
   # Both read the run's latest checkpoint: the binary explains the class the model predicts for the (zero) digit.
   predicted = int(np.argmax(model.apply(variables, jnp.zeros((1, 32, 32, 1)), train=False)))
   assert json.loads((workdir / "viz" / "timings.json").read_text())["class"] == predicted
-  assert {"gradcam.png", "saliency.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
+  assert {"gradcam.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
 
 
 def test_notes_networks_have_the_notes_parameter_counts():

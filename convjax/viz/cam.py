@@ -16,7 +16,7 @@ For a layer's output A (N, h, w, K) and a class score y (the logit; see layers.c
   channels of the masked inputs' class scores weighs the channels.
 - Ablation-CAM (Desai & Ramaswamy 2020): weights (y - y_without_k) / y, with channel k of
   the layer set to zero.
-- Guided Grad-CAM: guided backprop times the Grad-CAM map at the input's size.
+- Guided Grad-CAM: guided backprop times the Grad-CAM map, min-max scaled, at the input's size.
 
 Every map is kept positive and normalised to [0, 1] per image (all-zero when nothing is
 positive). `superimpose` colours a map (jet) over the image, as the notes do.
@@ -66,10 +66,11 @@ def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=
   if method == "layercam":
     return _positive(jnp.sum(jax.nn.relu(grads) * activations, -1)), classes
   if method == "gradcam++":
-    # With y = exp(score), the alphas reduce to first-derivative powers (paper eq. 19).
+    # With y = exp(score), the alphas reduce to first-derivative powers (paper eq. 19); the
+    # 1e-6 in the denominator is pytorch-grad-cam's (it moves maps of tiny gradients by ~1e-3).
     g2, g3 = grads**2, grads**3
-    denominator = 2 * g2 + jnp.sum(activations, axis=(1, 2), keepdims=True) * g3
-    alpha = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1.0), 0.0)
+    denominator = 2 * g2 + jnp.sum(activations, axis=(1, 2), keepdims=True) * g3 + 1e-6
+    alpha = jnp.where(grads != 0, g2 / denominator, 0.0)
     weights = jnp.sum(alpha * jax.nn.relu(grads), axis=(1, 2))
   elif method == "xgradcam":
     total = jnp.sum(activations, axis=(1, 2))
@@ -81,13 +82,20 @@ def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=
 
 def guided_grad_cam(model, variables, x, layer: tuple, class_index=None):
   """Guided Grad-CAM (Selvaraju et al. 2017), as pytorch-grad-cam composes it: guided
-  backprop (N, H, W, C) times the Grad-CAM map resized to the input (bilinear, half-pixel
-  centres, as cv2.resize), and the classes they explain."""
+  backprop (N, H, W, C) times the Grad-CAM map min-max scaled, resized to the input
+  (bilinear, half-pixel centres, as cv2.resize) and min-max scaled again; and the classes
+  they explain."""
   from convjax.viz import saliency
 
   maps, classes = cam(model, variables, x, layer, "gradcam", class_index)
-  resized = jax.image.resize(maps, (maps.shape[0], *x.shape[1:3]), "bilinear")
+  resized = _min_max(jax.image.resize(_min_max(maps), (maps.shape[0], *x.shape[1:3]), "bilinear"))
   return saliency.guided_backprop(model, variables, x, classes) * resized[..., None], classes
+
+
+def _min_max(m):
+  """pytorch-grad-cam's scale_cam_image: (m - min) / (max - min + 1e-7) per map."""
+  low = jnp.min(m, axis=(1, 2), keepdims=True)
+  return (m - low) / (jnp.max(m, axis=(1, 2), keepdims=True) - low + 1e-7)
 
 
 def _positive(m):

@@ -1,0 +1,121 @@
+"""convjax's maps equal pytorch-grad-cam's and captum's on a PyTorch copy of the same
+network with the same weights (the MNIST and cats-vs-dogs convnets; He-normal weights from
+tests/parity/weights.py's seed) and the same images: the references were made once by
+tests/parity/make_references.py, so these tests need no PyTorch.
+
+Each pair is compared per image after one normalisation of both (CAMs: ReLU, then min-max,
+at the layer's resolution; attributions, summed over channels: divided by the reference's
+largest magnitude): correlation >= 0.999 and largest difference <= 1e-3. Where the
+definitions differ, the test says how: Eigen-CAM's and EigenGrad-CAM's singular vector
+takes LAPACK's arbitrary sign in pytorch-grad-cam (convjax signs it to correlate with the
+summed activation), so convjax's map equals pytorch-grad-cam's or its negation's; Ablation-CAM
+is not compared (pytorch-grad-cam sets a channel to min - 1e7, the paper and convjax to 0).
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convjax.models import get_model
+from convjax.viz import cam, explain, layers
+from tests.parity.weights import he_weights
+
+FIXTURES = pathlib.Path(__file__).parent / "parity"
+SHAPES = {"mnist_convnet": (28, 28, 1), "cats_dogs_convnet": (150, 150, 3)}
+
+
+def _paths(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _paths(value, (*prefix, key))
+    else:
+      yield (*prefix, key), value
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def case(request):
+  name, shape = request.param, SHAPES[request.param]
+  ref = dict(np.load(FIXTURES / f"{name}.npz"))
+  model = get_model(name)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+  weights = he_weights({p: tuple(a.shape) for p, a in _paths(shapes)}, int(ref["seed"]))
+  params = {}
+  for path, value in weights.items():
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jnp.asarray(value)
+  x = jnp.asarray(ref["images"], jnp.float32) / 255.0
+  return name, model, {"params": params}, x, jnp.asarray(ref["classes"], jnp.int32), ref
+
+
+def _min_max(m):
+  m = np.maximum(np.asarray(m, np.float64), 0)
+  low, high = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
+  return (m - low) / np.where(high > low, high - low, 1.0)
+
+
+def _assert_same(ours, theirs, what):
+  for i, (a, b) in enumerate(zip(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), strict=True)):
+    rho = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    worst = np.abs(a - b).max()
+    assert rho >= 0.999 and worst <= 1e-3, f"{what} image {i}: correlation {rho:.6f}, largest difference {worst:.2e}"
+
+
+def test_the_torch_copy_is_the_same_network(case):
+  """The same logits; the classes explained: the predicted digit, the cats-vs-dogs logit (class 1)."""
+  name, model, variables, x, classes, ref = case
+  logits = np.asarray(model.apply(variables, x))
+  np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4 * np.abs(ref["logits"]).max())
+  np.testing.assert_array_equal(classes, np.argmax(logits, -1) if logits.shape[-1] > 1 else 1)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "scorecam"])
+def test_cams_equal_pytorch_grad_cams(case, method):
+  name, model, variables, x, classes, ref = case
+  layer = layers.last_conv(model, x.shape[1:])
+  ours = cam.cam(model, variables, x, layer, method, classes)[0]
+  _assert_same(_min_max(ours), _min_max(ref[f"cam/{method}"]), f"{name} {method}")
+
+
+@pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])
+def test_eigen_cams_equal_pytorch_grad_cams_up_to_the_singular_vectors_sign(case, method):
+  name, model, variables, x, classes, ref = case
+  layer = layers.last_conv(model, x.shape[1:])
+  ours = _min_max(cam.cam(model, variables, x, layer, method, classes)[0])
+  theirs = ref[f"cam/{method}"]
+  for i in range(len(x)):
+    same, flipped = _min_max(theirs[i : i + 1]), _min_max(-theirs[i : i + 1])
+    best = min((same, flipped), key=lambda t: np.abs(t - ours[i : i + 1]).max())
+    _assert_same(ours[i : i + 1], best, f"{name} {method} image {i}")
+
+
+ATTRIBUTIONS = ["gradient", "input_x_gradient", "integrated_gradients", "deeplift", "guided_backprop"]
+
+
+@pytest.mark.parametrize("method", [*ATTRIBUTIONS, "feature_ablation", "guided_gradcam"])
+def test_attributions_equal_captums_and_guided_grad_cam_pytorch_grad_cams(case, method):
+  name, model, variables, x, classes, ref = case
+  options = explain.Options(
+    layer=layers.last_conv(model, x.shape[1:]), ig_steps=int(ref["ig_steps"]), patch=int(ref["patch"])
+  )
+  if method == "deeplift":  # captum's DeepLift from a grey baseline
+    from convjax.viz import saliency
+
+    ours = saliency.deeplift(model, variables, x, classes, float(ref["deeplift_baseline"]))
+  elif method == "integrated_gradients":
+    # Both sides in float64: float32 IG moves by up to 0.65% of its largest value on these
+    # images (measured, in PyTorch and in JAX: ReLU boundaries crossed at other points of the path).
+    with jax.enable_x64(True):
+      wide = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+      ours = explain.explain(model, wide, jnp.asarray(x, jnp.float64), classes, method, options, jax.random.key(0))
+  else:
+    ours = explain.explain(model, variables, x, classes, method, options, jax.random.key(0))
+  theirs = ref[f"attr/{method}"].astype(np.float64)
+  if method == "integrated_gradients":  # captum's riemann_trapezoid weights sum to n / (n + 1), ours to 1
+    theirs *= (ref["ig_steps"] + 1) / ref["ig_steps"]
+  scale = np.abs(theirs).max(axis=(1, 2), keepdims=True)
+  _assert_same(np.asarray(explain.as_map(ours)) / scale, theirs / scale, f"{name} {method}")
