@@ -53,7 +53,10 @@ def get_config(preset: str = ""):
   config.models = config_dict.placeholder(str)
   config.batch_sizes = config_dict.placeholder(tuple)
   config.precisions = config_dict.placeholder(tuple)  # float32, bfloat16
-  config.modes = config_dict.placeholder(tuple)  # train, inference
+  config.modes = config_dict.placeholder(tuple)  # train, inference, explain
+  # explain rows: one per method (convjax.viz.explain.METHODS), maps of a batch of the
+  # predicted classes; the torch peers run pytorch-grad-cam's or captum's same method.
+  config.explain_methods = "gradcam,integrated_gradients"
   # The same rows in Keras 3 and PyTorch (convjax/peers.py), each in its own process:
   # keras_jax, keras_tensorflow, torch_eager, torch_compile (where installed); '' -> none.
   config.peers = config_dict.placeholder(str)

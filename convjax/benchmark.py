@@ -73,14 +73,29 @@ def peak_flops(device, precision: str) -> Optional[float]:
   return table[key]
 
 
-def make_step(model, tx, mode: str, precision: str, mesh):
+def make_step(model, tx, mode: str, precision: str, mesh, method: str = "", input_shape: tuple = ()):
   """The step a row times. train: the train binary's own step (convjax.train.steps.jit_steps:
   uint8 images rescaled inside it, the compute dtype, optax.apply_if_finite, the metric sums),
   `(state, batch, rng, sums) -> (state, sums)`; inference: the model's forward pass in the
-  compute dtype, `(state, batch) -> logits`."""
+  compute dtype, `(state, batch) -> logits`; explain: `method`'s maps of the predicted
+  classes (convjax.viz.explain, its default options: the last conv layer, 32 IG intervals,
+  16 noise samples), `(state, batch) -> maps`."""
   dtype = jnp.dtype(precision)
   if mode == "train":
     return jit_steps(model, tx, lambda x: x / 255, mesh, compute_dtype=dtype)[0]
+  if mode == "explain":
+    from convjax.viz import explain, layers
+
+    convs = layers.layer_paths(model, input_shape, types=("Conv2D",))
+    options = explain.Options(layer=convs[-1] if convs else ())
+
+    def explain_step(state, batch):
+      variables = cast_floats({"params": eval_params(state), **state.model_state}, dtype)
+      x = (batch["image"].astype(jnp.float32) / 255).astype(dtype)
+      classes = layers.predicted_class(model.apply(variables, x))
+      return explain.explain(model, variables, x, classes, method, options, jax.random.key(0))
+
+    return jax.jit(explain_step)
 
   def infer(state, batch):
     variables = {"params": cast_floats(eval_params(state), dtype), **state.model_state}
@@ -161,6 +176,7 @@ def benchmark_row(
   cpu_peak: Optional[float] = None,
   profile_steps: int = 0,
   profile_dir: str = "",
+  method: str = "",
 ) -> dict:
   from convjax.config import default_config
 
@@ -180,7 +196,7 @@ def benchmark_row(
   labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
   data = {"image": images, "label": labels, "mask": jnp.ones((batch,), jnp.float32)}
   args = (data, jax.random.key(3), parallel.put_replicated_tree(mesh, zero_metrics())) if mode == "train" else (data,)
-  step = make_step(model, tx, mode, precision, mesh)
+  step = make_step(model, tx, mode, precision, mesh, method, input_shape)
   t0 = time.perf_counter()
   compiled = step.lower(state, *args).compile()
   compile_seconds = time.perf_counter() - t0
@@ -212,6 +228,7 @@ def benchmark_row(
     "batch": batch,
     "precision": precision,
     "mode": mode,
+    **({"method": method} if mode == "explain" else {}),
     "compile_seconds": compile_seconds,
     "step_seconds_median": median,
     "step_seconds_iqr": [float(q1), float(q3)],

@@ -32,7 +32,10 @@ flags.DEFINE_string("model", None, "A network of the benchmark (a convjax.models
 flags.DEFINE_string("input", None, "HxWxC, e.g. 28x28x1.")
 flags.DEFINE_integer("batch", None, "Batch size.")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute precision.")
-flags.DEFINE_enum("mode", "train", ["train", "inference"], "Train step or inference step.")
+flags.DEFINE_enum("mode", "train", ["train", "inference", "explain"], "Train step, inference step or explanation.")
+flags.DEFINE_string(
+  "method", "", "explain: the method (convjax.viz.explain's name), run by pytorch-grad-cam or captum."
+)
 flags.DEFINE_integer("steps", 20, "Steps timed.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.mark_flags_as_required(["model", "input", "batch"])
@@ -145,6 +148,8 @@ def torch_main(f, shape: tuple) -> dict:
       return model(x)
 
   step = train_step if f.mode == "train" else infer_step
+  if f.mode == "explain":
+    step = torch_explain_step(torch, model, x, f.method)
   if f.compile:
     step = torch.compile(step)
   median = median_step(lambda: step().float().sum().item(), f)  # CPU tensors: the result is complete
@@ -156,6 +161,63 @@ def torch_main(f, shape: tuple) -> dict:
     "torch": torch.__version__,
     "threads": torch.get_num_threads(),
   }
+
+
+# The explain rows' peers, with convjax.viz.explain's defaults: 32 IG intervals (captum's
+# riemann_trapezoid on 33 points), 16 noise samples, feature ablation on 4x4 segments 16 at
+# a time; every method on the whole batch per call (captum's internal batch: the batch).
+GRAD_CAMS = {
+  "gradcam": "GradCAM",
+  "gradcam++": "GradCAMPlusPlus",
+  "xgradcam": "XGradCAM",
+  "hirescam": "HiResCAM",
+  "layercam": "LayerCAM",
+  "eigencam": "EigenCAM",
+  "eigengradcam": "EigenGradCAM",
+  "scorecam": "ScoreCAM",
+  "ablationcam": "AblationCAM",
+}
+
+
+def torch_explain_step(torch, model, x, method: str):
+  """A step that explains x's predicted classes with pytorch-grad-cam's (CAMs) or captum's
+  (attributions) `method`, returning a tensor."""
+  model.eval()
+  flatten = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Flatten)][0]
+  layer = [m for m in list(model)[:flatten] if isinstance(m, torch.nn.ReLU)][-1]
+  with torch.no_grad():
+    logits = model(x)
+  target = torch.zeros(len(x), dtype=torch.long) if logits.shape[-1] == 1 else logits.argmax(-1)
+  if method in GRAD_CAMS:
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = getattr(pytorch_grad_cam, GRAD_CAMS[method])(model=model, target_layers=[layer])
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    return lambda: torch.from_numpy(cam(input_tensor=x, targets=targets))
+  import captum.attr as ca
+
+  h, w = x.shape[2:]
+  segments = (torch.arange(h)[:, None] // 4) * (-(-w // 4)) + torch.arange(w)[None, :] // 4
+  calls = {
+    "gradient": lambda: ca.Saliency(model).attribute(x, target=target, abs=False),
+    "input_x_gradient": lambda: ca.InputXGradient(model).attribute(x, target=target),
+    "integrated_gradients": lambda: ca.IntegratedGradients(model).attribute(
+      x, target=target, n_steps=33, method="riemann_trapezoid", internal_batch_size=len(x)
+    ),
+    "smoothgrad": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+      x, target=target, nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=1, stdevs=0.15, abs=False
+    ),
+    "deeplift": lambda: ca.DeepLift(model).attribute(x, target=target, baselines=0.0),
+    "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=target),
+    "guided_gradcam": lambda: ca.GuidedGradCam(model, layer).attribute(x, target=target),
+    "feature_ablation": lambda: ca.FeatureAblation(model).attribute(
+      x, target=target, feature_mask=segments.expand(len(x), x.shape[1], h, w), perturbations_per_eval=16
+    ),
+  }
+  if method not in calls:
+    raise UserError(f"no pytorch-grad-cam or captum peer for method {method!r}")
+  return calls[method]
 
 
 def keras_main(f, shape: tuple) -> dict:
@@ -198,6 +260,8 @@ def main(argv):
     shape = ()
   if len(shape) != 3:
     raise UserError(f"--input={f.input!r}: expected HxWxC, e.g. 28x28x1")
+  if f.mode == "explain" and (f.framework != "torch" or f.compile):
+    raise UserError("explain rows have eager PyTorch peers only (pytorch-grad-cam, captum)")
   print(json.dumps((torch_main if f.framework == "torch" else keras_main)(f, shape)))
 
 

@@ -23,12 +23,13 @@ from convjax import benchmark, cli, files
 from convjax.data.splits import open_source
 from convjax.errors import UserError
 from convjax.viz.plots import bar_chart
+from convjax.viz import explain
 
 config_flags.DEFINE_config_file("config", "configs/benchmark.py", "Benchmark grid.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where benchmark.json/.md/.png go.")
 flags.DEFINE_list("compare", None, "Two benchmark.json files: print per-row ratios and exit.")
 
-KEY = ("model", "input", "batch", "precision", "mode")
+KEY = ("model", "input", "batch", "precision", "mode", "method")
 PEERS = {
   "keras_jax": ["--framework=keras"],
   "keras_tensorflow": ["--framework=keras"],
@@ -51,6 +52,7 @@ def run_peer(peer: str, row: dict, config) -> dict:
     f"--batch={row['batch']}",
     f"--precision={row['precision']}",
     f"--mode={row['mode']}",
+    f"--method={row.get('method', '')}",
     f"--steps={config.steps}",
     f"--warmup={config.warmup}",
   ]
@@ -66,11 +68,12 @@ def run_peer(peer: str, row: dict, config) -> dict:
 
 
 def _key(row):
-  return tuple(tuple(row[k]) if isinstance(row[k], list) else row[k] for k in KEY)
+  return tuple(tuple(row[k]) if isinstance(row.get(k), list) else row.get(k, "") for k in KEY)
 
 
 def _label(row):
-  return f"{row['model']} {'x'.join(map(str, row['input'][:2]))} b{row['batch']} {row['precision']} {row['mode']}"
+  mode = f"{row['mode']} {row['method']}" if row.get("method") else row["mode"]
+  return f"{row['model']} {'x'.join(map(str, row['input'][:2]))} b{row['batch']} {row['precision']} {mode}"
 
 
 def parse_models(spec: str) -> list:
@@ -111,7 +114,7 @@ def markdown(result: dict) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines.append(
       f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['precision']} | "
-      f"{r['mode']} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
+      f"{r['mode']}{' ' + r['method'] if r.get('method') else ''} | {r['compile_seconds']:.1f} | {1e3 * r['step_seconds_median']:.2f} | "
       f"{1e3 * r['step_seconds_iqr'][0]:.2f}-{1e3 * r['step_seconds_iqr'][1]:.2f} | "
       f"{r['images_per_second']:.1f} | {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | "
       f"{fmt(r['tflops_per_second'], '.3f')} | {fmt(r['percent_of_peak'], '.1f')} | "
@@ -217,8 +220,14 @@ def main(argv):
     if precision not in ("float32", "bfloat16"):
       raise UserError(f"unknown precision {precision!r}; valid: float32, bfloat16")
   for mode in config.modes:
-    if mode not in ("train", "inference"):
-      raise UserError(f"unknown mode {mode!r}; valid: train, inference")
+    if mode not in ("train", "inference", "explain"):
+      raise UserError(f"unknown mode {mode!r}; valid: train, inference, explain")
+  methods = [m.strip() for m in config.explain_methods.split(",") if m.strip()]
+  unknown = sorted(set(methods) - set(explain.METHODS))
+  if unknown or ("explain" in config.modes and not methods):
+    raise UserError(
+      f"config.explain_methods={config.explain_methods!r}: unknown {unknown}; valid: {', '.join(explain.METHODS)}"
+    )
   for kind in config.pipeline_modes:
     if kind not in ("device", "stream"):
       raise UserError(f"unknown config.pipeline_modes entry {kind!r}; valid: device, stream")
@@ -236,8 +245,8 @@ def main(argv):
   for name, input_shape in models:
     for batch in config.batch_sizes:
       for precision in config.precisions:
-        for mode in config.modes:
-          label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}"
+        for mode, method in [(m, x) for m in config.modes for x in (methods if m == "explain" else [""])]:
+          label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}{method and '_' + method}"
           row = benchmark.benchmark_row(
             name,
             {},
@@ -250,10 +259,13 @@ def main(argv):
             cpu_peak,
             config.profile_steps,
             os.path.join(f.workdir, "profile", label),
+            method,
           )
           if "profile" in row:
             write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
-          row["peers"] = {peer: run_peer(peer, row, config) for peer in peers}
+          row["peers"] = {
+            peer: run_peer(peer, row, config) for peer in peers if mode != "explain" or peer == "torch_eager"
+          }
           rows.append(row)
           files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
           logging.info(

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import run_binary
 
 ARGS = [
-  "--rows=0:256",
+  "--rows=0:128",
   "--batch_size=64",
   "--methods=gradcam,integrated_gradients,deeplift,feature_ablation",
   "--metrics=deletion,insertion,road,randomisation",
@@ -19,11 +19,11 @@ ARGS = [
 ]
 
 
-def _explain(workdir, out, devices):
+def _explain(workdir, out, devices, *extra):
   env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-  result = run_binary("experiments.explain", f"--workdir={workdir}", f"--output={out}", *ARGS, env=env)
+  result = run_binary("experiments.explain", f"--workdir={workdir}", f"--output={out}", *ARGS, *extra, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"explained 256 images with 4 methods on {devices} device(s)" in result.stdout
+  assert f"explained 128 images with 4 methods on {devices} device(s)" in result.stdout
   return out
 
 
@@ -34,9 +34,9 @@ def test_explain_writes_every_rows_maps_and_metrics_and_eight_devices_equal_one(
   from convjax.viz import cam, layers
 
   one = _explain(tiny_mnist_run, tmp_path / "one", 1)
-  eight = _explain(tiny_mnist_run, tmp_path / "eight", 8)
-  shapes = {"gradcam": (256, 3, 3), "integrated_gradients": (256, 28, 28), "deeplift": (256, 28, 28)}
-  shapes["feature_ablation"] = (256, 28, 28)
+  eight = _explain(tiny_mnist_run, tmp_path / "eight", 8, "--metrics=")  # the maps: the metrics read them
+  shapes = {"gradcam": (128, 3, 3), "integrated_gradients": (128, 28, 28), "deeplift": (128, 28, 28)}
+  shapes["feature_ablation"] = (128, 28, 28)
   for method, shape in shapes.items():
     a, b = np.load(one / f"{method}.npy"), np.load(eight / f"{method}.npy")
     assert a.shape == shape and a.dtype == np.float16 and np.isfinite(a).all(), method
@@ -47,11 +47,11 @@ def test_explain_writes_every_rows_maps_and_metrics_and_eight_devices_equal_one(
   assert report["devices"] == 1 and json.loads((eight / "metrics.json").read_text())["devices"] == 8
   for method in shapes:
     row = report["methods"][method]
-    assert row["images"] == 256 and row["images_per_second"] > 0
+    assert row["images"] == 128 and row["images_per_second"] > 0
     assert {"deletion", "insertion", "road", "randomisation"} <= row.keys()
     assert 0 <= row["deletion"]["mean"] <= 1 and 0 <= row["insertion"]["mean"] <= 1
   rows = json.loads((one / "rows.json").read_text())
-  assert rows["rows"][:2] == ["test[0]", "test[1]"] and len(rows["classes_explained"]) == 256
+  assert rows["rows"][:2] == ["test[0]", "test[1]"] and len(rows["classes_explained"]) == 128
   assert (one / "metrics.csv").read_text().count("\n") == 5 and (one / "metrics.png").stat().st_size > 10_000
 
   # The binary's Grad-CAM of rows 0:8 is the library's on the same images.
@@ -74,3 +74,31 @@ def test_explain_names_a_bad_method_metric_or_rows_in_one_line(tiny_mnist_run, t
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), (
       result.stderr[-2000:]
     )
+
+
+def test_the_benchmark_times_explanations_per_method(tmp_path):
+  """--config.modes=explain: a row per method, its maps of a batch timed as the other rows are."""
+  result = run_binary(
+    "experiments.benchmark",
+    f"--workdir={tmp_path}",
+    "--config.models=mnist_convnet@28x28x1",
+    "--config.batch_sizes=(16,)",
+    "--config.precisions=('float32',)",
+    "--config.modes=('explain',)",
+    "--config.explain_methods=gradcam,deeplift",
+    "--config.warmup=1",
+    "--config.peers=",
+    "--config.pipeline=",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+  assert [(r["mode"], r["method"], r["steps_timed"]) for r in rows] == [
+    ("explain", "gradcam", 20),
+    ("explain", "deeplift", 20),
+  ]
+  assert all(r["images_per_second"] > 0 and r["compile_seconds"] > 0 for r in rows)
+  assert "| mnist_convnet | 28x28x1 | 16 | float32 | explain deeplift |" in (tmp_path / "benchmark.md").read_text()
+  bad = run_binary(
+    "experiments.benchmark", f"--workdir={tmp_path}", "--config.modes=('explain',)", "--config.explain_methods=lime"
+  )
+  assert bad.returncode == 1 and "error: config.explain_methods='lime': unknown ['lime']" in bad.stderr

@@ -150,11 +150,15 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=(), file_format="ar
   return root
 
 
-def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path):
-  """TFRecord shards read row by row (offsets from the record headers) give what TFDS'
-  as_dataset decodes; TensorFlow is not imported; a damaged or cut file is one error naming it."""
+def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monkeypatch):
+  """TFRecord shards read row by row (offsets from the record headers, kept as an index in the
+  cache directory) give what TFDS' as_dataset decodes; TensorFlow is not imported; a damaged
+  or cut file is one error naming it."""
   import tensorflow_datasets as tfds
   from convjax.data import tfds as tfds_data
+
+  monkeypatch.setenv("CONVJAX_CACHE_DIR", str(tmp_path / "cache"))
+  tfds_data._record_offsets.cache_clear()
 
   builder = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path, (300, 200, 500), file_format="tfrecord")))
   assert tfds_data.file_format(builder) == "tfrecord" and len(builder.info.splits["test"].file_instructions) == 3
@@ -168,6 +172,24 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path):
   rows = tfds_data.Rows(builder, "test", positions).read(range(50))
   full = tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 1000))
   assert all(np.array_equal(r["image"], full["image"][p]) for r, p in zip(rows, positions, strict=True))
+  # One index per shard file, in the cache directory, none beside the data; a damaged index is
+  # rebuilt, and a cache directory that cannot be written only costs the next reader a pass.
+  indexes = sorted((tmp_path / "cache" / "tfrecord-index").glob("*.npy"))
+  assert len(indexes) == 3 and not list((tmp_path / "mnist").rglob("*.npy"))
+  shard0 = tmp_path / "mnist" / "3.0.1" / "mnist-test.tfrecord-00000-of-00003"
+  status = shard0.stat()
+  (index0,) = [p for p in indexes if p.name.endswith(f"-{status.st_size}-{status.st_mtime_ns}.npy")]
+  want_offsets = np.load(index0)
+  assert len(want_offsets) == 301 and want_offsets[0] == 12 and want_offsets[-1] == status.st_size + 12
+  index0.write_bytes(b"not an index")
+  tfds_data._record_offsets.cache_clear()
+  np.testing.assert_array_equal(tfds_data.record_offsets(str(shard0)), want_offsets)
+  np.testing.assert_array_equal(np.load(index0), want_offsets)
+  monkeypatch.setenv("CONVJAX_CACHE_DIR", str(shard0 / "not-a-folder"))
+  tfds_data._record_offsets.cache_clear()
+  again = tfds_data.read_rows(builder, tfds_data.row_range(builder, "test[250:750]"))
+  assert np.array_equal(again["image"], want["image"])
+  monkeypatch.setenv("CONVJAX_CACHE_DIR", str(tmp_path / "cache"))
 
   script = (
     "import sys, tensorflow_datasets as tfds; from convjax.data import tfds as t; "

@@ -15,6 +15,7 @@ another file format, through TFDS' `as_dataset`.
 
 import difflib
 import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -23,8 +24,10 @@ import threading
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
+from convjax import files
 from convjax.data.preprocess import resize_bilinear, to_uint8
 from convjax.errors import UserError
 
@@ -138,14 +141,43 @@ class TFRecordFile:
 def record_offsets(path: str) -> np.ndarray:
   """Where each record's data starts in the TFRecord file `path`, and where a record after the
   last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC):
-  TFRecord has no index, so one pass over the headers, each length's CRC checked; once per
-  process for a file of the same size and modification time (the splits of a run share files)."""
+  TFRecord has no index, so one pass over the headers, each length's CRC checked. The index
+  is kept in the cache directory (`index_path`; never beside the data, which may be
+  read-only), rebuilt when the file's size or modification time changes, and once per
+  process in memory (the splits of a run share files)."""
   status = os.stat(path)
-  return _record_offsets(path, status.st_size, status.st_mtime_ns)
+  return _record_offsets(os.path.abspath(path), status.st_size, status.st_mtime_ns)
+
+
+def index_path(path: str, size: int, mtime_ns: int) -> str:
+  """<cache dir>/tfrecord-index/<hash of the absolute path>-<size>-<mtime>.npy (the cache dir:
+  CONVJAX_CACHE_DIR, default ~/.cache/convjax)."""
+  from convjax.pretrained.fetch import cache_dir
+
+  name = hashlib.sha256(path.encode()).hexdigest()[:20]
+  return os.path.join(cache_dir(), "tfrecord-index", f"{name}-{size}-{mtime_ns}.npy")
 
 
 @functools.lru_cache(maxsize=4096)
 def _record_offsets(path: str, size: int, mtime_ns: int) -> np.ndarray:
+  cached = index_path(path, size, mtime_ns)
+  try:
+    offsets = np.load(cached)
+    if offsets.ndim == 1 and len(offsets) and offsets[-1] == size + 12 and (np.diff(offsets) > 0).all():
+      return offsets
+  except (OSError, ValueError):
+    pass  # none yet, or unreadable: rebuilt below
+  offsets = _scan_offsets(path, size)
+  try:
+    files.make_dir(os.path.dirname(cached))
+    with files.output(cached, "wb") as out:
+      np.save(out, offsets)
+  except (UserError, OSError) as e:  # the index is a cache: reading goes on without it
+    logging.warning("TFRecord index not kept (%s); %s is read again next time", e, path)
+  return offsets
+
+
+def _scan_offsets(path: str, size: int) -> np.ndarray:
   from tensorboardX.record_writer import masked_crc32c  # tensorboardX: a dependency already
 
   offsets, position = [], 0

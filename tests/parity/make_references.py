@@ -47,7 +47,8 @@ CAMS = {
   "scorecam": gc.ScoreCAM,
 }
 SEED = 0
-IG_STEPS = 32  # convjax's intervals; captum's riemann_trapezoid takes IG_STEPS + 1 points
+IG_STEPS = {"mnist_convnet": 32, "cats_dogs_convnet": 8}  # convjax's intervals; captum's
+# riemann_trapezoid takes IG_STEPS + 1 points
 
 
 def images(name):
@@ -136,7 +137,7 @@ def main():
       # In float64: float32 IG moves by up to 0.65% of its largest value here (ReLU
       # boundaries crossed at other points of the path), in PyTorch as in JAX.
       "integrated_gradients": ca.IntegratedGradients(copy.deepcopy(torch_model).double()).attribute(
-        x.double(), target=target, n_steps=IG_STEPS + 1, method="riemann_trapezoid"
+        x.double(), target=target, n_steps=IG_STEPS[name] + 1, method="riemann_trapezoid"
       ),
       "deeplift": ca.DeepLift(torch_model).attribute(x, target=target, baselines=x * 0 + 0.5),
       "guided_backprop": ca.GuidedBackprop(torch_model).attribute(x, target=target),
@@ -163,7 +164,7 @@ def main():
       logits=logits,
       classes=classes,
       patch=patch,
-      ig_steps=IG_STEPS,
+      ig_steps=IG_STEPS[name],
       deeplift_baseline=0.5,
       **out,
     )
