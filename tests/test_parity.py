@@ -21,18 +21,10 @@ import pytest
 
 from convjax.models import get_model
 from convjax.viz import cam, explain, layers
-from tests.parity.weights import he_weights
+from tests.parity.weights import he_weights, nested, paths
 
 FIXTURES = pathlib.Path(__file__).parent / "parity"
 SHAPES = {"mnist_convnet": (28, 28, 1), "cats_dogs_convnet": (150, 150, 3)}
-
-
-def _paths(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _paths(value, (*prefix, key))
-    else:
-      yield (*prefix, key), value
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -41,13 +33,8 @@ def case(request):
   ref = dict(np.load(FIXTURES / f"{name}.npz"))
   model = get_model(name)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
-  weights = he_weights({p: tuple(a.shape) for p, a in _paths(shapes)}, int(ref["seed"]))
-  params = {}
-  for path, value in weights.items():
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value)
+  weights = he_weights({p: tuple(a.shape) for p, a in paths(shapes)}, int(ref["seed"]))
+  params = jax.tree_util.tree_map(jnp.asarray, nested(weights))
   x = jnp.asarray(ref["images"], jnp.float32) / 255.0
   return name, model, {"params": params}, x, jnp.asarray(ref["classes"], jnp.int32), ref
 

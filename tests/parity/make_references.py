@@ -33,7 +33,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 from convjax import peers  # noqa: E402
 from convjax.models import get_model  # noqa: E402
-from tests.parity.weights import he_weights  # noqa: E402
+from tests.parity.weights import he_weights, nested, paths  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "..", "shared", "datasets")
 CAMS = {
@@ -114,9 +114,9 @@ def main():
     torch.manual_seed(0)
     model = get_model(name)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
-    flat = {p: tuple(a.shape) for p, a in _paths(shapes)}
+    flat = {p: tuple(a.shape) for p, a in paths(shapes)}
     weights = he_weights(flat, SEED)
-    params = _nest(weights)
+    params = nested(weights)
     torch_model = torch_copy(name, shape, params)
     pictures = images(name)
     x = torch.from_numpy(np.transpose(pictures.astype(np.float32) / 255.0, (0, 3, 1, 2)).copy())
@@ -169,24 +169,6 @@ def main():
       **out,
     )
     print(f"wrote {path}: {len(pictures)} images, {len(out)} maps; torch {torch.__version__}")
-
-
-def _paths(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _paths(value, (*prefix, key))
-    else:
-      yield (*prefix, key), value
-
-
-def _nest(flat):
-  out = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
 
 
 if __name__ == "__main__":

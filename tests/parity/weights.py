@@ -19,3 +19,23 @@ def he_weights(shapes: dict, seed: int) -> dict:
     else:
       out[path] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
   return out
+
+
+def paths(tree, prefix=()):
+  """(path, leaf) of a nested dict, paths as tuples."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from paths(value, (*prefix, key))
+    else:
+      yield (*prefix, key), value
+
+
+def nested(flat: dict) -> dict:
+  """{path tuple: value} -> the nested dict."""
+  out = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
