@@ -161,42 +161,42 @@ def main(argv):
       weights, spec, jax.ShapeDtypeStruct((f.batch_size,), jnp.int32), jax.random.key(0)
     ).compile()
     compile_seconds = time.perf_counter() - started
-    maps_file, per_image, explained, names, labels_all, seconds = None, {m: [] for m in metrics}, [], [], [], 0.0
-    for index, (images, labels, row_names) in enumerate(batches):
-      n = len(images)
-      padded = np.zeros((f.batch_size, *shape), np.uint8)
-      padded[:n] = images
-      label_batch = np.zeros(f.batch_size, np.int32)
-      label_batch[:n] = np.maximum(labels, 0)
-      if use_label and (labels < 0).any():
-        raise UserError(f"--target=label: {row_names[int(np.argmin(labels))]} has no label (its folder is no class)")
-      started = time.perf_counter()
-      maps, scores, classes = compiled(
-        weights,
-        jax.device_put(padded, sharded),
-        jax.device_put(label_batch, sharded),
-        jax.random.fold_in(jax.random.key(f.seed), index),
-      )
-      maps, scores, classes = (
-        np.asarray(maps)[:n],
-        {k: np.asarray(v)[:n] for k, v in scores.items()},
-        np.asarray(classes)[:n],
-      )
-      seconds += time.perf_counter() - started
-      if maps_file is None:
-        maps_file = np.lib.format.open_memmap(
-          os.path.join(out, f"{method}.npy"), "w+", np.float16, (count, *maps.shape[1:])
+    per_image, explained, names, labels_all, seconds = {m: [] for m in metrics}, [], [], [], 0.0
+    map_shape = compiled.out_info[0].shape[1:]
+    # The maps' .npy written a batch at a time through files.output (its header first): a
+    # split larger than memory streams to disk, and a failed write is one error line.
+    with files.output(os.path.join(out, f"{method}.npy"), "wb") as maps_file:
+      header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (count, *map_shape)}
+      np.lib.format.write_array_header_2_0(maps_file, header)
+      for index, (images, labels, row_names) in enumerate(batches):
+        n = len(images)
+        padded = np.zeros((f.batch_size, *shape), np.uint8)
+        padded[:n] = images
+        label_batch = np.zeros(f.batch_size, np.int32)
+        label_batch[:n] = np.maximum(labels, 0)
+        if use_label and (labels < 0).any():
+          raise UserError(f"--target=label: {row_names[int(np.argmin(labels))]} has no label (its folder is no class)")
+        started = time.perf_counter()
+        maps, scores, classes = compiled(
+          weights,
+          jax.device_put(padded, sharded),
+          jax.device_put(label_batch, sharded),
+          jax.random.fold_in(jax.random.key(f.seed), index),
         )
-        first = (padded[: min(f.examples, n)], maps[: f.examples], classes[: f.examples])
-      done = len(explained)
-      maps_file[done : done + n] = maps.astype(np.float16)
-      for k, v in scores.items():
-        per_image[k].append(v)
-      explained.extend(int(c) for c in classes)
-      names.extend(row_names)
-      labels_all.extend(int(v) for v in labels)
-    maps_file.flush()
-    del maps_file
+        maps, scores, classes = (
+          np.asarray(maps)[:n],
+          {k: np.asarray(v)[:n] for k, v in scores.items()},
+          np.asarray(classes)[:n],
+        )
+        seconds += time.perf_counter() - started
+        if index == 0:
+          first = (padded[: min(f.examples, n)], maps[: f.examples], classes[: f.examples])
+        maps_file.write(maps.astype(np.float16).tobytes())
+        for k, v in scores.items():
+          per_image[k].append(v)
+        explained.extend(int(c) for c in classes)
+        names.extend(row_names)
+        labels_all.extend(int(v) for v in labels)
     values = {k: np.concatenate(v) for k, v in per_image.items()}
     summary[method] = {
       **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()},

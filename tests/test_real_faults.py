@@ -105,8 +105,8 @@ def test_the_traceback_switch_shows_what_the_one_line_error_hides(tmp_path):
 
 def test_every_binary_that_writes_into_a_read_only_run_is_one_error(tmp_path, tiny_mnist_run):
   """The finished run on a read-only file system: each reader that writes (evaluate, visualize,
-  predict's table and export, the benchmark) names the file it could not write, and the run's
-  files are untouched."""
+  predict's table and export, explain, the benchmark) names the file it could not write, and
+  the run's files are untouched."""
   images = tmp_path / "images"
   images.mkdir()
   from PIL import Image
@@ -124,6 +124,9 @@ def test_every_binary_that_writes_into_a_read_only_run_is_one_error(tmp_path, ti
       ),
       ("experiments.predict", f"--workdir={workdir}", f"--images={images}", f"--output={disk}/p.csv"): disk / "p.csv",
       ("experiments.predict", f"--workdir={workdir}", f"--export={disk}/export"): disk / "export",
+      ("experiments.explain", f"--workdir={workdir}", "--rows=0:8", "--batch_size=8", "--metrics="): (
+        workdir / "explain"
+      ),
       (
         "experiments.benchmark",
         "--config.models=mnist_convnet@28x28x1",
