@@ -86,8 +86,7 @@ def make_step(model, tx, mode: str, precision: str, mesh, method: str = "", inpu
   if mode == "explain":
     from convjax.viz import explain, layers
 
-    convs = layers.layer_paths(model, input_shape, types=("Conv2D",))
-    options = explain.Options(layer=convs[-1] if convs else ())
+    options = explain.Options(layer=(explain.conv_layers(model, input_shape) or [()])[-1])
 
     def explain_step(state, batch):
       variables = cast_floats({"params": eval_params(state), **state.model_state}, dtype)

@@ -5,8 +5,8 @@ faithful and robust each explanation is.
       --methods=gradcam,integrated_gradients,deeplift --metrics=deletion,insertion,road
 
 Each method runs as one jitted program per fixed-size batch over every device (the batch
-sharded, the weights replicated; one compilation per method), a batch read at a time, so a
-large split streams. Writes to <workdir>/explain/ (or --output): <method>.npy, the maps
+sharded, the weights replicated; one compilation per method); the split is read once, a
+batch at a time, so a large split streams. Writes to <workdir>/explain/ (or --output): <method>.npy, the maps
 (rows, h, w) in float16 (a CAM at its layer's resolution, attributions summed over
 channels); metrics.json and metrics.csv, each metric's mean and standard deviation per
 method with images/s and the compilation time; metrics.png, the methods x metrics table;
@@ -14,6 +14,7 @@ method with images/s and the compilation time; metrics.png, the methods x metric
 with their labels and the classes explained. Methods and metrics: convjax/viz/explain.py.
 """
 
+import contextlib
 import csv
 import functools
 import os
@@ -123,7 +124,7 @@ def main(argv):
   mesh = parallel.make_mesh(f.num_devices or None)
   if f.batch_size < 1 or f.batch_size % mesh.size:
     raise UserError(f"--batch_size={f.batch_size} is not a positive multiple of the {mesh.size} devices in use")
-  convs = layers.layer_paths(model, shape, types=("Conv2D",))
+  convs = explain.conv_layers(model, shape)
   by_name = {p[-1]: p for p in convs}
   needs_layer = [m for m in methods if m in (*cam.CAMS, "guided_gradcam")]
   if needs_layer and not convs:
@@ -151,57 +152,63 @@ def main(argv):
     maps, scores = explain.measure(model, trained, fresh, x, classes, method, options, metrics, rng)
     return maps, scores, classes
 
-  summary, examples = {}, None
-  for method in methods:
-    batches, count = _batches(f, classifier, f.batch_size)
-    program = jax.jit(functools.partial(step, method), in_shardings=(replicated, sharded, sharded, replicated))
-    spec = jax.ShapeDtypeStruct((f.batch_size, *shape), jnp.uint8)
+  spec = (
+    weights,
+    jax.ShapeDtypeStruct((f.batch_size, *shape), jnp.uint8),
+    jax.ShapeDtypeStruct((f.batch_size,), jnp.int32),
+    jax.random.key(0),
+  )
+  compiled, compile_seconds = {}, {}
+  for method in methods:  # one program per method, compiled before the split is read
     started = time.perf_counter()
-    compiled = program.lower(
-      weights, spec, jax.ShapeDtypeStruct((f.batch_size,), jnp.int32), jax.random.key(0)
-    ).compile()
-    compile_seconds = time.perf_counter() - started
-    per_image, explained, names, labels_all, seconds = {m: [] for m in metrics}, [], [], [], 0.0
-    map_shape = compiled.out_info[0].shape[1:]
-    # The maps' .npy written a batch at a time through files.output (its header first): a
-    # split larger than memory streams to disk, and a failed write is one error line.
-    with files.output(os.path.join(out, f"{method}.npy"), "wb") as maps_file:
+    program = jax.jit(functools.partial(step, method), in_shardings=(replicated, sharded, sharded, replicated))
+    compiled[method] = program.lower(*spec).compile()
+    compile_seconds[method] = time.perf_counter() - started
+  batches, count = _batches(f, classifier, f.batch_size)
+  per_image = {m: {k: [] for k in metrics} for m in methods}
+  seconds, first = dict.fromkeys(methods, 0.0), {}
+  explained, names, labels_all = [], [], []
+  # The split is read once; each batch goes through every method. The maps' .npy files are
+  # written a batch at a time through files.output (each header first): a split larger than
+  # memory streams to disk, and a failed write is one error line.
+  with contextlib.ExitStack() as stack:
+    maps_files = {}
+    for method in methods:
+      maps_files[method] = stack.enter_context(files.output(os.path.join(out, f"{method}.npy"), "wb"))
+      map_shape = compiled[method].out_info[0].shape[1:]
       header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (count, *map_shape)}
-      np.lib.format.write_array_header_2_0(maps_file, header)
-      for index, (images, labels, row_names) in enumerate(batches):
-        n = len(images)
-        padded = np.zeros((f.batch_size, *shape), np.uint8)
-        padded[:n] = images
-        label_batch = np.zeros(f.batch_size, np.int32)
-        label_batch[:n] = np.maximum(labels, 0)
-        if use_label and (labels < 0).any():
-          raise UserError(f"--target=label: {row_names[int(np.argmin(labels))]} has no label (its folder is no class)")
+      np.lib.format.write_array_header_2_0(maps_files[method], header)
+    for index, (images, labels, row_names) in enumerate(batches):
+      n = len(images)
+      if use_label and (labels < 0).any():
+        raise UserError(f"--target=label: {row_names[int(np.argmin(labels))]} has no label (its folder is no class)")
+      padded = np.zeros((f.batch_size, *shape), np.uint8)
+      padded[:n] = images
+      label_batch = np.zeros(f.batch_size, np.int32)
+      label_batch[:n] = np.maximum(labels, 0)
+      inputs = (jax.device_put(padded, sharded), jax.device_put(label_batch, sharded))
+      rng = jax.random.fold_in(jax.random.key(f.seed), index)
+      for method in methods:
         started = time.perf_counter()
-        maps, scores, classes = compiled(
-          weights,
-          jax.device_put(padded, sharded),
-          jax.device_put(label_batch, sharded),
-          jax.random.fold_in(jax.random.key(f.seed), index),
-        )
-        maps, scores, classes = (
-          np.asarray(maps)[:n],
-          {k: np.asarray(v)[:n] for k, v in scores.items()},
-          np.asarray(classes)[:n],
-        )
-        seconds += time.perf_counter() - started
+        maps, scores, classes = compiled[method](weights, *inputs, rng)
+        maps, classes = np.asarray(maps)[:n], np.asarray(classes)[:n]
+        scores = {k: np.asarray(v)[:n] for k, v in scores.items()}
+        seconds[method] += time.perf_counter() - started
         if index == 0:
-          first = (padded[: min(f.examples, n)], maps[: f.examples], classes[: f.examples])
-        maps_file.write(maps.astype(np.float16).tobytes())
+          first[method] = (padded[: min(f.examples, n)], maps[: f.examples], classes[: f.examples])
+        maps_files[method].write(maps.astype(np.float16).tobytes())
         for k, v in scores.items():
-          per_image[k].append(v)
-        explained.extend(int(c) for c in classes)
-        names.extend(row_names)
-        labels_all.extend(int(v) for v in labels)
-    values = {k: np.concatenate(v) for k, v in per_image.items()}
+          per_image[method][k].append(v)
+      explained.extend(int(c) for c in classes)  # the same classes for every method
+      names.extend(row_names)
+      labels_all.extend(int(v) for v in labels)
+  summary = {}
+  for method in methods:
+    values = {k: np.concatenate(v) for k, v in per_image[method].items()}
     summary[method] = {
       **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()},
-      "images_per_second": count / seconds if seconds else 0.0,
-      "compile_seconds": compile_seconds,
+      "images_per_second": count / seconds[method] if seconds[method] else 0.0,
+      "compile_seconds": compile_seconds[method],
       "images": count,
     }
     logging.info(
@@ -209,13 +216,14 @@ def main(argv):
       method,
       ", ".join(f"{k} {summary[method][k]['mean']:.4g}" for k in metrics),
       summary[method]["images_per_second"],
-      compile_seconds,
+      compile_seconds[method],
     )
-    _draw(first, method, classifier, os.path.join(out, f"{method}.png"))
-    examples = {"rows": names, "labels": labels_all, "classes_explained": explained}
+    _draw(first[method], method, classifier, os.path.join(out, f"{method}.png"))
   _write_tables(summary, methods, metrics, out, f, mesh.size)
-  files.write_json(os.path.join(out, "rows.json"), examples)
-  print(f"explained {len(examples['rows']):,} images with {len(methods)} methods on {mesh.size} device(s); see {out}")
+  files.write_json(
+    os.path.join(out, "rows.json"), {"rows": names, "labels": labels_all, "classes_explained": explained}
+  )
+  print(f"explained {len(names):,} images with {len(methods)} methods on {mesh.size} device(s); see {out}")
 
 
 def _draw(first, method, classifier, path):

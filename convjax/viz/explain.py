@@ -58,6 +58,11 @@ LOWER_IS_BETTER = {
 }
 
 
+def conv_layers(model, input_shape) -> list:
+  """The model's conv layers' paths in call order: the CAMs' candidates, the last one their default."""
+  return layers.layer_paths(model, input_shape, types=("Conv2D",))
+
+
 def explain(model, variables, x, classes, method: str, options: Options, rng):
   """The method's CAM (N, h, w) or attributions (N, H, W, C) of `classes` (N,) for x."""
   if method in cam.CAMS:
