@@ -102,6 +102,10 @@ def default_config() -> ConfigDict:
   # '' -> ~/.cache/convjax
   d.arrays = ""  # a folder of <split>.npz (or <split>_image.npy + _label.npy): the
   # source instead of TFDS (convjax/data/arrays.py)
+  d.tfrecord = ""  # a folder of TFRecord files of tf.Example records: the source instead of
+  # TFDS; the *_split fields are globs in it ('train-*.tfrecord'); convjax/data/tfrecord.py
+  d.image_feature = "image"  # tfrecord: the feature holding the encoded image (PNG, JPEG, ...)
+  d.label_feature = "label"  # tfrecord: the int64 feature holding the class index
   # Crops (with image_size): training takes torchvision's RandomResizedCrop of (min, max) of the
   # area, e.g. (0.08, 1.0), aspect ratio log-uniform in crop_ratio (streaming only); evaluation
   # a centred crop of center_crop of the shorter side (ImageNet: 0.875). Then the resize.

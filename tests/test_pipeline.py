@@ -3,6 +3,7 @@ TensorFlow needed, crops for images of any size, and the choice between the two.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,9 +44,11 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def run_without_tensorflow(module, *args, timeout=900):
+def run_without_tensorflow(module, *args, timeout=900, hidden=("tensorflow", "tensorflow_datasets")):
+  """The binary with the packages `hidden` absent (TensorFlow and TFDS unless told)."""
+  script = WITHOUT_TENSORFLOW.replace('("tensorflow", "tensorflow_datasets")', repr(tuple(hidden)))
   return subprocess.run(
-    [sys.executable, "-c", WITHOUT_TENSORFLOW, *binary_argv(module, *args)[2:]],
+    [sys.executable, "-c", script, *binary_argv(module, *args)[2:]],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -156,9 +159,10 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monk
   or cut file is one error naming it."""
   import tensorflow_datasets as tfds
   from convjax.data import tfds as tfds_data
+  from convjax.data import tfrecord
 
   monkeypatch.setenv("CONVJAX_CACHE_DIR", str(tmp_path / "cache"))
-  tfds_data._record_offsets.cache_clear()
+  tfrecord._record_offsets.cache_clear()
 
   builder = tfds.builder("mnist", data_dir=str(sharded_mnist_test(tmp_path, (300, 200, 500), file_format="tfrecord")))
   assert tfds_data.file_format(builder) == "tfrecord" and len(builder.info.splits["test"].file_instructions) == 3
@@ -182,11 +186,11 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monk
   want_offsets = np.load(index0)
   assert len(want_offsets) == 301 and want_offsets[0] == 12 and want_offsets[-1] == status.st_size + 12
   index0.write_bytes(b"not an index")
-  tfds_data._record_offsets.cache_clear()
-  np.testing.assert_array_equal(tfds_data.record_offsets(str(shard0)), want_offsets)
+  tfrecord._record_offsets.cache_clear()
+  np.testing.assert_array_equal(tfrecord.record_offsets(str(shard0)), want_offsets)
   np.testing.assert_array_equal(np.load(index0), want_offsets)
   monkeypatch.setenv("CONVJAX_CACHE_DIR", str(shard0 / "not-a-folder"))
-  tfds_data._record_offsets.cache_clear()
+  tfrecord._record_offsets.cache_clear()
   again = tfds_data.read_rows(builder, tfds_data.row_range(builder, "test[250:750]"))
   assert np.array_equal(again["image"], want["image"])
   monkeypatch.setenv("CONVJAX_CACHE_DIR", str(tmp_path / "cache"))
@@ -215,6 +219,115 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monk
   shard.write_bytes(data)
   with pytest.raises(UserError, match=r"row 300 of mnist's 'test' split in .*: its record does not parse"):
     tfds_data.read_rows(builder, tfds_data.RowRange("test", 300, 310))
+
+
+def test_the_tfds_extra_reads_without_tensorflow_and_another_extra_prepares():
+  """`pip install 'convjax[tfds]'` brings no TensorFlow (a fresh venv with only it streams TFDS'
+  TFRecord MNIST and trains); TensorFlow is in 'tfds-prepare', which the tests install."""
+  import tomllib
+
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  names = lambda extra: {re.split(r"[<>=\[ ]", d)[0] for d in extras[extra]}  # noqa: E731
+  assert not {n for n in names("tfds") if n.startswith("tensorflow") and n != "tensorflow-datasets"}, extras["tfds"]
+  assert {"convjax", "tensorflow-cpu"} <= names("tfds-prepare") and "convjax[tfds-prepare]" in extras["test"]
+
+
+def write_tf_examples(path, images, labels, image_feature="image", label_feature="label", fmt="PNG"):
+  """A TFRecord file of tf.Example records as a user writes them (encoded images, int64 labels),
+  written without TensorFlow: TFDS' proto and tensorboardX's record framing."""
+  import io
+
+  from tensorboardX.record_writer import RecordWriter
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  writer = RecordWriter(str(path))
+  for image, label in zip(images, labels, strict=True):
+    encoded = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(encoded, fmt)
+    example = tf_example_pb2.Example()
+    example.features.feature[image_feature].bytes_list.value.append(encoded.getvalue())
+    example.features.feature[label_feature].int64_list.value.append(int(label))
+    writer.write(example.SerializeToString())
+  writer.close()
+
+
+def test_user_tf_example_files_equal_the_same_arrays_and_train_streamed_without_tensorflow(
+  tmp_path, mnist_arrays, monkeypatch
+):
+  """config.data.tfrecord: a user's tf.Example files (a glob per split, their own feature names)
+  give the rows the same digits give as arrays, with the same validation hold-out, and train
+  streamed with TensorFlow absent; a glob that matches nothing, a missing feature and an image
+  that does not decode are each one error naming the file."""
+  from convjax.config import default_config
+  from convjax.data import splits, tfrecord
+
+  monkeypatch.setenv("CONVJAX_CACHE_DIR", str(tmp_path / "cache"))
+  train, test = np.load(mnist_arrays / "train2048.npz"), np.load(mnist_arrays / "test500.npz")
+  data = tmp_path / "records"
+  data.mkdir()
+  keys = {"image_feature": "image/encoded", "label_feature": "image/class/label"}
+  for i, part in enumerate((slice(0, 1000), slice(1000, 2048))):
+    write_tf_examples(data / f"train-{i:05d}-of-00002", train["image"][part], train["label"][part], *keys.values())
+  write_tf_examples(data / "test-00000-of-00001", test["image"], test["label"], *keys.values())
+
+  def source(**fields):
+    config = default_config()
+    config.data.update({"dataset": "", "channels": 1, "validation_size": 0.25, **fields})
+    return splits.open_source(config.data)
+
+  records = source(tfrecord=str(data), train_split="train-*", test_split="test-*", **keys)
+  arrays = source(arrays=str(mnist_arrays), train_split="train2048", test_split="test500")
+  assert records.classes == arrays.classes == tuple("0123456789") and records.image_shape == (28, 28, 1)
+  for name, split in records.splits().items():
+    want = arrays.splits()[name]
+    got = split.read(0, split.size)
+    assert split.size == want.size and "train-*" in split.spec or name == "test", split.spec
+    np.testing.assert_array_equal(got["image"], want.read(0, want.size)["image"])
+    np.testing.assert_array_equal(got["label"], want.read(0, want.size)["label"])
+  # A colour JPEG record decodes as Pillow decodes the same bytes.
+  photos = np.random.default_rng(0).integers(0, 256, (2, 20, 30, 3), np.uint8)
+  write_tf_examples(tmp_path / "photos", photos, [0, 1], fmt="JPEG")
+  rows = tfrecord.ExampleRows(tfrecord.open_split(str(tmp_path), "photos"), [0, 1], "image", "label", 3)
+  encoded = tfrecord.example_proto().FromString(rows._record(1)).features.feature["image"].bytes_list.value[0]
+  np.testing.assert_array_equal(rows[1]["image"], np.asarray(Image.open(__import__("io").BytesIO(encoded))))
+
+  with pytest.raises(UserError, match=r"no TFRecord files match '.*records/valid-\*' \(found: test-00000"):
+    source(tfrecord=str(data), train_split="train-*", validation_split="valid-*", **keys)
+  with pytest.raises(
+    UserError,
+    match=r"records/test-00000-of-00001: record 0 has no int64 feature 'label' \(its "
+    r"features: image/class/label, image/encoded\); set config.data.image_feature",
+  ):
+    source(tfrecord=str(data), train_split="test-*", test_split="")
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  write_tf_examples(damaged / "train", train["image"][:3], train["label"][:3])
+  blob = bytearray((damaged / "train").read_bytes())
+  blob[blob.index(b"IDAT") + 8 : blob.index(b"IDAT") + 40] = b"\0" * 32  # the first PNG's pixel data
+  (damaged / "train").write_bytes(blob)
+  with pytest.raises(UserError, match=r"damaged/train: record 0: its image 'image' does not decode"):
+    source(tfrecord=str(damaged), train_split="train", test_split="", validation_size=1)
+
+  run = run_without_tensorflow(
+    "experiments.train",
+    "--config=configs/mnist.py",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.data.dataset=",
+    f"--config.data.tfrecord={data}",
+    "--config.data.train_split=train-*",
+    "--config.data.test_split=test-*",
+    "--config.data.image_feature=image/encoded",
+    "--config.data.label_feature=image/class/label",
+    "--config.data.validation_size=0.25",
+    "--config.data.pipeline=stream",
+    "--config.num_epochs=1",
+    "--config.steps_per_epoch=16",
+    "--config.eval_batch_size=250",
+    hidden=("tensorflow",),
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "input pipeline: stream" in run.stderr
+  assert history(tmp_path / "run")[-1]["test_accuracy"] > 0.6, history(tmp_path / "run")
 
 
 def test_array_record_rows_equal_tfds_own_decoding_across_shard_files(tmp_path):

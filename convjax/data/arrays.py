@@ -98,13 +98,13 @@ def open_split(directory: str, split: str) -> ArraySplit:
   return ArraySplit(path, images, labels.astype(np.int32))
 
 
-def class_names(directory: str, splits: list) -> tuple:
-  """DIR/classes.txt, else '0'..str(max label) over the splits."""
+def class_names(directory: str, labels: list) -> tuple:
+  """DIR/classes.txt, else '0'..str(max label) over the splits' `labels` arrays."""
   listed = os.path.join(directory, "classes.txt")
   if os.path.isfile(listed):
     with open(listed) as f:
       return tuple(line.strip() for line in f if line.strip())
-  top = max(int(s.labels.max()) for s in splits if len(s.labels))
+  top = max(int(split.max()) for split in labels if len(split))
   return tuple(str(i) for i in range(top + 1))
 
 
@@ -113,6 +113,7 @@ class ArrayRows:
 
   def __init__(self, split: ArraySplit, index: np.ndarray):
     self.split, self.index = split, np.asarray(index, np.int64)
+    self.where = split.path
 
   def __len__(self) -> int:
     return len(self.index)

@@ -111,7 +111,7 @@ def list_split(root: str, split: str, classes: Optional[Sequence[str]] = None) -
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_8_bits(img, path: str) -> "Image.Image":
+def to_8_bits(img, path: str) -> "Image.Image":
   """An 8-bit Pillow image of `img`; a 16-bit one scaled (not clipped); one that 8 bits cannot
   hold faithfully (32-bit integers beyond 16 bits, floats) is a UserError naming the file."""
   if img.mode in WIDE_MODES:
@@ -134,7 +134,7 @@ def decode_image(path: str, channels: int, image_size: Optional[Sequence[int]]) 
   16-bit images are scaled to 8 bits, not clipped."""
   try:
     with Image.open(path) as img:
-      img = _to_8_bits(img, path).convert(PIL_MODES[channels])
+      img = to_8_bits(img, path).convert(PIL_MODES[channels])
       array = np.asarray(img)
   except UserError:
     raise

@@ -1,4 +1,4 @@
-"""A config's data source, and its train/validation/test splits: TFDS, an image folder or arrays.
+"""A config's data source, and its train/validation/test splits: TFDS, an image folder, arrays or TFRecord.
 
 `open_source(config.data)` looks at the data without decoding it: the class names,
 the shape of one image, how many rows there are and where each split comes from.
@@ -11,6 +11,7 @@ on-device path) and row by row by `splits(stream=True)`.
 """
 
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -19,6 +20,7 @@ from convjax.config import holdout_count
 from convjax.data import arrays as arrays_lib
 from convjax.data import folders
 from convjax.data import tfds as tfds_data
+from convjax.data import tfrecord
 from convjax.data.preprocess import Fit
 from convjax.errors import UserError
 
@@ -241,19 +243,14 @@ def tfds_source(data) -> Source:
   )
 
 
-def array_source(data) -> Source:
-  """Arrays in data.arrays (convjax.data.arrays): the *_split fields name the files; without a
-  validation_split a seeded random validation_size of train is held out."""
-  names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
-  opened = {key: arrays_lib.open_split(data.arrays, name) for key, name in names.items() if name}
-  if "train" not in opened:
-    raise UserError("config.data.arrays needs config.data.train_split (the name of the training arrays)")
-  classes = arrays_lib.class_names(data.arrays, list(opened.values()))
-  stored = opened["train"].images.shape[1:]
-  image_shape = (*data.image_size, stored[-1]) if data.image_size else stored
-  parts = {key: {key: np.arange(len(s.labels))} for key, s in opened.items()}
-  if not data.validation_split:
-    n = len(opened["train"].labels)
+def _listed_source(data, description: str, sizes: dict, rows_of: Callable, classes: tuple, stored: tuple) -> Source:
+  """A Source over splits given as files (arrays, TFRecord): `sizes` {'train', 'validation'?,
+  'test'?: row count}, rows_of(key, indices) their random-access rows. Without a validation
+  split a seeded random validation_size of train is held out."""
+  image_shape = (*data.image_size, stored[-1]) if data.image_size else tuple(stored)
+  parts = {key: {key: np.arange(n)} for key, n in sizes.items()}
+  if "validation" not in sizes:
+    n = sizes["train"]
     n_val = holdout_count(data.validation_size, n)
     if not 0 < n_val < n:
       raise UserError(
@@ -265,18 +262,62 @@ def array_source(data) -> Source:
   out = {}
   for key, split_parts in parts.items():
     for part, rows in split_parts.items():
-      spec = f"{opened[key].path} ({len(rows)} of {len(opened[key].labels)} rows)"
-      out[part] = _from_rows(arrays_lib.ArrayRows(opened[key], rows), fit_for(data), spec, classes, tuple(image_shape))
+      rows_ = rows_of(key, rows)
+      out[part] = _from_rows(
+        rows_, fit_for(data), f"{rows_.where} ({len(rows)} of {sizes[key]} rows)", classes, image_shape
+      )
   out = {key: out[key] for key in SPLITS if key in out}
-  return Source(data.arrays, classes, tuple(image_shape), sum(s.size for s in out.values()), lambda stream=False: out)
+  return Source(description, classes, image_shape, sum(s.size for s in out.values()), lambda stream=False: out)
+
+
+def _split_names(data, source: str) -> dict:
+  names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
+  if not names["train"]:
+    raise UserError(f"config.data.{source} needs config.data.train_split (the training split's files)")
+  return {key: name for key, name in names.items() if name}
+
+
+def array_source(data) -> Source:
+  """Arrays in data.arrays (convjax.data.arrays): the *_split fields name the files."""
+  opened = {key: arrays_lib.open_split(data.arrays, name) for key, name in _split_names(data, "arrays").items()}
+  classes = arrays_lib.class_names(data.arrays, [s.labels for s in opened.values()])
+  return _listed_source(
+    data,
+    data.arrays,
+    {key: len(s.labels) for key, s in opened.items()},
+    lambda key, rows: arrays_lib.ArrayRows(opened[key], rows),
+    classes,
+    opened["train"].images.shape[1:],
+  )
+
+
+def tfrecord_source(data) -> Source:
+  """tf.Example TFRecord files in data.tfrecord (convjax.data.tfrecord): the *_split fields are
+  globs; classes from classes.txt, else the labels' range."""
+  opened = {key: tfrecord.open_split(data.tfrecord, name) for key, name in _split_names(data, "tfrecord").items()}
+  rows_of = lambda key, rows: tfrecord.ExampleRows(
+    opened[key], rows, data.image_feature, data.label_feature, data.channels
+  )
+  listed = os.path.join(data.tfrecord, "classes.txt")
+  labels = [] if os.path.isfile(listed) else [rows_of(k, np.arange(s.size)).labels() for k, s in opened.items()]
+  classes = arrays_lib.class_names(data.tfrecord, labels)
+  first = rows_of("train", [0])[0]["image"] if opened["train"].size else None
+  if first is None:
+    raise UserError(f"the training files {opened['train'].paths[0]}... hold no records")
+  return _listed_source(data, data.tfrecord, {key: s.size for key, s in opened.items()}, rows_of, classes, first.shape)
 
 
 def open_source(data) -> Source:
-  """The source config.data names: an image folder (`folder`), arrays (`arrays`), else TFDS."""
-  if data.folder and data.arrays:
-    raise UserError("config.data.folder and config.data.arrays are both set: choose one source")
+  """The source config.data names: an image folder (`folder`), arrays (`arrays`), TFRecord
+  files (`tfrecord`), else TFDS."""
+  chosen = [key for key in ("folder", "arrays", "tfrecord") if data[key]]
+  if len(chosen) > 1:
+    both = "both" if len(chosen) == 2 else "all"
+    raise UserError(f"config.data.{' and config.data.'.join(chosen)} are {both} set: choose one source")
   if data.folder:
     return folder_source(data)
+  if data.tfrecord:
+    return tfrecord_source(data)
   return array_source(data) if data.arrays else tfds_source(data)
 
 

@@ -9,25 +9,20 @@ A dataset prepared in TFRecord format (TFDS' default) or in ArrayRecord format
 (`tfds.builder(name, file_format='array_record').download_and_prepare()`; offline here
 ../shared/datasets/tfds_array_record) is read row by row (`Rows`) without TensorFlow:
 random access to every row, so either streams. tensorflow-datasets itself is imported
-only when a TFDS dataset is used (`pip install 'convjax[tfds]'`); TensorFlow only for
-another file format, through TFDS' `as_dataset`.
+only when a TFDS dataset is used (`pip install 'convjax[tfds]'`, no TensorFlow); TensorFlow
+(`'convjax[tfds-prepare]'`) only to download and prepare one, or to read another file format
+through TFDS' `as_dataset`.
 """
 
 import difflib
-import functools
-import hashlib
 import importlib.util
-import io
 import os
-import struct
 import threading
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-from absl import logging
-from PIL import Image
 
-from convjax import files
+from convjax.data import tfrecord
 from convjax.data.preprocess import resize_bilinear, to_uint8
 from convjax.errors import UserError
 
@@ -94,9 +89,14 @@ def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True
     builder.download_and_prepare()
   except Exception as e:  # network, permissions, checksum: all end the same way for the user
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    needs = (
+      "; downloading and preparing needs TensorFlow: pip install 'convjax[tfds-prepare]'"
+      if importlib.util.find_spec("tensorflow") is None
+      else ""
+    )
     raise UserError(
       f"dataset {name!r} is not in {where} and could not be downloaded "
-      f"({first_line[:200]}); set TFDS_DATA_DIR to a directory holding it "
+      f"({first_line[:200]}{needs}); set TFDS_DATA_DIR to a directory holding it "
       "(offline here: TFDS_DATA_DIR=../shared/datasets/tfds)"
     ) from None
   return builder
@@ -120,81 +120,6 @@ def random_access(builder) -> bool:
   return bool(files) and all(os.path.exists(f) for f in files)
 
 
-class TFRecordFile:
-  """The records of one TFRecord file by index (`seek(i)`, then `read()`), the reader API of
-  ArrayRecord's, at the offsets of `record_offsets(path)`. Hand-written because no maintained
-  reader without TensorFlow gives random access to TFRecord."""
-
-  def __init__(self, path: str, offsets: np.ndarray):
-    self.offsets, self._file, self._next = offsets, open(path, "rb"), 0
-
-  def seek(self, index: int) -> None:
-    self._next = index
-
-  def read(self) -> bytes:
-    start, stop = self.offsets[self._next], self.offsets[self._next + 1] - 16
-    self._file.seek(start)
-    self._next += 1
-    return self._file.read(stop - start)
-
-
-def record_offsets(path: str) -> np.ndarray:
-  """Where each record's data starts in the TFRecord file `path`, and where a record after the
-  last would start (each record: 8-byte length, 4-byte length CRC, data, 4-byte data CRC):
-  TFRecord has no index, so one pass over the headers, each length's CRC checked. The index
-  is kept in the cache directory (`index_path`; never beside the data, which may be
-  read-only), rebuilt when the file's size or modification time changes, and once per
-  process in memory (the splits of a run share files)."""
-  status = os.stat(path)
-  return _record_offsets(os.path.abspath(path), status.st_size, status.st_mtime_ns)
-
-
-def index_path(path: str, size: int, mtime_ns: int) -> str:
-  """<cache dir>/tfrecord-index/<hash of the absolute path>-<size>-<mtime>.npy (the cache dir:
-  CONVJAX_CACHE_DIR, default ~/.cache/convjax)."""
-  from convjax.pretrained.fetch import cache_dir
-
-  name = hashlib.sha256(path.encode()).hexdigest()[:20]
-  return os.path.join(cache_dir(), "tfrecord-index", f"{name}-{size}-{mtime_ns}.npy")
-
-
-@functools.lru_cache(maxsize=4096)
-def _record_offsets(path: str, size: int, mtime_ns: int) -> np.ndarray:
-  cached = index_path(path, size, mtime_ns)
-  try:
-    offsets = np.load(cached)
-    if offsets.ndim == 1 and len(offsets) and offsets[-1] == size + 12 and (np.diff(offsets) > 0).all():
-      return offsets
-  except (OSError, ValueError):
-    pass  # none yet, or unreadable: rebuilt below
-  offsets = _scan_offsets(path, size)
-  try:
-    files.make_dir(os.path.dirname(cached))
-    with files.output(cached, "wb") as out:
-      np.save(out, offsets)
-  except (UserError, OSError) as e:  # the index is a cache: reading goes on without it
-    logging.warning("TFRecord index not kept (%s); %s is read again next time", e, path)
-  return offsets
-
-
-def _scan_offsets(path: str, size: int) -> np.ndarray:
-  from tensorboardX.record_writer import masked_crc32c  # tensorboardX: a dependency already
-
-  offsets, position = [], 0
-  with open(path, "rb", buffering=1 << 16) as f:
-    while position < size:
-      header = f.read(12)
-      (length,) = struct.unpack("<Q", header[:8]) if len(header) == 12 else (None,)
-      if length is None or struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
-        raise UserError(f"{path}: record {len(offsets)} (byte {position}) has a damaged header; the file is not intact")
-      offsets.append(position + 12)
-      position += 12 + length + 4
-      f.seek(position)
-  if position != size:
-    raise UserError(f"{path}: the last record ends past the file's end ({position} > {size} bytes); it is truncated")
-  return np.asarray(offsets + [position + 12], np.int64)
-
-
 def _as_dataset(builder, **kwargs):
   """builder.as_dataset(**kwargs) as numpy."""
   _require_tensorflow(builder)
@@ -207,7 +132,7 @@ def _require_tensorflow(builder) -> None:
   if importlib.util.find_spec("tensorflow") is None:
     raise UserError(
       f"dataset {builder.name!r} in {builder.data_dir} is prepared as {file_format(builder)}, which "
-      "needs TensorFlow to read: pip install tensorflow-cpu, or prepare it as ArrayRecord (no "
+      "needs TensorFlow to read: pip install 'convjax[tfds-prepare]', or prepare it as ArrayRecord (no "
       f"TensorFlow needed): tfds.builder({builder.name!r}, "
       "file_format='array_record').download_and_prepare()"
     )
@@ -223,11 +148,6 @@ def row_range(builder, spec: str) -> RowRange:
     ) from None
   n = builder.info.splits[instr.splitname].num_examples
   return RowRange(instr.splitname, instr.from_ or 0, n if instr.to is None else instr.to)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# pyspng's output format for a feature's channel count, as TFDS decodes (tf.io.decode_png(channels=c)).
-PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 class Rows:
@@ -267,12 +187,12 @@ class Rows:
       info = tfds_module().builder_from_directory(self.data_dir).info
       shards = info.splits[self.split].file_instructions
       starts = np.cumsum([0] + [s.take for s in shards[:-1]])
-      offsets = {s.filename: record_offsets(s.filename) for s in shards} if self.tfrecord else {}
+      offsets = {s.filename: tfrecord.record_offsets(s.filename) for s in shards} if self.tfrecord else {}
       self._opened = info.features, starts, [(s.filename, s.skip) for s in shards], offsets, threading.local()
     features, starts, files, offsets, local = self._opened
     if not hasattr(local, "readers"):
       if self.tfrecord:
-        local.readers = [(TFRecordFile(f, offsets[f]), skip) for f, skip in files]
+        local.readers = [(tfrecord.TFRecordFile(f, offsets[f]), skip) for f, skip in files]
       else:
         from array_record.python.array_record_module import ArrayRecordReader
 
@@ -298,12 +218,11 @@ class Rows:
       skip = {image: tfds_module().decode.SkipDecoding()}
       return [self._open()[0].deserialize_example_np(r, decoders=skip) for r in records]
     from google.protobuf.message import DecodeError
-    from tensorflow_datasets.proto import tf_example_pb2
 
-    out = []
+    example, out = tfrecord.example_proto(), []
     for record, position in zip(records, positions, strict=True):
       try:
-        feature = tf_example_pb2.Example.FromString(record).features.feature
+        feature = example.FromString(record).features.feature
       except DecodeError as e:  # the record's bytes are damaged (a TFRecord's data CRC is not read)
         raise UserError(
           f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its record does not parse ({e})"
@@ -312,20 +231,13 @@ class Rows:
     return out
 
   def _row(self, example, position: int) -> dict:
-    encoded = example[self.keys[0]]
     try:
-      if encoded[:8] == PNG_SIGNATURE:  # TFDS' default image encoding
-        import pyspng
-
-        pixels = pyspng.load(encoded, PNG_FORMATS.get(self.channels))
-      else:
-        with Image.open(io.BytesIO(encoded)) as image:
-          pixels = np.asarray(image)
+      pixels = tfrecord.decode_image(example[self.keys[0]], self.channels, f"row {position}")
     except (RuntimeError, OSError) as e:  # pyspng, Pillow
       raise UserError(
         f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its image does not decode ({e})"
       ) from None
-    return {"image": pixels.reshape(*pixels.shape[:2], self.channels), "label": int(example[self.keys[1]])}
+    return {"image": pixels, "label": int(example[self.keys[1]])}
 
   def __len__(self) -> int:
     return len(self.positions)
