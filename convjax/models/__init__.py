@@ -12,7 +12,7 @@ docs/your-own-model.md):
   and 'head/...' is what feature extraction, a frozen conv base and `apply_features` use,
   and a config that needs them on a model without them is refused by name.
 A model is a `flax.linen.Module` or a `flax.nnx.Module` class (constructed with `rngs=`),
-the latter adapted by own.NNXModel.
+the latter adapted by own.nnx_model_class().
 
 A name is one of MODELS (convjax's, and those `register` adds), an installed package's
 entry point (group `convjax.models`), `package.module:Class` or `path/to/file.py:Class`.

@@ -28,9 +28,7 @@ import sys
 import flax.linen as nn
 import jax
 from absl import logging
-from flax import nnx
 from flax.core import FrozenDict
-from flax.nnx import bridge
 
 from convjax.errors import UserError
 
@@ -48,7 +46,15 @@ def is_path(name: str) -> bool:
 
 
 def is_nnx(factory) -> bool:
-  return isinstance(factory, type) and issubclass(factory, nnx.Module)
+  """Whether `factory` is a flax.nnx.Module class. flax.nnx is imported only by programs that
+  use it (~0.3 s a process): a class of it exists only once it was."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(factory, type) and issubclass(factory, nnx.Module)
+
+
+def is_nnx_model(model) -> bool:
+  """Whether `model` is an NNX model adapted by `nnx_model_class()`."""
+  return "flax.nnx" in sys.modules and isinstance(model, nnx_model_class())
 
 
 def _python_path() -> str:
@@ -192,6 +198,8 @@ class LayerHook:
 
 
 def _with_hook(module, call, hook: LayerHook):
+  from flax import nnx
+
   submodules = [(path, m) for path, m in nnx.iter_modules(module) if path]
   paths = {id(m): tuple(str(p) for p in path) for path, m in submodules}
   classes = {type(m) for _, m in submodules}
@@ -240,24 +248,32 @@ def _with_dropout(rngs) -> dict:
   return {"dropout": jax.random.fold_in(rngs["params"], 1), **rngs}
 
 
-class NNXModel(bridge.ToLinen):
-  """A `flax.nnx.Module` class as a Linen module, through Flax's `nnx.bridge.ToLinen`:
-  its Param variables are the 'params' collection, BatchStat 'batch_stats', and its
-  `rngs` the Linen rngs ('params' at init, 'dropout' in training). Two things the bridge
-  leaves to its caller are done here: the module is put in train or eval mode on every
-  call (`train=`), and variables are plain arrays (no NNX metadata boxes), as a Linen
-  model's are."""
+@functools.cache
+def nnx_model_class():
+  """The Linen adapter of NNX classes (below), made on first use (it imports flax.nnx)."""
+  from flax.nnx import bridge
 
-  def __call__(self, x, train: bool = False):
-    return super().__call__(x, nnx_method=functools.partial(_run_nnx, train=train))
+  class NNXModel(bridge.ToLinen):
+    """A `flax.nnx.Module` class as a Linen module, through Flax's `nnx.bridge.ToLinen`:
+    its Param variables are the 'params' collection, BatchStat 'batch_stats', and its
+    `rngs` the Linen rngs ('params' at init, 'dropout' in training). Two things the bridge
+    leaves to its caller are done here: the module is put in train or eval mode on every
+    call (`train=`), and variables are plain arrays (no NNX metadata boxes), as a Linen
+    model's are."""
 
-  # An NNX model takes every stream it uses when it is built (nnx.Dropout(rngs=rngs)), and the
-  # bridge builds it from the Linen rngs: init gets a 'dropout' rng too.
-  def init(self, rngs, *args, **kwargs):
-    return super().init(_with_dropout(rngs), *args, **kwargs)
+    def __call__(self, x, train: bool = False):
+      return super().__call__(x, nnx_method=functools.partial(_run_nnx, train=train))
 
-  def init_with_output(self, rngs, *args, **kwargs):
-    return super().init_with_output(_with_dropout(rngs), *args, **kwargs)
+    # An NNX model takes every stream it uses when it is built (nnx.Dropout(rngs=rngs)), and the
+    # bridge builds it from the Linen rngs: init gets a 'dropout' rng too.
+    def init(self, rngs, *args, **kwargs):
+      return super().init(_with_dropout(rngs), *args, **kwargs)
+
+    def init_with_output(self, rngs, *args, **kwargs):
+      return super().init_with_output(_with_dropout(rngs), *args, **kwargs)
+
+  NNXModel.__module__, NNXModel.__qualname__ = __name__, "NNXModel"
+  return NNXModel
 
 
 def build(factory, name: str, overrides: dict):
@@ -273,7 +289,7 @@ def build(factory, name: str, overrides: dict):
     missing = sorted(set(known) - set(kwargs))
     if missing:
       raise UserError(f"model {name!r}: its field {missing[0]!r} has no default; set config.model_kwargs.{missing[0]}")
-    return NNXModel(factory, kwargs=FrozenDict(kwargs), metadata_fn=None)
+    return nnx_model_class()(factory, kwargs=FrozenDict(kwargs), metadata_fn=None)
   try:
     model = factory(**overrides)
   except TypeError as e:

@@ -59,7 +59,7 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], trainable: Optiona
 
   def init_and_capture(x):
     variables = model.init(jax.random.key(0), x)
-    if isinstance(model, own.NNXModel):  # flax.nnx layers, by their class, from own's hook
+    if own.is_nnx_model(model):  # flax.nnx layers, by their class, from own's hook
       with own.LayerHook() as hook:
         model.apply(variables, x)
       for path, name in hook.types.items():

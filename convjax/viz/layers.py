@@ -5,7 +5,7 @@ comes from `capture_intermediates`, and the gradient of a class score with
 respect to that output comes from running the model with the output replaced
 (`nn.intercept_methods`) and differentiating with respect to the replacement.
 Layers are named by module path, e.g. ('features', 'block5_conv3'). An NNX model (through
-convjax.models.own.NNXModel) is read the same way with own.LayerHook: Linen's hooks see only
+convjax.models.own.nnx_model_class()) is read the same way with own.LayerHook: Linen's hooks see only
 the bridge.
 """
 
@@ -38,7 +38,7 @@ def layer_outputs(model, variables, x, paths) -> dict:
   compute, and any input size the conv base takes (a Flatten head fixes the size).
   """
   wanted = {tuple(p) for p in paths}
-  if isinstance(model, own.NNXModel):  # an NNX model: its submodules' outputs, from own's hook
+  if own.is_nnx_model(model):  # an NNX model: its submodules' outputs, from own's hook
     with own.LayerHook() as hook:
       model.apply(variables, x)
     return {path: hook.outputs[path] for path in wanted}
@@ -67,7 +67,7 @@ def layer_output(model, variables, x, path: tuple):
 def logits_given(model, variables, x, path: tuple, value):
   """The model's logits with the layer at `path` outputting `value` instead."""
   path = tuple(path)
-  if isinstance(model, own.NNXModel):
+  if own.is_nnx_model(model):
     with own.LayerHook({path: value}):
       return model.apply(variables, x)
 
