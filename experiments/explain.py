@@ -126,13 +126,14 @@ def main(argv):
     raise UserError(f"--batch_size={f.batch_size} is not a positive multiple of the {mesh.size} devices in use")
   convs = explain.conv_layers(model, shape)
   by_name = {p[-1]: p for p in convs}
-  needs_layer = [m for m in methods if m in (*cam.CAMS, "guided_gradcam")]
+  needs_layer = [m for m in methods if m in (*cam.CAMS, "guided_gradcam", "layercam_fused")]
   if needs_layer and not convs:
     raise UserError(f"--methods {','.join(needs_layer)} need a conv layer; {classifier.name}'s model has none")
   if f.layer and f.layer not in by_name:
     raise UserError(f"--layer={f.layer!r} is not a conv layer of the model; it has {', '.join(by_name)}")
   options = explain.Options(
     layer=by_name[f.layer] if f.layer else (convs[-1] if convs else ()),
+    fused_layers=tuple(convs),
     ig_steps=f.ig_steps,
     samples=f.samples,
     baseline=f.baseline,

@@ -65,6 +65,33 @@ def test_layercam_keeps_only_the_channels_with_positive_gradients(linear_head):
   np.testing.assert_allclose(got, _normalised(np.einsum("nhwk,k->nhw", a, np.maximum(w, 0))), atol=1e-5)
 
 
+def _min_max(m):
+  """pytorch-grad-cam's scale_cam_image, per map."""
+  low, high = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
+  return (m - low) / (high - low + 1e-7)
+
+
+def test_layercam_fused_over_layers_is_the_mean_of_the_scaled_maps(linear_head):
+  """One layer at the input's size: its closed-form LayerCAM, min-max scaled. Two layers of the
+  MNIST convnet (26x26 and 11x11): each map scaled and resized to 28x28, their mean scaled."""
+  model, variables, x, a, w = linear_head
+  got, _ = cam.fused(model, variables, x, [("conv",)], "layercam", class_index=2)
+  np.testing.assert_allclose(got, _min_max(_normalised(np.einsum("nhwk,k->nhw", a, np.maximum(w, 0)))), atol=1e-5)
+  mnist = get_model("mnist_convnet")
+  digits = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
+  weights = mnist.init(jax.random.key(4), digits)
+  convs = layers.layer_paths(mnist, (28, 28, 1), types=("Conv2D",))[:2]
+  fused, classes = jax.jit(lambda v, d: cam.fused(mnist, v, d, convs))(weights, digits)
+  each = [
+    jax.image.resize(
+      _min_max(np.asarray(cam.cam(mnist, weights, digits, c, "layercam", classes)[0])), (2, 28, 28), "bilinear"
+    )
+    for c in convs
+  ]
+  assert [cam.cam(mnist, weights, digits, c)[0].shape[1] for c in convs] == [26, 11]
+  np.testing.assert_allclose(fused, _min_max(np.mean(np.stack(each), 0)), atol=1e-6)
+
+
 def test_ablation_cam_weighs_each_channel_by_the_score_it_carries(linear_head):
   """Ablating channel k of a linear head lowers y by w_k mean(A_k): weights w_k mean(A_k) / y."""
   model, variables, x, a, w = linear_head
@@ -123,10 +150,6 @@ def test_every_cam_runs_batched_and_jitted_on_the_mnist_convnet():
   guided, classes = jax.jit(lambda v, x: cam.guided_grad_cam(model, v, x, layer))(variables, x)
   maps = cam.cam(model, variables, x, layer, "gradcam", classes)[0]
 
-  def min_max(m):
-    low, high = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
-    return (m - low) / (high - low + 1e-7)
-
-  resized = min_max(jax.image.resize(min_max(maps), (4, 28, 28), "bilinear"))[..., None]
+  resized = _min_max(jax.image.resize(_min_max(maps), (4, 28, 28), "bilinear"))[..., None]
   np.testing.assert_allclose(guided, saliency.guided_backprop(model, variables, x, classes) * resized, atol=1e-6)
   assert guided.shape == x.shape and np.abs(guided).max() > 0

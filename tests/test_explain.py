@@ -102,3 +102,28 @@ def test_the_benchmark_times_explanations_per_method(tmp_path):
     "experiments.benchmark", f"--workdir={tmp_path}", "--config.modes=('explain',)", "--config.explain_methods=lime"
   )
   assert bad.returncode == 1 and "error: config.explain_methods='lime': unknown ['lime']" in bad.stderr
+
+
+def test_every_method_by_name_gives_a_map_or_input_shaped_attributions():
+  """explain.explain dispatches each of METHODS (traced only: jax.eval_shape): CAMs at the
+  layer's resolution, the fused LayerCAM at the input's, attributions shaped like the input."""
+  from convjax.models import get_model
+  from convjax.viz import cam, explain
+
+  model = get_model("mnist_convnet")
+  x = jnp.zeros((2, 28, 28, 1))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  convs = explain.conv_layers(model, (28, 28, 1))
+  options = explain.Options(layer=convs[-1], fused_layers=tuple(convs))
+  shapes = {
+    method: jax.eval_shape(
+      lambda v, x, method=method: explain.explain(
+        model, v, x, jnp.zeros(2, jnp.int32), method, options, jax.random.key(1)
+      ),
+      variables,
+      x,
+    ).shape
+    for method in explain.METHODS
+  }
+  assert {shapes[m] for m in cam.CAMS} == {(2, 3, 3)} and shapes.pop("layercam_fused") == (2, 28, 28), shapes
+  assert {shapes[m] for m in shapes if m not in cam.CAMS} == {x.shape}, shapes

@@ -69,6 +69,17 @@ def test_cams_equal_pytorch_grad_cams(case, method):
   _assert_same(_min_max(ours), _min_max(ref[f"cam/{method}"]), f"{name} {method}")
 
 
+def test_layercam_fused_over_every_conv_layer_equals_pytorch_grad_cams(case):
+  """pytorch-grad-cam's LayerCAM with every conv layer as a target layer: compared at the
+  input's size, since resizing each layer's map there is part of the fusion (cv2's bilinear
+  resize against jax.image.resize's, both with half-pixel centres)."""
+  name, model, variables, x, classes, ref = case
+  convs = explain.conv_layers(model, x.shape[1:])
+  ours = cam.fused(model, variables, x, convs, "layercam", classes)[0]
+  assert ours.shape == ref["cam/layercam_fused"].shape == x.shape[:3] and len(convs) >= 3
+  _assert_same(ours, ref["cam/layercam_fused"], f"{name} layercam_fused")
+
+
 @pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])
 def test_eigen_cams_equal_pytorch_grad_cams_up_to_the_singular_vectors_sign(case, method):
   name, model, variables, x, classes, ref = case

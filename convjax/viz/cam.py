@@ -17,6 +17,9 @@ For a layer's output A (N, h, w, K) and a class score y (the logit; see layers.c
 - Ablation-CAM (Desai & Ramaswamy 2020): weights (y - y_without_k) / y, with channel k of
   the layer set to zero.
 - Guided Grad-CAM: guided backprop times the Grad-CAM map, min-max scaled, at the input's size.
+- Fused over layers (`fused`; LayerCAM's use of several layers, Jiang et al. 2021): each
+  layer's map min-max scaled and resized to the input, their mean min-max scaled, as
+  pytorch-grad-cam fuses its target layers (the paper takes the maximum of tanh-scaled maps).
 
 Every map is kept positive and normalised to [0, 1] per image (all-zero when nothing is
 positive). `superimpose` colours a map (jet) over the image, as the notes do.
@@ -90,6 +93,21 @@ def guided_grad_cam(model, variables, x, layer: tuple, class_index=None):
   maps, classes = cam(model, variables, x, layer, "gradcam", class_index)
   resized = _min_max(jax.image.resize(_min_max(maps), (maps.shape[0], *x.shape[1:3]), "bilinear"))
   return saliency.guided_backprop(model, variables, x, classes) * resized[..., None], classes
+
+
+def fused(model, variables, x, layer_list, method: str = "layercam", class_index=None):
+  """Maps (N, H, W) at the input's size of CAM `method` over the layers in `layer_list`:
+  each layer's map min-max scaled, resized to the input (bilinear, half-pixel centres, as
+  cv2.resize), then their mean min-max scaled (pytorch-grad-cam's multi-layer CAM); and the
+  classes they explain."""
+  classes = layers.resolve_class(model, variables, x, class_index)
+  resized = [
+    jax.image.resize(
+      _min_max(cam(model, variables, x, layer, method, classes)[0]), (x.shape[0], *x.shape[1:3]), "bilinear"
+    )
+    for layer in layer_list
+  ]
+  return _min_max(jnp.mean(jnp.stack(resized), 0)), classes
 
 
 def _min_max(m):

@@ -22,6 +22,7 @@ from convjax.viz import cam, faithfulness, layers, occlusion, saliency
 
 class Options(NamedTuple):
   layer: tuple = ()  # the CAMs' layer; () -> the last conv layer
+  fused_layers: tuple = ()  # layercam_fused's layers (paths); the explain binary: every conv layer
   ig_steps: int = 32  # Integrated Gradients' intervals
   samples: int = 16  # noise tunnels' and GradientSHAP's samples
   noise: float = 0.15  # noise tunnels' std, of each image's range
@@ -45,7 +46,7 @@ ATTRIBUTIONS = (
   "guided_gradcam",
   "feature_ablation",
 )
-METHODS = (*cam.CAMS, *ATTRIBUTIONS)
+METHODS = (*cam.CAMS, "layercam_fused", *ATTRIBUTIONS)
 METRICS = ("deletion", "insertion", "road", "infidelity", "sensitivity", "randomisation")
 # Which way is better, for the table's colours and the docs.
 LOWER_IS_BETTER = {
@@ -69,6 +70,8 @@ def explain(model, variables, x, classes, method: str, options: Options, rng):
     return cam.cam(model, variables, x, options.layer, method, classes, options.channel_batch)[0]
   if method == "guided_gradcam":
     return cam.guided_grad_cam(model, variables, x, options.layer, classes)[0]
+  if method == "layercam_fused":
+    return cam.fused(model, variables, x, options.fused_layers, "layercam", classes)[0]
   if method == "feature_ablation":
     return occlusion.feature_ablation(model, variables, x, classes, options.patch)
   grad = jax.grad(lambda v: jnp.sum(layers.class_score(model.apply(variables, v), classes)))

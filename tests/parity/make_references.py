@@ -149,11 +149,18 @@ def main():
       x, target=target, feature_mask=mask, baselines=0.0
     )
     maps = raw_cams(torch_model, layer, x, targets)  # after captum's: see the note in raw_cams
+    # Fused over every conv layer: each map scaled and resized (cv2), the mean scaled. Before
+    # GuidedBackpropReLUModel, which puts one shared ReLU back in every ReLU's place (a hook on
+    # it would fire at each).
+    convs = [m for i, m in enumerate(torch_model) if isinstance(m, torch.nn.ReLU) and i < flatten]
+    with gc.LayerCAM(model=torch_model, target_layers=convs) as method:
+      fused = method(input_tensor=x, targets=targets)
     gb = gc.GuidedBackpropReLUModel(torch_model, device="cpu")
     with gc.GradCAM(model=torch_model, target_layers=[layer]) as method:
       scaled = method(input_tensor=x, targets=targets)  # min-max, resized to the input (cv2)
     guided = np.stack([gb(x[i : i + 1], target_category=int(target_index[i])) for i in range(len(x))])
     out = {f"cam/{k}": v for k, v in maps.items()}
+    out["cam/layercam_fused"] = fused.astype(np.float32)
     out.update({f"attr/{k}": v.detach().numpy().sum(1).astype(np.float16) for k, v in attributions.items()})
     out["attr/guided_gradcam"] = (guided * scaled[..., None]).sum(-1).astype(np.float16)
     path = os.path.join(HERE, f"{name}.npz")
