@@ -104,6 +104,7 @@ class Trainer(NamedTuple):
   steps_per_epoch: int
   schedule: Any  # optimizer step -> learning rate
   started: float  # perf_counter at the start of the run
+  curves: dict  # {'drawn': perf_counter of the last draw, 'history': the history not drawn yet}
 
 
 def abstract_params(model, input_shape: tuple, name: str):
@@ -296,6 +297,7 @@ def set_up(config: ConfigDict, workdir: str, started: float):
     steps_per_epoch,
     schedule,
     started,
+    {"drawn": started, "history": None},
   )
   return trainer, start
 
@@ -437,13 +439,27 @@ def fit(t: Trainer, start: Start, interrupts: Interrupts) -> tuple:
   return state, history
 
 
+# The learning curves are redrawn at most this often during a run, and when its epochs end:
+# a draw costs ~0.3 s (matplotlib), which epochs of a second or two would feel.
+CURVES_EVERY_SECONDS = 30.0
+
+
+def draw_curves(t: Trainer) -> None:
+  """plots/learning_curves.png of the history not drawn yet, if any (process 0 draws)."""
+  history, t.curves["history"] = t.curves["history"], None
+  t.curves["drawn"] = time.perf_counter()
+  if history and jax.process_index() == 0:
+    plot = os.path.join(t.workdir, "plots", "learning_curves.png")
+    learning_curves(history, plot, t.config.plot_smoothing, title=t.config.model)
+
+
 def end_epoch(t: Trainer, history: list, record: dict, train_seconds: float) -> None:
-  """history.json, the learning curves, TensorBoard and the epoch's line."""
+  """history.json, the learning curves (CURVES_EVERY_SECONDS), TensorBoard and the epoch's line."""
   config, epoch = t.config, record["epoch"]
   run.write_history(t.workdir, history)
-  if jax.process_index() == 0:
-    plot = os.path.join(t.workdir, "plots", "learning_curves.png")
-    learning_curves(history, plot, config.plot_smoothing, title=config.model)
+  t.curves["history"] = history
+  if time.perf_counter() - t.curves["drawn"] >= CURVES_EVERY_SECONDS:
+    draw_curves(t)
   t.writer.write_scalars(epoch * t.steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
   left = (config.num_epochs - epoch) * record["seconds"]
   logging.info(
@@ -544,6 +560,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> list:
         "nothing was trained since the last checkpoint: rerun the same command to resume",
       )
       state, history = fit(t, start, interrupts)
+      draw_curves(t)
       log_stop(t.config, history)
       if jax.process_count() > 1:
         logging.info("process %d params checksum %s", jax.process_index(), params_checksum(state.params))
