@@ -10,7 +10,8 @@ batch at a time, so a large split streams. Writes to <workdir>/explain/ (or --ou
 (rows, h, w) in float16 (a CAM at its layer's resolution, attributions summed over
 channels); metrics.json and metrics.csv, each metric's mean and standard deviation per
 method with images/s and the compilation time; metrics.png, the methods x metrics table;
-<method>.png, the first --examples images with their maps; rows.json, the rows explained
+<method>.png, the first --examples images with their maps; methods.png, those images under
+every method; rows.json, the rows explained
 with their labels and the classes explained. Methods and metrics: convjax/viz/explain.py.
 """
 
@@ -220,6 +221,8 @@ def main(argv):
       compile_seconds[method],
     )
     _draw(first[method], method, classifier, os.path.join(out, f"{method}.png"))
+  if len(methods) > 1:
+    _draw_every_method(first, methods, classifier, os.path.join(out, "methods.png"))
   _write_tables(summary, methods, metrics, out, f, mesh.size)
   files.write_json(
     os.path.join(out, "rows.json"), {"rows": names, "labels": labels_all, "classes_explained": explained}
@@ -227,14 +230,36 @@ def main(argv):
   print(f"explained {len(names):,} images with {len(methods)} methods on {mesh.size} device(s); see {out}")
 
 
-def _draw(first, method, classifier, path):
-  images, maps, classes = first
-  panels = [
+def _overlays(first) -> list:
+  """Each of the first images with its map (its positive part, scaled to its maximum) over it."""
+  images, maps, _ = first
+  return [
     cam.superimpose(image, np.clip(np.asarray(m, np.float32), 0, None) / max(float(np.max(m)), 1e-12))
     for image, m in zip(images, maps, strict=True)
   ]
-  titles = [f"{method}\n{classifier.classes[c] if c < len(classifier.classes) else c}" for c in classes]
+
+
+def _class_name(classifier, c: int) -> str:
+  return classifier.classes[c] if c < len(classifier.classes) else str(c)
+
+
+def _draw(first, method, classifier, path):
+  panels = _overlays(first)
+  titles = [f"{method}\n{_class_name(classifier, c)}" for c in first[2]]
   plots.image_grid(panels, path, cols=min(4, len(panels)), titles=titles)
+
+
+def _draw_every_method(first, methods, classifier, path):
+  """methods.png: the same images (rows) under every method (columns)."""
+  overlays = {m: _overlays(first[m]) for m in methods}
+  classes = first[methods[0]][2]
+  panels = [overlays[m][i] for i in range(len(classes)) for m in methods]
+  titles = [
+    f"{m}\n{_class_name(classifier, c)}" if i == 0 else _class_name(classifier, c)
+    for i, c in enumerate(classes)
+    for m in methods
+  ]
+  plots.image_grid(panels, path, cols=len(methods), titles=titles, size=1.8)
 
 
 def _write_tables(summary, methods, metrics, out, f, devices):

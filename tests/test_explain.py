@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import run_binary
 
@@ -53,6 +54,8 @@ def test_explain_writes_every_rows_maps_and_metrics_and_eight_devices_equal_one(
   rows = json.loads((one / "rows.json").read_text())
   assert rows["rows"][:2] == ["test[0]", "test[1]"] and len(rows["classes_explained"]) == 128
   assert (one / "metrics.csv").read_text().count("\n") == 5 and (one / "metrics.png").stat().st_size > 10_000
+  with Image.open(one / "methods.png") as grid:  # the first 8 rows (--examples) under the 4 methods
+    assert grid.size[1] > 500 and grid.size[0] == pytest.approx(4 / 8 * grid.size[1], rel=0.2), grid.size
 
   # The binary's Grad-CAM of rows 0:8 is the library's on the same images.
   classifier = inference.from_run(str(tiny_mnist_run))
