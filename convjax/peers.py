@@ -7,7 +7,9 @@ Run as a subprocess (the Keras backend is fixed at import):
       --input=28x28x1 --batch=128 --precision=float32 --mode=train --steps=20 --warmup=3
   python -m convjax.peers --framework=torch --compile --model=mnist_convnet ...
 
-prints one JSON line: {"images_per_second", "step_seconds_median", "params"}.
+prints one JSON line: {"images_per_second", "step_seconds_median", "params"}; with
+--rows='[{"model": ..., "input": ..., "batch": ..., ...}, ...]' one line per row, measured in
+turn in one process (the benchmark's grid: one framework import per peer, not per row).
 Keras: train steps are `train_on_batch` (forward, backward, RMSprop update) on
 arrays already converted for the backend, inference `predict_on_batch`;
 'bfloat16' is the mixed_bfloat16 policy (float32 variables). PyTorch (eager, or
@@ -19,6 +21,7 @@ import json
 import os
 import statistics
 import time
+import types
 
 import numpy as np
 from absl import app, flags
@@ -38,7 +41,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("steps", 20, "Steps timed.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
-flags.mark_flags_as_required(["model", "input", "batch"])
+flags.DEFINE_string(
+  "rows",
+  None,
+  "Instead of --model/--input/--batch/--precision/--mode/--method: a JSON list of rows with those "
+  "keys, measured one after the other in this process (one import of the framework), a JSON line each.",
+)
+ROW_KEYS = ("model", "input", "batch", "precision", "mode", "method")
 
 
 def build(keras, name: str, shape: tuple):
@@ -224,8 +233,8 @@ def keras_main(f, shape: tuple) -> dict:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import keras
 
-  if f.precision == "bfloat16":
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  keras.backend.clear_session()  # a row measured after another starts from nothing too
+  keras.mixed_precision.set_global_policy("mixed_bfloat16" if f.precision == "bfloat16" else "float32")
   batch = f.batch
   model = build(keras, f.model, shape)
   outputs = model.output_shape[-1]
@@ -255,14 +264,30 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    shape = tuple(int(d) for d in f.input.split("x"))
-  except ValueError:
-    shape = ()
-  if len(shape) != 3:
-    raise UserError(f"--input={f.input!r}: expected HxWxC, e.g. 28x28x1")
-  if f.mode == "explain" and (f.framework != "torch" or f.compile):
-    raise UserError("explain rows have eager PyTorch peers only (pytorch-grad-cam, captum)")
-  print(json.dumps((torch_main if f.framework == "torch" else keras_main)(f, shape)))
+    rows = json.loads(f.rows) if f.rows else [{k: getattr(f, k) for k in ROW_KEYS}]
+  except json.JSONDecodeError as e:
+    raise UserError(f"--rows is not a JSON list of rows: {e}") from None
+  for row in rows:
+    unknown = sorted(set(row) - set(ROW_KEYS))
+    if unknown or not all(row.get(k) for k in ("model", "input", "batch")):
+      raise UserError(f"--rows entry {row}: needs model, input and batch, and no other keys than {', '.join(ROW_KEYS)}")
+  checked = []
+  for row in rows:  # every row is checked before the first is measured
+    spec = types.SimpleNamespace(
+      **{k: getattr(f, k) for k in ("framework", "compile", "steps", "warmup")},
+      **{"precision": "float32", "mode": "train", "method": "", **row},
+    )
+    try:
+      shape = tuple(int(d) for d in str(spec.input).split("x"))
+    except ValueError:
+      shape = ()
+    if len(shape) != 3:
+      raise UserError(f"--input={spec.input!r}: expected HxWxC, e.g. 28x28x1")
+    if spec.mode == "explain" and (f.framework != "torch" or f.compile):
+      raise UserError("explain rows have eager PyTorch peers only (pytorch-grad-cam, captum)")
+    checked.append((spec, shape))
+  for spec, shape in checked:
+    print(json.dumps((torch_main if f.framework == "torch" else keras_main)(spec, shape)), flush=True)
 
 
 if __name__ == "__main__":

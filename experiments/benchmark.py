@@ -39,32 +39,42 @@ PEERS = {
 KERAS_BACKENDS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
 
 
-def run_peer(peer: str, row: dict, config) -> dict:
-  """The row's measurement in a Keras 3 process, and convjax's images/s over the peer's."""
+def run_peers(peer: str, rows: list, config) -> list:
+  """Each row's measurement by `peer`, all in one Keras 3 or PyTorch process (one import of
+  the framework), with convjax's images/s over the peer's; a row the process did not
+  measure gets its error."""
   env = {**os.environ, "KERAS_BACKEND": KERAS_BACKENDS.get(peer, "jax")}
+  spec = [
+    {
+      "model": r["model"],
+      "input": "x".join(map(str, r["input"])),
+      "batch": r["batch"],
+      "precision": r["precision"],
+      "mode": r["mode"],
+      "method": r.get("method", ""),
+    }
+    for r in rows
+  ]
   args = [
     sys.executable,
     "-m",
     "convjax.peers",
     *PEERS[peer],
-    f"--model={row['model']}",
-    f"--input={'x'.join(map(str, row['input']))}",
-    f"--batch={row['batch']}",
-    f"--precision={row['precision']}",
-    f"--mode={row['mode']}",
-    f"--method={row.get('method', '')}",
+    f"--rows={json.dumps(spec)}",
     f"--steps={config.steps}",
     f"--warmup={config.warmup}",
   ]
   result = subprocess.run(args, env=env, capture_output=True, text=True)
-  lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-  if result.returncode or not lines:
-    error = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    logging.warning("%s peer failed for %s: %s", peer, _label(row), error)
-    return {"error": error}
-  measured = json.loads(lines[-1])
-  measured["ratio"] = row["images_per_second"] / measured["images_per_second"]
-  return measured
+  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  error = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+  out = []
+  for i, row in enumerate(rows):
+    if i >= len(lines):
+      logging.warning("%s peer failed for %s: %s", peer, _label(row), error)
+      out.append({"error": error})
+    else:
+      out.append({**lines[i], "ratio": row["images_per_second"] / lines[i]["images_per_second"]})
+  return out
 
 
 def _key(row):
@@ -263,18 +273,21 @@ def main(argv):
           )
           if "profile" in row:
             write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
-          row["peers"] = {
-            peer: run_peer(peer, row, config) for peer in peers if mode != "explain" or peer == "torch_eager"
-          }
+          row["peers"] = {}
           rows.append(row)
           files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
           logging.info(
-            "%s: %.1f images/s (compile %.1fs) %s",
-            _label(row),
-            row["images_per_second"],
-            row["compile_seconds"],
-            " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v),
+            "%s: %.1f images/s (compile %.1fs)", _label(row), row["images_per_second"], row["compile_seconds"]
           )
+  for peer in peers:  # after the grid: one process per peer measures every row it can
+    eligible = [r for r in rows if r["mode"] != "explain" or peer == "torch_eager"]
+    for row, measured in zip(eligible, run_peers(peer, eligible, config) if eligible else [], strict=True):
+      row["peers"][peer] = measured
+    files.write_json(os.path.join(f.workdir, "benchmark.json"), result)
+  for row in rows if peers else []:
+    logging.info(
+      "%s: %s", _label(row), " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v)
+    )
   for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
     model_name, _, spec = item.partition(":")
     if not spec:

@@ -158,44 +158,40 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
   assert (row["synthetic_step_seconds_median"], row["real_step_seconds_median"]) == (2 / 64, 3 / 64)
   assert row["overhead_percent"] == 50.0
 
-  peer_output = subprocess_module.CompletedProcess([], 0, stdout='{"images_per_second": 40.0}\n', stderr="")
+  # Two rows in one peer process: the first measured at 40 images/s, the second not (the
+  # process died): its error is the process's last line.
+  lines = '{"images_per_second": 40.0}\n'
+  peer_output = subprocess_module.CompletedProcess([], 1, stdout=lines, stderr="RuntimeError: out of memory\n")
   monkeypatch.setattr(binary.subprocess, "run", lambda *a, **k: peer_output)
   config = type("Config", (), {"steps": 2, "warmup": 1})
   row = {"model": "mnist_convnet", "input": [28, 28, 1], "batch": 8, "precision": "float32", "mode": "train"}
-  assert binary.run_peer("keras_jax", {**row, "images_per_second": 100.0}, config)["ratio"] == 2.5
+  first, second = binary.run_peers("keras_jax", [{**row, "images_per_second": 100.0}, {**row, "batch": 16}], config)
+  assert first["ratio"] == 2.5 and second == {"error": "RuntimeError: out of memory"}
 
 
 @pytest.mark.slow
 def test_peers_build_the_same_networks():
-  """Each peer's network has convjax's parameter count (PyTorch only where installed)."""
-  cases = [("keras", "mnist_convnet", "28x28x1", 93_322), ("keras", "vgg16_base", "32x32x3", 14_714_688)]
+  """Each peer's network has convjax's parameter count (PyTorch only where installed): the
+  rows of a framework measured in one process (--rows), one JSON line each, in order."""
+  cases = {"keras": [("mnist_convnet", "28x28x1", 93_322), ("vgg16_base", "32x32x3", 14_714_688)]}
   if importlib.util.find_spec("torch"):
-    cases += [
-      ("torch", "mnist_convnet", "28x28x1", 93_322),
-      ("torch", "cats_dogs_convnet", "150x150x3", 3_453_121),
-      ("torch", "vgg16_base", "32x32x3", 14_714_688),
+    cases["torch"] = [
+      ("mnist_convnet", "28x28x1", 93_322),
+      ("cats_dogs_convnet", "150x150x3", 3_453_121),
+      ("vgg16_base", "32x32x3", 14_714_688),
     ]
-  for framework, model, shape, params in cases:
+  for framework, rows in cases.items():
+    spec = [{"model": m, "input": shape, "batch": 2, "mode": "inference"} for m, shape, _ in rows]
     out = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "convjax.peers",
-        f"--framework={framework}",
-        f"--model={model}",
-        f"--input={shape}",
-        "--batch=2",
-        "--precision=float32",
-        "--mode=inference",
-        "--steps=2",
-        "--warmup=1",
-      ],
+      [sys.executable, "-m", "convjax.peers", f"--framework={framework}", f"--rows={json.dumps(spec)}"]
+      + ["--steps=2", "--warmup=1"],
       capture_output=True,
       text=True,
       env={**os.environ, "KERAS_BACKEND": "jax"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == params, (framework, model)
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [line["params"] for line in lines] == [params for _, _, params in rows], framework
 
 
 @pytest.mark.slow
