@@ -124,6 +124,12 @@ def pretrained(name: str) -> Classifier:
   )
 
 
+def folder_class(path: str, classes: tuple) -> int:
+  """The class an image file's folder names (its label in a Keras-style folder), or -1."""
+  folder = os.path.basename(os.path.dirname(path))
+  return classes.index(folder) if folder in classes else -1
+
+
 def list_images(spec: str) -> list:
   """The image files `spec` names: a file, a folder (recursively) or a glob, sorted."""
   if os.path.isdir(spec):

@@ -81,7 +81,7 @@ def _batches(f, classifier, batch: int):
     images, read, _ = inference.read_images(inference.list_images(f.images), classifier)
     if not read:
       raise UserError(f"--images={f.images!r}: no image could be read")
-    labels = np.array([_folder_label(p, classifier.classes) for p in read], np.int64)
+    labels = np.array([inference.folder_class(p, classifier.classes) for p in read], np.int64)
     chunks = ((images[i : i + batch], labels[i : i + batch], read[i : i + batch]) for i in range(0, len(read), batch))
     return chunks, len(read)
   config = run.read_config(f.workdir)
@@ -103,11 +103,6 @@ def _batches(f, classifier, batch: int):
       )
 
   return read(), len(rows)
-
-
-def _folder_label(path: str, classes: tuple) -> int:
-  folder = os.path.basename(os.path.dirname(path))
-  return classes.index(folder) if folder in classes else -1
 
 
 def main(argv):

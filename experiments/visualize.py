@@ -193,9 +193,7 @@ def explain_images(viz, methods, model, variables, prepare, fit, shape, name: st
       logging.warning("skipped %s", e)
   if not images:
     raise UserError(f"--images={flags.FLAGS.images!r}: no image could be read")
-  true = [
-    os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else "?" for p in names
-  ]
+  true = [classes[i] if (i := inference.folder_class(p, classes)) >= 0 else "?" for p in names]
   out = os.path.join(workdir, "viz")
   files.make_dir(out)
   layer = by_name.get(viz.gradcam.layer, (conv_paths or [None])[-1])
