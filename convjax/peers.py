@@ -267,6 +267,8 @@ def main(argv):
     rows = json.loads(f.rows) if f.rows else [{k: getattr(f, k) for k in ROW_KEYS}]
   except json.JSONDecodeError as e:
     raise UserError(f"--rows is not a JSON list of rows: {e}") from None
+  if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+    raise UserError(f"--rows={f.rows!r}: expected a JSON list of objects, one per row")
   for row in rows:
     unknown = sorted(set(row) - set(ROW_KEYS))
     if unknown or not all(row.get(k) for k in ("model", "input", "batch")):

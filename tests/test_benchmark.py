@@ -192,6 +192,10 @@ def test_peers_build_the_same_networks():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [line["params"] for line in lines] == [params for _, _, params in rows], framework
+  bad = subprocess.run(
+    [sys.executable, "-m", "convjax.peers", '--rows=["mnist_convnet"]'], capture_output=True, text=True
+  )
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --rows='[\"mnist_convnet\"]'")
 
 
 @pytest.mark.slow
