@@ -27,7 +27,7 @@ from absl import logging
 from PIL import Image
 
 from convjax import files
-from convjax.data.folders import PIL_MODES, to_8_bits
+from convjax.data.folders import PIL_MODES, decode_jpeg, to_8_bits
 from convjax.errors import UserError
 
 
@@ -125,8 +125,8 @@ PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 def decode_image(encoded: bytes, channels: int, name: str = "the image") -> np.ndarray:
   """uint8 (H, W, channels) of an encoded image: PNG by libspng (pyspng, ~7 against Pillow's
-  ~30 us an MNIST image), other formats, and PNGs that libspng does not convert to
-  `channels` (colour to grey), by Pillow, converted as image folders are. Raises
+  ~30 us an MNIST image), JPEG by simplejpeg (folders.decode_jpeg), other formats, and images
+  those do not convert to `channels` (colour PNG to grey, CMYK), by Pillow, converted as image folders are. Raises
   RuntimeError or OSError for bytes that do not decode, a UserError naming `name` for pixels
   that 8 bits cannot hold."""
   pixels = None
@@ -137,6 +137,8 @@ def decode_image(encoded: bytes, channels: int, name: str = "the image") -> np.n
       pixels = pyspng.load(encoded, PNG_FORMATS.get(channels))
     except RuntimeError:
       pass  # a colour type libspng does not convert, or damaged bytes: Pillow says which
+  else:
+    pixels = decode_jpeg(encoded, channels)
   if pixels is None:
     with Image.open(io.BytesIO(encoded)) as image:
       mode = PIL_MODES.get(channels)
