@@ -12,7 +12,11 @@ gives p, the probability of class 1, as Keras' predict does), the same computati
 experiments.evaluate and the export all call it.
 """
 
+import contextlib
 import glob
+import importlib.metadata
+import io
+import logging as std_logging
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -204,28 +208,29 @@ def top_k(probabilities: np.ndarray, classifier: Classifier, k: int) -> list:
   ]
 
 
-def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
-  """Writes <directory>/model.jax, a jax.export serialization (StableHLO) of
-  classifier.forward with its weights as constants and a symbolic batch size, and
-  <directory>/model.json (input shape and dtype, output, class names, preprocessing).
-  Loading needs only jax: jax.export.deserialize(bytes).call(uint8 images). Returns the
-  two paths."""
-  from jax import export as jax_export
+EXPORT_FORMATS = ("jax", "onnx")
 
+
+def export(classifier: Classifier, directory: str, weights: str = "", export_format: str = "jax") -> tuple:
+  """Writes classifier.forward with its weights as constants and a symbolic batch size, as
+  <directory>/model.jax (export_format 'jax': a jax.export serialization, StableHLO; loading
+  needs only jax: jax.export.deserialize(bytes).call(uint8 images)) or <directory>/model.onnx
+  ('onnx': loading needs only onnxruntime), and <directory>/model.json (input shape and
+  dtype, output, class names, preprocessing). Returns the two paths."""
+  if export_format not in EXPORT_FORMATS:
+    raise UserError(f"unknown export format {export_format!r}; valid: {', '.join(EXPORT_FORMATS)}")
   variables = classifier.variables
   serve = jax.jit(lambda images: classifier.forward(variables, images))
-  batch = jax_export.symbolic_shape("batch")
-  spec = jax.ShapeDtypeStruct((*batch, *classifier.image_shape), jnp.uint8)
-  exported = jax_export.export(serve, platforms=("cpu", "cuda"))(spec)
-  module, meta = os.path.join(files.make_dir(directory), "model.jax"), os.path.join(directory, "model.json")
-  files.write_bytes(module, exported.serialize())
-  out = exported.out_avals[0]
+  write = _onnx_model if export_format == "onnx" else _jax_module
+  module, meta = write(serve, classifier, files.make_dir(directory))
+  out = jax.eval_shape(serve, jax.ShapeDtypeStruct((1, *classifier.image_shape), jnp.uint8))
   files.write_json(
-    meta,
+    os.path.join(directory, "model.json"),
     {
       "model": classifier.name,
       "weights": weights,
-      "platforms": list(exported.platforms),
+      "format": export_format,
+      **meta,
       "input": {
         "shape": [None, *classifier.image_shape],
         "dtype": "uint8",
@@ -240,10 +245,60 @@ def export(classifier: Classifier, directory: str, weights: str = "") -> tuple:
       },
       "classes": list(classifier.classes),
       "preprocessing": classifier.preprocessing,
-      "load": "jax.export.deserialize(open('model.jax', 'rb').read()).call(images)",
     },
   )
-  return module, meta
+  return module, os.path.join(directory, "model.json")
+
+
+def _jax_module(serve, classifier: Classifier, directory: str) -> tuple:
+  from jax import export as jax_export
+
+  batch = jax_export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((*batch, *classifier.image_shape), jnp.uint8)
+  exported = jax_export.export(serve, platforms=("cpu", "cuda"))(spec)
+  module = os.path.join(directory, "model.jax")
+  files.write_bytes(module, exported.serialize())
+  load = "jax.export.deserialize(open('model.jax', 'rb').read()).call(images)"
+  return module, {"platforms": list(exported.platforms), "load": load}
+
+
+def _onnx_model(serve, classifier: Classifier, directory: str) -> tuple:
+  """model.onnx by jax2onnx: input 'images' (batch, H, W, C) uint8, output 'probabilities'."""
+  # jax2onnx logs a traceback for each optional plugin its jax cannot load (dm_pix's, 0.12 on
+  # jax 0.10) and prints a DEBUG line per conv: none of it concerns the export.
+  quiet = [std_logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+  levels = [logger.level for logger in quiet]
+  for logger in quiet:
+    logger.setLevel(std_logging.ERROR)
+  try:
+    try:
+      import jax2onnx
+    except ImportError:
+      raise UserError("--export_format=onnx needs jax2onnx: pip install 'convjax[onnx]'") from None
+    version = importlib.metadata.version("jax2onnx")
+    spec = jax.ShapeDtypeStruct(("batch", *classifier.image_shape), jnp.uint8)
+    with contextlib.redirect_stdout(io.StringIO()):
+      proto = jax2onnx.to_onnx(
+        serve, [spec], model_name="convjax", input_names=["images"], output_names=["probabilities"]
+      )
+  except UserError:
+    raise
+  except Exception as e:  # what jax2onnx cannot convert: one error naming the model and why
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise UserError(
+      f"{classifier.name}: jax2onnx {version} cannot convert this model to ONNX ({type(e).__name__}: "
+      f"{reason}); --export_format=jax exports it"
+    ) from None
+  finally:
+    for logger, level in zip(quiet, levels, strict=True):
+      logger.setLevel(level)
+  # jax2onnx labels some intermediate NCHW tensors with their NHWC shapes (ResNet's residual
+  # sums then fail onnxruntime's load); the labels are optional, and onnxruntime infers them.
+  del proto.graph.value_info[:]
+  module = os.path.join(directory, "model.onnx")
+  files.write_bytes(module, proto.SerializeToString())
+  load = "onnxruntime.InferenceSession('model.onnx').run(['probabilities'], {'images': images})[0]"
+  return module, {"converter": f"jax2onnx {version}", "opset": int(proto.opset_import[0].version), "load": load}
 
 
 class Evaluation(NamedTuple):

@@ -3,7 +3,7 @@ r"""Classifies image files with a trained run (Keras' model.predict), or exports
   python -m experiments.predict --workdir=/tmp/mnist --images='digits/*.png' [--top_k=3] \
       [--output=preds.csv|preds.json] [--weights=tested|last|best|ema]
   python -m experiments.predict --model=vgg16 --images=../shared/datasets/images/  # ImageNet
-  python -m experiments.predict --workdir=/tmp/mnist --export=/tmp/mnist_export
+  python -m experiments.predict --workdir=/tmp/mnist --export=/tmp/mnist_export [--export_format=onnx]
 
 --images: a file, a folder (searched recursively) or a glob. Each image is decoded,
 converted and fitted to the input size as the run's data were, and the images go
@@ -11,7 +11,8 @@ through the model in batches of --batch_size over every device (one compilation)
 table (file, the top-k classes and their probabilities; a sigmoid head: its class)
 is printed and, with --output, written as CSV or JSON. Unreadable files are listed
 and skipped. --export writes the run's classifier (pixels to probabilities) as a
-jax.export module loadable with jax alone (convjax.inference.export).
+jax.export module loadable with jax alone, or with --export_format=onnx as an ONNX model
+that onnxruntime runs (convjax.inference.export; needs `pip install 'convjax[onnx]'`).
 """
 
 import csv
@@ -29,7 +30,8 @@ flags.DEFINE_enum("weights", "tested", run.WEIGHTS, "Which of the run's weights 
 flags.DEFINE_integer("top_k", 5, "Classes listed per image (at most the class count).")
 flags.DEFINE_integer("batch_size", 64, "Images per batch (divisible by the device count).")
 flags.DEFINE_string("output", None, "Write the table to this .csv or .json file.")
-flags.DEFINE_string("export", None, "Write the classifier as a jax.export module to this directory.")
+flags.DEFINE_string("export", None, "Write the classifier (pixels to probabilities) to this directory.")
+flags.DEFINE_enum("export_format", "jax", inference.EXPORT_FORMATS, "jax: a jax.export module; onnx: an ONNX model.")
 
 
 def classifier_from_flags() -> inference.Classifier:
@@ -76,7 +78,7 @@ def main(argv):
   files = inference.list_images(f.images) if f.images else []
   classifier = classifier_from_flags()
   if f.export:
-    paths = inference.export(classifier, f.export, f.weights if f.workdir else "imagenet")
+    paths = inference.export(classifier, f.export, f.weights if f.workdir else "imagenet", f.export_format)
     logging.info("exported %s", " and ".join(paths))
   if not files:
     return

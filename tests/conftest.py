@@ -322,20 +322,30 @@ def loop_probabilities(workdir, epoch: int, images):
 
 def served_probabilities(export, images, folder):
   """What the export in `export` outputs for `images`, run in a new process that imports only
-  jax and numpy (it fails if convjax or flax get imported)."""
+  jax and numpy (a model.jax) or onnxruntime and numpy (a model.onnx); it fails if convjax or
+  flax get imported (or jax, for ONNX)."""
   import numpy as np
 
   np.save(os.path.join(folder, "images.npy"), images)
-  program = (
-    "import sys, numpy as np, jax\n"
-    "from jax import export\n"
-    f"module = export.deserialize(open({os.path.join(export, 'model.jax')!r}, 'rb').read())\n"
-    f"np.save({os.path.join(folder, 'probs.npy')!r}, np.asarray(module.call(np.load({os.path.join(folder, 'images.npy')!r}))))\n"
-    "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n"
-  )
+  images_npy, probs_npy = os.path.join(folder, "images.npy"), os.path.join(folder, "probs.npy")
+  if os.path.exists(os.path.join(export, "model.onnx")):
+    program = (
+      "import sys, numpy as np, onnxruntime\n"
+      f"session = onnxruntime.InferenceSession({os.path.join(export, 'model.onnx')!r})\n"
+      f"np.save({probs_npy!r}, session.run(['probabilities'], {{'images': np.load({images_npy!r})}})[0])\n"
+      "assert not {'convjax', 'flax', 'jax'} & {m.split('.')[0] for m in sys.modules}, 'imported jax'\n"
+    )
+  else:
+    program = (
+      "import sys, numpy as np, jax\n"
+      "from jax import export\n"
+      f"module = export.deserialize(open({os.path.join(export, 'model.jax')!r}, 'rb').read())\n"
+      f"np.save({probs_npy!r}, np.asarray(module.call(np.load({images_npy!r}))))\n"
+      "assert not {'convjax', 'flax'} & {m.split('.')[0] for m in sys.modules}, 'imported convjax or flax'\n"
+    )
   loaded = subprocess.run([sys.executable, "-c", program], cwd=folder, capture_output=True, text=True)
   assert loaded.returncode == 0, loaded.stderr[-3000:]
-  return np.load(os.path.join(folder, "probs.npy"))
+  return np.load(probs_npy)
 
 
 def kill_after_first_checkpoint(workdir, *args, env=None):

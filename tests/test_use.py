@@ -97,6 +97,24 @@ def test_the_export_runs_in_a_program_with_only_jax_and_numpy(mnist_run, tmp_pat
   np.testing.assert_allclose(served, loop_probabilities(mnist_run, test_epoch, images), atol=1e-5)
 
 
+def test_the_onnx_export_runs_in_onnxruntime_without_jax(mnist_run, tmp_path):
+  """--export_format=onnx: model.onnx with a symbolic batch, run by onnxruntime in a process
+  without jax, gives the run's probabilities on 100 real digits within 1e-5."""
+  export = tmp_path / "export"
+  result = run_binary("experiments.predict", f"--workdir={mnist_run}", f"--export={export}", "--export_format=onnx")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "DEBUG" not in result.stdout  # jax2onnx's plugin noise
+  meta = json.loads((export / "model.json").read_text())
+  assert meta["format"] == "onnx" and meta["converter"].startswith("jax2onnx ")
+  assert meta["input"] == {**meta["input"], "shape": [None, 28, 28, 1], "dtype": "uint8"}
+  assert meta["classes"] == [str(i) for i in range(10)] and meta["output"]["shape"] == [None, 10]
+  images = mnist_test_images(100)["image"]
+  served = served_probabilities(str(export), images, str(tmp_path))
+  test_epoch = json.loads((mnist_run / "history.json").read_text())[-1]["test_epoch"]
+  np.testing.assert_allclose(served, loop_probabilities(mnist_run, test_epoch, images), atol=1e-5)
+  assert served[:7].shape == (7, 10)
+
+
 def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(mnist_run, workdir)

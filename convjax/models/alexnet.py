@@ -11,7 +11,7 @@ which gives the commonly quoted 62,378,344 parameters at 1000 classes
 import flax.linen as nn
 import jax.numpy as jnp
 
-from convjax.models.layers import Layer
+from convjax.models.layers import Layer, max_pool
 
 
 class LocalResponseNorm(Layer):
@@ -33,7 +33,7 @@ class AlexNetFeatures(nn.Module):
   @nn.compact
   def __call__(self, x):
     def pool(y):
-      return nn.max_pool(y, (3, 3), (2, 2))
+      return max_pool(y, (3, 3), (2, 2))
 
     x = nn.relu(nn.Conv(96, (11, 11), (4, 4), padding="VALID", name="conv1")(x))
     x = pool(LocalResponseNorm(name="norm1")(x))

@@ -37,7 +37,7 @@ def max_pool_ceil(x, window: int, stride: int, padding: int = 0):
     if (out - 1) * stride >= n + padding:  # PyTorch: the last window must start inside
       out -= 1
     pads.append((padding, (out - 1) * stride + window - n - padding))
-  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+  return layers.max_pool(x, (window, window), (stride, stride), pads)
 
 
 class BasicConv(nn.Module):

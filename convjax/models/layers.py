@@ -113,6 +113,17 @@ class MaxPooling2D(Layer):
     return _window_max(x[:, : h * k, : w * k], k)
 
 
+def max_pool(x, window_shape: tuple, strides: tuple, padding="VALID"):
+  """`nn.max_pool` as the ONNX export (jax2onnx 0.12-0.17) can convert it: it replaces flax's
+  pools while it traces with ones that take keywords and string padding only (and converts
+  lax's NHWC reduce-window to a pool onnxruntime rejects). Explicit padding is -inf padded on
+  first, then a 'VALID' pool: the same numbers, as reduce-window pads with -inf."""
+  if not isinstance(padding, str):
+    x = jnp.pad(x, ((0, 0), *(tuple(p) for p in padding), (0, 0)), constant_values=-jnp.inf)
+    padding = "VALID"
+  return nn.max_pool(x, window_shape=window_shape, strides=strides, padding=padding)
+
+
 class Flatten(Layer):
   def __call__(self, x):
     return jnp.reshape(x, (x.shape[0], -1))

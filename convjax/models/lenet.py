@@ -39,7 +39,7 @@ C3_TABLE = (
 
 class AveragePooling2D(Layer):
   def __call__(self, x):
-    return nn.avg_pool(x, (2, 2), (2, 2))
+    return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))  # keywords: see layers.max_pool
 
 
 class PartialConv(nn.Module):

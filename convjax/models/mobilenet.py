@@ -119,7 +119,7 @@ class XceptionBlock(nn.Module):
     y = norm(name="sepconv1_bn")(SeparableConv2D(self.filters, use_bias=False, name="sepconv1")(y))
     y = nn.relu(y)
     y = norm(name="sepconv2_bn")(SeparableConv2D(self.filters, use_bias=False, name="sepconv2")(y))
-    y = nn.max_pool(y, (3, 3), (2, 2), padding="SAME")
+    y = layers.max_pool(y, (3, 3), (2, 2), "SAME")
     return y + shortcut
 
 

@@ -64,7 +64,7 @@ class ResNetFeatures(nn.Module):
     block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     x = conv(self.width, (7, 7), (2, 2), padding=3, name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, n in enumerate(self.stage_sizes):
       for i in range(n):
         strides = 2 if stage > 0 and i == 0 else 1
