@@ -66,6 +66,13 @@ def get_config(preset: str = ""):
   # (e.g. an ArrayRecord copy, which streams), or folder:PATH[@HxW] (class folders, resized).
   config.pipeline = config_dict.placeholder(str)
   config.pipeline_modes = ("device", "stream")
+  # Input readers compared (convjax/input_readers.py): images/s of training batches from each
+  # DATA (NAME@DIR, a prepared TFDS dataset, or folder:PATH@HxW) by each of input_readers
+  # (convjax: two reader threads; convjax:N: N grain worker processes; grain's DataLoader;
+  # tf.data), each reader in its own process; '' -> skip.
+  config.input = ""
+  config.input_readers = ("convjax", "convjax:2", "grain", "tf.data")
+  config.input_batches = 50
   config.workers = (0,)
   config.steps = 20
   config.warmup = 3

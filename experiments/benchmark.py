@@ -77,6 +77,33 @@ def run_peers(peer: str, rows: list, config) -> list:
   return out
 
 
+def run_input_readers(config) -> list:
+  """Each reader's images/s on each of config.input, one process per reader; with convjax's
+  rate over tf.data's where both read the data."""
+  from convjax import input_readers
+
+  specs = [s.strip() for s in config.input.split(",") if s.strip()]
+  for reader in config.input_readers:
+    input_readers.reader_name(reader)
+  for spec in specs:
+    input_readers.parse(spec)
+  rows = []
+  for reader in config.input_readers:
+    args = [sys.executable, "-m", "convjax.input_readers", f"--reader={reader}", *(f"--data={s}" for s in specs)]
+    args += [f"--batch={config.batch_sizes[0]}", f"--batches={config.input_batches}"]
+    result = subprocess.run(args, capture_output=True, text=True)
+    lines = {r["data"]: r for r in (json.loads(x) for x in result.stdout.splitlines() if x.startswith("{"))}
+    error = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    for spec in specs:
+      rows.append(lines.get(spec, {"data": spec, "reader": reader, "error": error}))
+      logging.info("input %s by %s: %s", spec, reader, rows[-1].get("images_per_second", rows[-1].get("error")))
+  tf_data = {r["data"]: r["images_per_second"] for r in rows if r["reader"] == "tf.data" and "error" not in r}
+  for r in rows:
+    if "error" not in r and r["data"] in tf_data:
+      r["vs_tf_data"] = r["images_per_second"] / tf_data[r["data"]]
+  return rows
+
+
 def _key(row):
   return tuple(tuple(row[k]) if isinstance(row.get(k), list) else row.get(k, "") for k in KEY)
 
@@ -152,6 +179,20 @@ def markdown(result: dict) -> str:
       f"{'-' if p['input_images_per_second'] is None else format(p['input_images_per_second'], ',.0f')} |"
       for p in result["pipeline"]
     ]
+  if result.get("input"):
+    lines += [
+      "",
+      f"Input readers (images/s of training batches of {result['input_batch']}, each reader in its own process):",
+      "",
+      "| data | reader | images/s | vs tf.data |",
+      "|---|---|---|---|",
+    ]
+    lines += [
+      f"| {r['data']} | {r['reader']} | "
+      + (f"{r['images_per_second']:,.0f}" if "error" not in r else "- (" + r["error"].replace("|", "/") + ")")
+      + f" | {format(r['vs_tf_data'], '.2f') + 'x' if 'vs_tf_data' in r else '-'} |"
+      for r in result["input"]
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -224,8 +265,8 @@ def main(argv):
   if cpu_peak:
     env["cpu_peak_tflops"] = cpu_peak / 1e12
   models = parse_models(config.models)
-  if not models and not config.pipeline.strip():
-    raise UserError("config.models and config.pipeline are both empty: nothing to measure")
+  if not models and not config.pipeline.strip() and not config.input.strip():
+    raise UserError("config.models, config.pipeline and config.input are all empty: nothing to measure")
   for precision in config.precisions:
     if precision not in ("float32", "bfloat16"):
       raise UserError(f"unknown precision {precision!r}; valid: float32, bfloat16")
@@ -313,6 +354,8 @@ def main(argv):
             batch,
             pipeline[-1]["overhead_percent"],
           )
+  if config.input.strip():
+    result["input"], result["input_batch"] = run_input_readers(config), config.batch_sizes[0]
   files.write_json(os.path.join(f.workdir, "benchmark.json"), result)
   files.write_text(os.path.join(f.workdir, "benchmark.md"), markdown(result))
   if rows:

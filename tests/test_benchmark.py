@@ -227,3 +227,47 @@ def test_the_accelerator_check_runs_tiny_without_tensorflow(tmp_path):
   for row in check["cats"]["rows"]:  # a missing input rate would read as input-bound
     assert row["input_images_per_second"] > 0 and row["bound"] in ("input-bound", "step-bound")
   assert check["cats"]["rows"]
+
+
+@pytest.mark.slow
+def test_input_readers_row_per_reader_and_data_with_the_ratio_to_tf_data(tmp_path):
+  """--config.input: convjax's stream, grain's DataLoader and tf.data each read a JPEG folder
+  and the shared TFRecord MNIST in their own process; a reader that cannot read a format is
+  its row's error (grain: TFRecord), and convjax's rate is over tf.data's on the same data."""
+  from tests.conftest import link_cats_dogs_subset
+
+  folder = link_cats_dogs_subset(tmp_path / "data", {"train": 16})
+  specs = [f"folder:{folder}/train@48x40", "mnist@" + os.environ.get("TFDS_DATA_DIR", "../shared/datasets/tfds")]
+  result = run_binary(
+    "experiments.benchmark",
+    f"--workdir={tmp_path / 'bench'}",
+    "--config.models=",
+    "--config.peers=",
+    "--config.pipeline=",
+    f"--config.input={','.join(specs)}",
+    "--config.input_readers=('convjax','grain','tf.data')",
+    "--config.batch_sizes=(8,)",
+    "--config.input_batches=3",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {(r["data"], r["reader"]): r for r in json.loads((tmp_path / "bench" / "benchmark.json").read_text())["input"]}
+  assert set(rows) == {(s, r) for s in specs for r in ("convjax", "grain", "tf.data")}
+  assert "TFRECORD is not supported" in rows[(specs[1], "grain")]["error"]
+  for spec in specs:
+    convjax, tf_data = rows[(spec, "convjax")], rows[(spec, "tf.data")]
+    assert convjax["images_per_second"] > 0 and tf_data["images_per_second"] > 0, (convjax, tf_data)
+    assert convjax["vs_tf_data"] == pytest.approx(convjax["images_per_second"] / tf_data["images_per_second"])
+  assert rows[(specs[0], "grain")]["images_per_second"] > 0
+  table = (tmp_path / "bench" / "benchmark.md").read_text()
+  assert "| data | reader | images/s | vs tf.data |" in table and "- (TFDS' as_data_source" in table
+  bad = run_binary(
+    "experiments.benchmark",
+    f"--workdir={tmp_path / 'b2'}",
+    "--config.models=",
+    "--config.pipeline=",
+    f"--config.input={specs[0]}",
+    "--config.input_readers=('dali',)",
+  )
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+    "error: unknown reader 'dali'; valid: convjax, convjax:N (grain workers), grain, tf.data"
+  )

@@ -1,14 +1,15 @@
 """Pixel preprocessing: the host-side resize of decoding, and the model-input transform.
 
 `resize_bilinear` is `tf.image.resize(method='bilinear')` (half-pixel centres,
-no antialiasing): what Keras' `image_dataset_from_directory` does, written in
-numpy so that loading folders needs no TensorFlow.
+no antialiasing): what Keras' `image_dataset_from_directory` does, by OpenCV so
+that loading folders needs no TensorFlow.
 
 `input_transform(rescale, preprocess)` maps float pixels (0-255) to the model's
 input inside the jitted steps: rescaling, and ImageNet VGG's 'caffe'
 preprocessing (`preprocess_input`, as keras.applications.vgg16 does it).
 """
 
+import cv2
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,32 +17,16 @@ import numpy as np
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-def _axis_weights(in_size: int, out_size: int):
-  """Source indices (lo, hi) and the weight of hi for each output position."""
-  scale = in_size / out_size
-  pos = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-  pos = np.clip(pos, 0.0, in_size - 1)
-  lo = np.floor(pos).astype(np.int64)
-  hi = np.minimum(lo + 1, in_size - 1)
-  return lo, hi, (pos - lo).astype(np.float32)
-
-
 def resize_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
-  """(H, W, C) -> float32 (h, w, C), bilinear like tf.image.resize. Only the rows the output
-  reads are converted to float, and the products are summed in place: with the rounding to
-  uint8, 0.47 instead of 1.13 ms for a 256x239 photo to 150x150 here, the same floats."""
+  """(H, W, C) -> float32 (h, w, C), bilinear like tf.image.resize (half-pixel centres, edges
+  clamped, no antialiasing), by OpenCV's INTER_LINEAR on float32 pixels: ~80 us for a 256x239
+  photo to 150x150 here, against ~470 us for the same in numpy; tf.image.resize's floats
+  within 2e-3 (tests/test_folders.py)."""
   h, w = size
   if image.shape[:2] == (h, w):
     return image.astype(np.float32)
-  lo, hi, t = _axis_weights(image.shape[0], h)
-  t = t[:, None, None]
-  x = image[lo].astype(np.float32) * (1 - t)
-  x += image[hi].astype(np.float32) * t
-  lo, hi, t = _axis_weights(image.shape[1], w)
-  t = t[None, :, None]
-  out = np.take(x, lo, axis=1) * (1 - t)  # C-ordered, unlike x[:, lo]
-  out += np.take(x, hi, axis=1) * t
-  return out
+  out = cv2.resize(image.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+  return out.reshape(h, w, image.shape[2])
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
