@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from convjax import parallel
+from convjax.errors import UserError
 from convjax.models import get_model
 from convjax.train.optim import make_optimizer
 from convjax.train.state import create_train_state, eval_params
@@ -268,7 +269,10 @@ def data_config(spec: str):
     data.folder, data.train_split = where, ""
     data.test_size = 0
     if extra:
-      data.image_size = tuple(int(d) for d in extra.split("x"))
+      try:
+        data.image_size = tuple(int(d) for d in extra.split("x"))
+      except ValueError:
+        raise UserError(f"data {spec!r}: the image size is HxW, e.g. folder:PATH@150x150") from None
   else:
     data.dataset, data.data_dir, data.download = where, extra, False
   return data

@@ -270,6 +270,7 @@ def _onnx_model(serve, classifier: Classifier, directory: str) -> tuple:
   levels = [logger.level for logger in quiet]
   for logger in quiet:
     logger.setLevel(std_logging.ERROR)
+  version = "?"
   try:
     try:
       import jax2onnx

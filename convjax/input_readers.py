@@ -46,14 +46,16 @@ flags.DEFINE_integer("warmup", 5, "Batches read first, untimed.")
 
 
 def parse(spec: str) -> tuple:
-  """('tfds', name, dir, None) or ('folder', path, None, (h, w))."""
-  if spec.startswith("folder:"):
-    path, _, size = spec[len("folder:") :].partition("@")
-    if not size:
+  """('tfds', name, dir, None) or ('folder', path, None, (h, w)), as experiments.benchmark reads
+  DATA (convjax.benchmark.data_config)."""
+  from convjax.benchmark import data_config
+
+  data = data_config(spec)
+  if data.folder:
+    if not data.image_size:
       raise UserError(f"--data={spec!r}: a folder needs its image size, folder:PATH@HxW")
-    return "folder", path, None, tuple(int(d) for d in size.split("x"))
-  name, _, directory = spec.partition("@")
-  return "tfds", name, directory or None, None
+    return "folder", data.folder, None, tuple(data.image_size)
+  return "tfds", data.dataset, data.data_dir or None, None
 
 
 def reader_name(reader: str) -> tuple:
