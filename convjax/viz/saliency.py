@@ -12,6 +12,17 @@ import jax.numpy as jnp
 from convjax.viz import layers, rewrite
 
 
+def unrolled_sum(f, xs, init):
+  """init + the sum of f(x) over the leading axis of xs (a pytree of per-point arrays), f's
+  outputs shaped like init (a pytree), as one unrolled program: XLA:CPU runs a loop's body
+  (lax.map, an un-unrolled scan) ~2x slower than the same ops laid out in sequence
+  (Integrated Gradients of 16 cats-vs-dogs photos on 33 points: 13.5 -> 5.6 s; 64 digits:
+  607 -> 356 ms, compilation ~0.2 s longer), and a running sum keeps one point's result in
+  memory, not all of them."""
+  add = lambda total, x: (jax.tree_util.tree_map(jnp.add, total, f(x)), None)  # noqa: E731
+  return jax.lax.scan(add, init, xs, unroll=True)[0]
+
+
 def _score_fn(model, variables, classes):
   return lambda x: jnp.sum(layers.class_score(model.apply(variables, x), classes))
 
@@ -39,8 +50,9 @@ def noise_tunnel(attribute, x, rng, samples: int = 25, noise: float = 0.15, kind
     raise ValueError(f"unknown noise tunnel {kind!r}; valid: {', '.join(NOISE_TUNNELS)}")
   sigma = noise * (jnp.max(x, axis=(1, 2, 3), keepdims=True) - jnp.min(x, axis=(1, 2, 3), keepdims=True))
   eps = jax.random.normal(rng, (samples, *x.shape), x.dtype)
-  first, second = jax.lax.map(lambda e: (lambda a: (a, a * a))(attribute(x + sigma * e)), eps)
-  mean, mean_sq = jnp.mean(first, 0), jnp.mean(second, 0)
+  moments = lambda e: (lambda a: (a, a * a))(attribute(x + sigma * e))  # noqa: E731
+  first, second = unrolled_sum(moments, eps, (jnp.zeros_like(x), jnp.zeros_like(x)))
+  mean, mean_sq = first / samples, second / samples
   return {"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[kind]
 
 
@@ -89,7 +101,7 @@ def gradient_shap(model, variables, x, rng, baselines, class_index: Optional[int
     start, end = baselines[index], x + e
     return grad(start + a * (end - start)) * (end - start)
 
-  return jnp.mean(jax.lax.map(one, (chosen, alphas, noises)), axis=0)
+  return unrolled_sum(one, (chosen, alphas, noises), jnp.zeros_like(x)) / samples
 
 
 def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25, noise: float = 0.15):
@@ -109,8 +121,8 @@ def integrated_gradients(model, variables, x, class_index: Optional[int] = None,
   grad = jax.grad(_score_fn(model, variables, classes))
   alphas = jnp.linspace(0.0, 1.0, steps + 1)
   weights = jnp.full(steps + 1, 1.0 / steps).at[jnp.array([0, steps])].set(0.5 / steps)
-  grads = jax.lax.map(lambda a: grad(baseline + a * (x - baseline)), alphas)
-  return (x - baseline) * jnp.tensordot(weights, grads, axes=1)
+  path = unrolled_sum(lambda aw: aw[1] * grad(baseline + aw[0] * (x - baseline)), (alphas, weights), jnp.zeros_like(x))
+  return (x - baseline) * path
 
 
 def _rewritten_score(model, variables, classes, rule, reference=None):
