@@ -19,8 +19,9 @@ WEIGHTS = SHARED / "weights"  # VGG16's ImageNet notop file
 
 @pytest.mark.slow
 def test_cats_dogs_resnet18_and_finetuned_vgg16_runs_export_to_onnx(tmp_path, mnist_arrays):
-  """A cats-vs-dogs convnet run, a ResNet-18 run and a fine-tuned VGG16 run (one step each): their ONNX models give the runs' probabilities on 100 real images (test
-  photos; test digits) within 1e-5."""
+  """A cats-vs-dogs convnet run, a ResNet-18 run and a fine-tuned VGG16 run (one step each):
+  their ONNX models give the runs' probabilities on 100 real images (test photos; test
+  digits) within 1e-5."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 4, "validation": 4, "test": 50})
   short = ["--config.num_epochs=1", "--config.steps_per_epoch=1", "--config.batch_size=4"]
   short += ["--config.eval_batch_size=8", "--config.data.test_split="]
