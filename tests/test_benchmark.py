@@ -271,3 +271,18 @@ def test_input_readers_row_per_reader_and_data_with_the_ratio_to_tf_data(tmp_pat
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
     "error: unknown reader 'dali'; valid: convjax, convjax:N (grain workers), grain, tf.data"
   )
+
+
+def test_input_reader_and_data_specs_that_do_not_parse_are_one_error_each():
+  from convjax import input_readers
+  from convjax.errors import UserError
+
+  assert input_readers.reader_name("convjax:2") == ("convjax", 2)
+  assert input_readers.parse("folder:/data/train@150x120") == ("folder", "/data/train", None, (150, 120))
+  for reader in ("dali", "grain:2", "convjax:x"):
+    with pytest.raises(UserError, match=f"unknown reader '{reader}'"):
+      input_readers.reader_name(reader)
+  with pytest.raises(UserError, match=r"the image size is HxW"):
+    input_readers.parse("folder:/data/train@15ax150")
+  with pytest.raises(UserError, match=r"a folder needs its image size"):
+    input_readers.parse("folder:/data/train")

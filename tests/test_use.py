@@ -111,6 +111,23 @@ def test_the_export_runs_without_convjax_and_gives_the_runs_probabilities(mnist_
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 28, 28, 1]
 
 
+def test_the_onnx_export_without_jax2onnx_is_one_error_naming_the_extra(mnist_run, tmp_path):
+  """jax2onnx absent (hidden from the path finder): one error line asking for the extra, no
+  traceback, nothing written; the run is untouched."""
+  from tests.test_pipeline import run_without_tensorflow
+
+  before = (mnist_run / "history.json").read_bytes()
+  export = tmp_path / "export"
+  args = (f"--workdir={mnist_run}", f"--export={export}", "--export_format=onnx")
+  result = run_without_tensorflow("experiments.predict", *args, hidden=("jax2onnx",))
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+    "error: --export_format=onnx needs jax2onnx: pip install 'convjax[onnx]'"
+  )
+  assert not export.exists() or not list(export.iterdir())
+  assert (mnist_run / "history.json").read_bytes() == before
+
+
 def test_a_damaged_checkpoint_is_refused_by_predict_in_one_line(mnist_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(mnist_run, workdir)

@@ -126,9 +126,9 @@ PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 def decode_image(encoded: bytes, channels: int, name: str = "the image") -> np.ndarray:
   """uint8 (H, W, channels) of an encoded image: PNG by libspng (pyspng, ~7 against Pillow's
   ~30 us an MNIST image), JPEG by simplejpeg (folders.decode_jpeg), other formats, and images
-  those do not convert to `channels` (colour PNG to grey, CMYK), by Pillow, converted as image folders are. Raises
-  RuntimeError or OSError for bytes that do not decode, a UserError naming `name` for pixels
-  that 8 bits cannot hold."""
+  those do not convert to `channels` (colour PNG to grey, CMYK), by Pillow, converted as
+  image folders are. Raises RuntimeError or OSError for bytes that do not decode, a UserError
+  naming `name` for pixels that 8 bits cannot hold."""
   pixels = None
   if encoded[:8] == PNG_SIGNATURE:
     import pyspng
