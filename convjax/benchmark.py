@@ -85,15 +85,14 @@ def make_step(model, tx, mode: str, precision: str, mesh, method: str = "", inpu
   if mode == "train":
     return jit_steps(model, tx, lambda x: x / 255, mesh, compute_dtype=dtype)[0]
   if mode == "explain":
-    from convjax.viz import explain, layers
+    from convjax.viz import explain
 
     options = explain.Options(layer=(explain.conv_layers(model, input_shape) or [()])[-1])
 
     def explain_step(state, batch):
       variables = cast_floats({"params": eval_params(state), **state.model_state}, dtype)
       x = (batch["image"].astype(jnp.float32) / 255).astype(dtype)
-      classes = layers.predicted_class(model.apply(variables, x))
-      return explain.explain(model, variables, x, classes, method, options, jax.random.key(0))
+      return explain.explain_classes(model, variables, x, None, method, options, jax.random.key(0))[0]
 
     return jax.jit(explain_step)
 

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from convjax import cli, files, inference, parallel, run
 from convjax.data.splits import open_source
 from convjax.errors import UserError
-from convjax.viz import cam, explain, layers, plots
+from convjax.viz import cam, explain, plots
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Which of the run's splits.")
@@ -145,9 +145,8 @@ def main(argv):
   def step(method, weights, images, labels, rng):
     trained, fresh = weights
     x = prepare(images.astype(jnp.float32))
-    classes = labels if use_label else layers.predicted_class(model.apply(trained, x))
-    maps, scores = explain.measure(model, trained, fresh, x, classes, method, options, metrics, rng)
-    return maps, scores, classes
+    classes = labels if use_label else None  # None: each method predicts them in its own pass
+    return explain.measure(model, trained, fresh, x, classes, method, options, metrics, rng)
 
   spec = (
     weights,

@@ -130,3 +130,34 @@ def test_every_method_by_name_gives_a_map_or_input_shaped_attributions():
   }
   assert {shapes[m] for m in cam.CAMS} == {(2, 3, 3)} and shapes.pop("layercam_fused") == (2, 28, 28), shapes
   assert {shapes[m] for m in shapes if m not in cam.CAMS} == {x.shape}, shapes
+
+
+def test_predicted_classes_come_from_the_methods_own_forward_pass_and_explain_the_same():
+  """explain_classes with classes=None: each image's predicted class (several per batch
+  here), and the result equal to explaining those classes given; the ONE_PASS methods'
+  programs hold one forward pass fewer than predicting first (their convolutions counted)."""
+  from convjax.models import get_model
+  from convjax.viz import explain, layers
+
+  model = get_model("mnist_convnet")
+  x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x[:1])
+  options = explain.Options(layer=explain.conv_layers(model, (28, 28, 1))[-1])
+  key = jax.random.key(2)
+
+  def predict_first(method):
+    return lambda v: explain.explain(
+      model, variables, v, layers.predicted_class(model.apply(variables, v)), method, options, key
+    )
+
+  def shared(method):
+    return lambda v: explain.explain_classes(model, variables, v, None, method, options, key)
+
+  predicted = layers.predicted_class(model.apply(variables, x))
+  assert len(set(np.asarray(predicted).tolist())) > 1
+  for method in (*explain.ONE_PASS, "gradcam"):
+    result, classes = jax.jit(shared(method))(x)
+    np.testing.assert_array_equal(classes, predicted)
+    np.testing.assert_allclose(result, jax.jit(predict_first(method))(x), rtol=1e-5, atol=1e-6, err_msg=method)
+    convolutions = [str(jax.make_jaxpr(f(method))(x)).count("conv_general_dilated") for f in (shared, predict_first)]
+    assert convolutions[0] == convolutions[1] - 3 * (method in explain.ONE_PASS), (method, convolutions)

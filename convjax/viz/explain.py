@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from convjax.viz import cam, faithfulness, layers, occlusion, saliency
+from convjax.viz import cam, faithfulness, layers, occlusion, rewrite, saliency
 
 
 class Options(NamedTuple):
@@ -64,8 +64,35 @@ def conv_layers(model, input_shape) -> list:
   return layers.layer_paths(model, input_shape, types=("Conv2D",))
 
 
+# The methods one vjp computes: they read the predicted classes off their own forward pass.
+ONE_PASS = ("gradient", "input_x_gradient", "guided_backprop", "deeplift")
+
+
 def explain(model, variables, x, classes, method: str, options: Options, rng):
   """The method's CAM (N, h, w) or attributions (N, H, W, C) of `classes` (N,) for x."""
+  return explain_classes(model, variables, x, classes, method, options, rng)[0]
+
+
+def explain_classes(model, variables, x, classes, method: str, options: Options, rng):
+  """(explain's result, the classes explained (N,)): `classes`, or with None each image's
+  predicted class, which the ONE_PASS methods read off their own forward pass and the
+  others predict first (one forward pass more)."""
+  if classes is None and method not in ONE_PASS:
+    classes = layers.predicted_class(model.apply(variables, x))
+  base = saliency.baseline(x, options.baseline, rng)
+  if method in ("gradient", "input_x_gradient"):
+    grad, classes = saliency.class_gradient(lambda v: model.apply(variables, v), x, classes)
+    return (grad if method == "gradient" else x * grad), classes
+  if method == "guided_backprop":
+    return saliency.class_gradient(saliency.rewritten_apply(model, variables, rewrite.GUIDED), x, classes)
+  if method == "deeplift":
+    apply = saliency.rewritten_apply(model, variables, rewrite.DEEPLIFT, base)
+    grad, classes = saliency.class_gradient(apply, x, classes)
+    return (x - base) * grad, classes
+  return _explain(model, variables, x, classes, method, options, rng, base), classes
+
+
+def _explain(model, variables, x, classes, method, options, rng, base):
   if method in cam.CAMS:
     return cam.cam(model, variables, x, options.layer, method, classes, options.channel_batch)[0]
   if method == "guided_gradcam":
@@ -74,23 +101,14 @@ def explain(model, variables, x, classes, method: str, options: Options, rng):
     return cam.fused(model, variables, x, options.fused_layers, "layercam", classes)[0]
   if method == "feature_ablation":
     return occlusion.feature_ablation(model, variables, x, classes, options.patch)
-  grad = jax.grad(lambda v: jnp.sum(layers.class_score(model.apply(variables, v), classes)))
-  base = saliency.baseline(x, options.baseline, rng)
-  if method == "gradient":
-    return grad(x)
-  if method == "input_x_gradient":
-    return x * grad(x)
   if method == "integrated_gradients":
     return saliency.integrated_gradients(model, variables, x, classes, base, options.ig_steps)
   if method in saliency.NOISE_TUNNELS:
+    grad = jax.grad(lambda v: jnp.sum(layers.class_score(model.apply(variables, v), classes)))
     return saliency.noise_tunnel(grad, x, rng, options.samples, options.noise, method)
   if method == "gradient_shap":  # captum's usual baselines: the zeros and noise over the range
     baselines = jnp.concatenate([jnp.zeros_like(x), saliency.baseline(x, "uniform", rng)])
     return saliency.gradient_shap(model, variables, x, rng, baselines, classes, options.samples)
-  if method == "deeplift":
-    return saliency.deeplift(model, variables, x, classes, base)
-  if method == "guided_backprop":
-    return saliency.guided_backprop(model, variables, x, classes)
   raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
@@ -118,10 +136,11 @@ def rank_correlation(a, b):
 
 
 def measure(model, variables, random_variables, x, classes, method: str, options: Options, metrics, rng):
-  """(map (N, h, w), {metric: (N,)}) of `method` on x; `random_variables` (the model
+  """(map (N, h, w), {metric: (N,)}, the classes explained) of `method` on x (`classes`, or
+  None: the predicted ones, as explain_classes); `random_variables` (the model
   re-initialised) serve the randomisation check."""
   keys = jax.random.split(rng, 4)
-  result = explain(model, variables, x, classes, method, options, keys[0])
+  result, classes = explain_classes(model, variables, x, classes, method, options, keys[0])
   maps = as_map(result)
   out = {}
   for name in metrics:
@@ -146,4 +165,4 @@ def measure(model, variables, random_variables, x, classes, method: str, options
       out[name] = rank_correlation(maps, other)
     else:
       raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
-  return maps, out
+  return maps, out, classes

@@ -27,9 +27,21 @@ def _score_fn(model, variables, classes):
   return lambda x: jnp.sum(layers.class_score(model.apply(variables, x), classes))
 
 
+def class_gradient(apply, x, class_index=None):
+  """(the gradient of apply(x)'s class scores with respect to x, the classes (N,)): the
+  classes given (an int or (N,)), or with None each image's predicted class, read off the
+  same forward pass (one vjp; predicting first would cost a second forward pass)."""
+  logits, backward = jax.vjp(apply, x)
+  if class_index is None:
+    classes = layers.predicted_class(logits)
+  else:
+    classes = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), x.shape[:1])
+  cotangent = jax.grad(lambda z: jnp.sum(layers.class_score(z, classes)))(logits)
+  return backward(cotangent)[0], classes
+
+
 def vanilla_gradient(model, variables, x, class_index: Optional[int] = None):
-  classes = layers.resolve_class(model, variables, x, class_index)
-  return jax.grad(_score_fn(model, variables, classes))(x)
+  return class_gradient(lambda v: model.apply(variables, v), x, class_index)[0]
 
 
 def input_x_gradient(model, variables, x, class_index: Optional[int] = None):
@@ -125,18 +137,17 @@ def integrated_gradients(model, variables, x, class_index: Optional[int] = None,
   return (x - baseline) * path
 
 
-def _rewritten_score(model, variables, classes, rule, reference=None):
+def rewritten_apply(model, variables, rule, reference=None):
+  """The model's forward pass (images -> logits) with `rule` in place of its ReLUs' backward
+  pass (rewrite.py): the same logits, another input gradient."""
   what = f"the model {type(model).__name__}"
-  return lambda x: jnp.sum(
-    rewrite.rewritten(lambda v: layers.class_score(model.apply(variables, v), classes), x, rule, what, reference)
-  )
+  return lambda x: rewrite.rewritten(lambda v: model.apply(variables, v), x, rule, what, reference)
 
 
 def guided_backprop(model, variables, x, class_index: Optional[int] = None):
   """Springenberg et al. 2015: every ReLU of the model (rewrite.py finds them in its program)
   passes back only positive gradients of active units."""
-  classes = layers.resolve_class(model, variables, x, class_index)
-  return jax.grad(_rewritten_score(model, variables, classes, rewrite.GUIDED))(x)
+  return class_gradient(rewritten_apply(model, variables, rewrite.GUIDED), x, class_index)[0]
 
 
 def deeplift(model, variables, x, class_index: Optional[int] = None, baseline=None):
@@ -144,9 +155,9 @@ def deeplift(model, variables, x, class_index: Optional[int] = None, baseline=No
   baseline) times the gradient with each ReLU's multiplier (relu(x) - relu(r)) / (x - r)
   and captum's max-pool rule, r being that unit's input for the baseline (default zeros).
   Summation to delta: the attributions sum to score(x) - score(baseline)."""
-  classes = layers.resolve_class(model, variables, x, class_index)
   baseline = jnp.zeros_like(x) if baseline is None else jnp.broadcast_to(baseline, x.shape)
-  return (x - baseline) * jax.grad(_rewritten_score(model, variables, classes, rewrite.DEEPLIFT, baseline))(x)
+  apply = rewritten_apply(model, variables, rewrite.DEEPLIFT, baseline)
+  return (x - baseline) * class_gradient(apply, x, class_index)[0]
 
 
 def saliency_map(attributions):
