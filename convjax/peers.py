@@ -194,34 +194,34 @@ def torch_explain_step(torch, model, x, method: str):
   model.eval()
   flatten = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Flatten)][0]
   layer = [m for m in list(model)[:flatten] if isinstance(m, torch.nn.ReLU)][-1]
-  with torch.no_grad():
-    logits = model(x)
-  target = torch.zeros(len(x), dtype=torch.long) if logits.shape[-1] == 1 else logits.argmax(-1)
-  if method in GRAD_CAMS:
+  if method in GRAD_CAMS:  # targets=None: pytorch-grad-cam explains the class its own forward pass predicts
     import pytorch_grad_cam
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     cam = getattr(pytorch_grad_cam, GRAD_CAMS[method])(model=model, target_layers=[layer])
-    targets = [ClassifierOutputTarget(int(t)) for t in target]
-    return lambda: torch.from_numpy(cam(input_tensor=x, targets=targets))
+    return lambda: torch.from_numpy(cam(input_tensor=x, targets=None))
   import captum.attr as ca
+
+  def predicted():  # captum takes the target from its user: predicted in the step, as convjax's is
+    with torch.no_grad():
+      logits = model(x)
+    return torch.zeros(len(x), dtype=torch.long) if logits.shape[-1] == 1 else logits.argmax(-1)
 
   h, w = x.shape[2:]
   segments = (torch.arange(h)[:, None] // 4) * (-(-w // 4)) + torch.arange(w)[None, :] // 4
   calls = {
-    "gradient": lambda: ca.Saliency(model).attribute(x, target=target, abs=False),
-    "input_x_gradient": lambda: ca.InputXGradient(model).attribute(x, target=target),
+    "gradient": lambda: ca.Saliency(model).attribute(x, target=predicted(), abs=False),
+    "input_x_gradient": lambda: ca.InputXGradient(model).attribute(x, target=predicted()),
     "integrated_gradients": lambda: ca.IntegratedGradients(model).attribute(
-      x, target=target, n_steps=33, method="riemann_trapezoid", internal_batch_size=len(x)
+      x, target=predicted(), n_steps=33, method="riemann_trapezoid", internal_batch_size=len(x)
     ),
     "smoothgrad": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
-      x, target=target, nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=1, stdevs=0.15, abs=False
+      x, target=predicted(), nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=1, stdevs=0.15, abs=False
     ),
-    "deeplift": lambda: ca.DeepLift(model).attribute(x, target=target, baselines=0.0),
-    "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=target),
-    "guided_gradcam": lambda: ca.GuidedGradCam(model, layer).attribute(x, target=target),
+    "deeplift": lambda: ca.DeepLift(model).attribute(x, target=predicted(), baselines=0.0),
+    "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=predicted()),
+    "guided_gradcam": lambda: ca.GuidedGradCam(model, layer).attribute(x, target=predicted()),
     "feature_ablation": lambda: ca.FeatureAblation(model).attribute(
-      x, target=target, feature_mask=segments.expand(len(x), x.shape[1], h, w), perturbations_per_eval=16
+      x, target=predicted(), feature_mask=segments.expand(len(x), x.shape[1], h, w), perturbations_per_eval=16
     ),
   }
   if method not in calls:
