@@ -11,6 +11,8 @@ On the accelerator machine (<= 8 minutes on one GPU):
 
 1. the benchmark grid of the platform (configs/benchmark.py's 'gpu' preset: VGG16-224 and
    ResNet-50 at batch 128/256 in bfloat16 and float32, PyTorch eager and torch.compile peers);
+   and the explanation methods' rows (EXPLAIN_METHODS on the MNIST and cats-vs-dogs convnets,
+   batch 64, float32; no peers: pytorch-grad-cam and captum are not carried);
 2. the MNIST recipe trained from <data>/mnist/{train,test}.npz until test accuracy 0.99: the
    training seconds to it (compilation reported apart);
 3. the cats-vs-dogs convnet trained from <data>/cats_and_dogs_small's JPEGs through the
@@ -40,6 +42,8 @@ flags.DEFINE_string("prepare", None, "Write the carried data to this folder (nee
 flags.DEFINE_integer("cats_per_class", 500, "--prepare: training photos per class carried (validation: half).")
 flags.DEFINE_bool("tiny", False, "A few steps of each part (CI, on CPU).")
 
+# The explanation rows (images/s of each method's maps of a batch, BENCHMARKS.md's CPU rows).
+EXPLAIN_METHODS = "gradcam,gradcam++,scorecam,gradient,integrated_gradients,smoothgrad,deeplift,guided_backprop"
 CATS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "cats_and_dogs_small"
 )
@@ -107,6 +111,24 @@ def check(data: str, workdir: str, tiny: bool) -> dict:
   with open(os.path.join(workdir, "benchmark", "benchmark.json")) as f:
     out["benchmark"] = json.load(f)
   out["benchmark"]["seconds"] = seconds
+
+  seconds, _ = binary(
+    "benchmark",
+    "--config=configs/benchmark.py",
+    f"--workdir={workdir}/explain",
+    "--config.pipeline=",
+    "--config.peers=",  # pytorch-grad-cam and captum are not on the device machine
+    "--config.modes=('explain',)",
+    "--config.precisions=('float32',)",
+    *(
+      small + ["--config.models=mnist_convnet@28x28x1", "--config.explain_methods=gradcam,gradient"]
+      if tiny
+      else ["--config.models=mnist_convnet@28x28x1,cats_dogs_convnet@150x150x3", "--config.batch_sizes=(64,)"]
+      + [f"--config.explain_methods={EXPLAIN_METHODS}"]
+    ),
+  )
+  with open(os.path.join(workdir, "explain", "benchmark.json")) as f:
+    out["explain"] = {"wall_seconds": seconds, "rows": json.load(f)["rows"]}
 
   mnist_run = os.path.join(workdir, "mnist")
   budget = (
@@ -178,6 +200,17 @@ def markdown(result: dict) -> str:
       f"{r['mode']} | {r['images_per_second']:.1f} | "
       f"{'-' if r['percent_of_peak'] is None else format(r['percent_of_peak'], '.1f')} | {peers} |"
     )
+  lines += [
+    "",
+    "Explanations (float32, convjax alone):",
+    "",
+    "| model | batch | method | images/s | compile s |",
+    "|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['model']} | {r['batch']} | {r['method']} | {r['images_per_second']:.1f} | {r['compile_seconds']:.1f} |"
+    for r in result["explain"]["rows"]
+  ]
   m = result["mnist"]
   reached = m["reached"]
   lines += [

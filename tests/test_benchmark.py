@@ -200,8 +200,9 @@ def test_peers_build_the_same_networks():
 
 @pytest.mark.slow
 def test_the_accelerator_check_runs_tiny_without_tensorflow(tmp_path):
-  """The device machine has no TensorFlow: the check's every part (benchmark, MNIST from .npz,
-  cats-vs-dogs JPEGs streamed) runs with tensorflow and tensorflow_datasets unimportable."""
+  """The device machine has no TensorFlow: the check's every part (benchmark, explanation
+  rows, MNIST from .npz, cats-vs-dogs JPEGs streamed) runs with tensorflow and
+  tensorflow_datasets unimportable."""
   prepared = run_binary("experiments.accelerator_check", f"--prepare={tmp_path / 'data'}", "--cats_per_class=20")
   assert prepared.returncode == 0, prepared.stderr[-3000:]
   with np.load(tmp_path / "data" / "mnist" / "test.npz") as test:
@@ -221,6 +222,11 @@ def test_the_accelerator_check_runs_tiny_without_tensorflow(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   check = json.loads((tmp_path / "check" / "check.json").read_text())
   assert [r["model"] for r in check["benchmark"]["rows"]] == ["mnist_convnet"]
+  assert [(r["method"], r["images_per_second"] > 0) for r in check["explain"]["rows"]] == [
+    ("gradcam", True),
+    ("gradient", True),
+  ]
+  assert "| mnist_convnet | 8 | gradient |" in (tmp_path / "check" / "check.md").read_text()
   assert check["mnist"]["epochs"] == 1 and check["mnist"]["history"][-1]["test_epoch"] == 1
   assert check["mnist"]["reached"]["test_accuracy"] >= 0.5  # 20 steps of RMSprop on MNIST
   assert "not reached" not in (tmp_path / "check" / "check.md").read_text()
