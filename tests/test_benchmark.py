@@ -115,9 +115,10 @@ def test_a_rows_numbers_come_from_its_step_times(monkeypatch):
 
 
 def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
-  """The row's median inference step against the same model's forward pass that this test
+  """The row's fastest inference step against the same model's forward pass that this test
   jits and times itself: within 4x either way (the two measure the same computation back to
-  back; a step timed without waiting for its result, or in the wrong unit, is 10-1000x off)."""
+  back; a step timed without waiting for its result, or in the wrong unit, is 10-1000x off;
+  the fastest of each, as a loaded machine moves medians by more than 4x)."""
   import jax
 
   from convjax import benchmark
@@ -134,8 +135,8 @@ def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
     t = time.perf_counter()
     jax.block_until_ready(forward(variables, images))
     times.append(time.perf_counter() - t)
-  mine = float(np.median(times))
-  assert mine / 4 <= row["step_seconds_median"] <= 4 * mine, (row["step_seconds_median"], mine)
+  mine = min(times)
+  assert mine / 4 <= row["step_seconds_min"] <= 4 * mine, (row["step_seconds_min"], mine)
 
 
 def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch, import_binary):
