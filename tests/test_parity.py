@@ -46,11 +46,19 @@ def _min_max(m):
   return (m - low) / np.where(high > low, high - low, 1.0)
 
 
+# The largest difference allowed after normalisation: 1e-3, and 3e-2 for the cats-vs-dogs
+# convnet, whose float32 maps (either side; the fixtures were made on an AVX-512 CPU) move
+# with the CPU: on an AVX2-only one its gradients differed from the fixtures by up to
+# 2.1e-2 (guided Grad-CAM; 1.0e-2 the gradient, 2.6e-3 LayerCAM fused), correlation still
+# >= 0.99999, and by up to 1e-2 with convjax's side in float64 (measured 2026-12-05).
 def _assert_same(ours, theirs, what):
+  tolerance = 3e-2 if what.startswith("cats_dogs") else 1e-3
   for i, (a, b) in enumerate(zip(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), strict=True)):
     rho = np.corrcoef(a.ravel(), b.ravel())[0, 1]
     worst = np.abs(a - b).max()
-    assert rho >= 0.999 and worst <= 1e-3, f"{what} image {i}: correlation {rho:.6f}, largest difference {worst:.2e}"
+    assert rho >= 0.999 and worst <= tolerance, (
+      f"{what} image {i}: correlation {rho:.6f}, largest difference {worst:.2e}"
+    )
 
 
 def test_the_torch_copy_is_the_same_network(case):
