@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import time
 from typing import NamedTuple
 
@@ -97,7 +96,7 @@ class TensorBoard:
   SummaryWriter writes from a thread of its own (a full disk there is a traceback, then a hang
   on its queue) and holds the file open for the whole run (a file system cannot become
   read-only under an open writer). The records are tensorboardX's Event protos in TFRecord
-  framing with its masked CRC-32C, which is all an event file is; no TensorFlow needed.
+  framing (convjax.data.tfrecord.frame), which is all an event file is; no TensorFlow needed.
   """
 
   def __init__(self, workdir: str):
@@ -110,15 +109,10 @@ class TensorBoard:
       self._append([Event(wall_time=time.time(), file_version="brain.Event:2")])
 
   def _append(self, events) -> None:
-    from tensorboardX.record_writer import masked_crc32c
+    from convjax.data.tfrecord import frame
 
-    records = []
-    for event in events:
-      data = event.SerializeToString()
-      header = struct.pack("<Q", len(data))
-      records += [header, struct.pack("<I", masked_crc32c(header)), data, struct.pack("<I", masked_crc32c(data))]
     with files.writing(self._file), open(self._file, "ab") as f:
-      f.write(b"".join(records))
+      f.write(b"".join(frame(event.SerializeToString()) for event in events))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self._file:

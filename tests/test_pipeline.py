@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 
@@ -112,8 +113,6 @@ def test_stream_equals_device_for_one_mnist_epoch(tmp_path, mnist_epoch_run):
 def sharded_mnist_test(root, shard_lengths, truncated_images=(), file_format="array_record"):
   """A copy of MNIST's test split in several shard files of `file_format` (ArrayRecord or
   TFRecord; the shared copies have one), the PNGs of the rows in truncated_images cut short."""
-  import struct
-
   from tensorboardX.record_writer import masked_crc32c
   from tensorflow_datasets.proto import tf_example_pb2
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
@@ -215,7 +214,14 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monk
   with pytest.raises(UserError, match=rf"{shard}: record 0 \(byte 0\) has a damaged header"):
     tfds_data.read_rows(builder, tfds_data.RowRange("test", 0, 10))
   data[8] ^= 0xFF
-  data[12:16] = b"\xff" * 4  # the first record's data: its bytes do not parse
+  data[12:16] = b"\xff" * 4  # the first record's data, its CRC left as it was
+  shard.write_bytes(data)
+  with pytest.raises(UserError, match=rf"{shard}: record 0 \(byte 0\) has damaged data \(its CRC-32C does not match\)"):
+    tfds_data.read_rows(builder, tfds_data.RowRange("test", 300, 310))
+  from tensorboardX.record_writer import masked_crc32c
+
+  end = 12 + struct.unpack("<Q", data[:8])[0]  # the same bytes with their CRC: intact, not a tf.Example
+  data[end : end + 4] = struct.pack("<I", masked_crc32c(bytes(data[12:end])))
   shard.write_bytes(data)
   with pytest.raises(UserError, match=r"row 300 of mnist's 'test' split in .*: its record does not parse"):
     tfds_data.read_rows(builder, tfds_data.RowRange("test", 300, 310))

@@ -223,7 +223,7 @@ class Rows:
     for record, position in zip(records, positions, strict=True):
       try:
         feature = example.FromString(record).features.feature
-      except DecodeError as e:  # the record's bytes are damaged (a TFRecord's data CRC is not read)
+      except DecodeError as e:  # a record that is not a tf.Example
         raise UserError(
           f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its record does not parse ({e})"
         ) from None
