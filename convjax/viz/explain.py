@@ -104,8 +104,7 @@ def _explain(model, variables, x, classes, method, options, rng, base):
   if method == "integrated_gradients":
     return saliency.integrated_gradients(model, variables, x, classes, base, options.ig_steps)
   if method in saliency.NOISE_TUNNELS:
-    grad = jax.grad(lambda v: jnp.sum(layers.class_score(model.apply(variables, v), classes)))
-    return saliency.noise_tunnel(grad, x, rng, options.samples, options.noise, method)
+    return saliency.smoothgrad(model, variables, x, rng, classes, options.samples, options.noise, method)
   if method == "gradient_shap":  # captum's usual baselines: the zeros and noise over the range
     baselines = jnp.concatenate([jnp.zeros_like(x), saliency.baseline(x, "uniform", rng)])
     return saliency.gradient_shap(model, variables, x, rng, baselines, classes, options.samples)

@@ -116,10 +116,13 @@ def gradient_shap(model, variables, x, rng, baselines, class_index: Optional[int
   return unrolled_sum(one, (chosen, alphas, noises), jnp.zeros_like(x)) / samples
 
 
-def smoothgrad(model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25, noise: float = 0.15):
-  """Mean gradient over `samples` copies with Gaussian noise of std noise * (max - min)."""
+def smoothgrad(
+  model, variables, x, rng, class_index: Optional[int] = None, samples: int = 25, noise: float = 0.15, kind="smoothgrad"
+):
+  """Mean gradient over `samples` copies with Gaussian noise of std noise * (max - min), or
+  the noise tunnel `kind` of it (NOISE_TUNNELS)."""
   classes = layers.resolve_class(model, variables, x, class_index)
-  return noise_tunnel(jax.grad(_score_fn(model, variables, classes)), x, rng, samples, noise)
+  return noise_tunnel(jax.grad(_score_fn(model, variables, classes)), x, rng, samples, noise, kind)
 
 
 def integrated_gradients(model, variables, x, class_index: Optional[int] = None, baseline=None, steps: int = 64):
