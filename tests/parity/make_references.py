@@ -111,7 +111,7 @@ def _keep_raw(get_cam_image, captured):
 
 
 def main():
-  for name, shape, patch in (("mnist_convnet", (28, 28, 1), 4), ("cats_dogs_convnet", (150, 150, 3), 10)):
+  for name, shape, patch in (("mnist_convnet", (28, 28, 1), 4), ("cats_dogs_convnet", (150, 150, 3), 25)):
     torch.manual_seed(0)
     model = get_model(name)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
