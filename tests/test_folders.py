@@ -68,6 +68,17 @@ def _pillow_decode(path, mode):
     return np.asarray(img.convert(mode))
 
 
+def test_a_files_bytes_read_in_four_calls_are_its_bytes():
+  """read_bytes: a photo's bytes; a file whose size the file system does not know in advance
+  (/proc's, fstat size 0) read to its end; a missing file is an OSError naming it."""
+  photo = next((CATS_DOGS / "train" / "cats").glob("*.jpg"))
+  assert folders.read_bytes(str(photo)) == photo.read_bytes()
+  assert os.stat("/proc/self/status").st_size == 0
+  assert folders.read_bytes("/proc/self/status").startswith(b"Name:\t")
+  with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    folders.read_bytes(str(CATS_DOGS / "missing.jpg"))
+
+
 def test_jpeg_decoded_by_simplejpeg_equals_pillow_on_every_real_photo(tmp_path):
   """decode_image reads JPEG through simplejpeg (libjpeg-turbo, accurate DCT, fancy
   upsampling), as Pillow does: the same pixels on the 2,000 cats-vs-dogs training photos in

@@ -161,12 +161,29 @@ def decode_jpeg(encoded: bytes, channels: int) -> Optional[np.ndarray]:
     return None
 
 
+def read_bytes(path: str) -> bytes:
+  """A file's bytes in four system calls (open, fstat, read, close): ~9 us a CIFAR-10 image
+  here against ~15 for Python's open().read(), which also asks whether it is a terminal and
+  reads once more to find the end."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    size = os.fstat(fd).st_size
+    data = os.read(fd, size + 1)
+    if len(data) != size:  # a short read, or a file that grew: read on to its end
+      chunks = [data]
+      while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+      data = b"".join(chunks)
+    return data
+  finally:
+    os.close(fd)
+
+
 def decode_image(path: str, channels: int, image_size: Optional[Sequence[int]]) -> np.ndarray:
   """uint8 (H, W, channels); raises UserError naming the file if it is not a readable image.
   16-bit images are scaled to 8 bits, not clipped."""
   try:
-    with open(path, "rb") as f:
-      encoded = f.read()
+    encoded = read_bytes(path)
     array = decode_jpeg(encoded, channels)
     if array is None:
       with Image.open(io.BytesIO(encoded)) as img:
