@@ -312,6 +312,13 @@ def test_user_tf_example_files_equal_the_same_arrays_and_train_streamed_without_
   blob = bytearray((damaged / "train").read_bytes())
   blob[blob.index(b"IDAT") + 8 : blob.index(b"IDAT") + 40] = b"\0" * 32  # the first PNG's pixel data
   (damaged / "train").write_bytes(blob)
+  with pytest.raises(UserError, match=r"damaged/train: record 0 \(byte 0\) has damaged data"):
+    source(tfrecord=str(damaged), train_split="train", test_split="", validation_size=1)
+  from tensorboardX.record_writer import masked_crc32c
+
+  end = 12 + struct.unpack("<Q", blob[:8])[0]  # the record written so: intact, its PNG not
+  blob[end : end + 4] = struct.pack("<I", masked_crc32c(bytes(blob[12:end])))
+  (damaged / "train").write_bytes(blob)
   with pytest.raises(UserError, match=r"damaged/train: record 0: its image 'image' does not decode"):
     source(tfrecord=str(damaged), train_split="train", test_split="", validation_size=1)
 
