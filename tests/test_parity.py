@@ -10,8 +10,8 @@ in float64 (the references were made so, and these tests run under jax.enable_x6
 gradients of the cats-vs-dogs convnet differ from float64 ones by up to 9% of the largest
 value (DeepLIFT; 6% the gradient), and by CPU (AVX2-only against AVX-512), since ReLUs whose
 inputs are near 0 switch; a definition's parity is what is tested here. Score-CAM, forward
-passes only, runs in float32 (within 4e-7 of float64 on these networks). Where the
-definitions differ, the test says how: Eigen-CAM's and EigenGrad-CAM's singular vector
+passes only, runs in float32 (PyTorch's float32 Score-CAM was within 4e-7 of its float64
+one). Where the definitions differ, the test says how: Eigen-CAM's and EigenGrad-CAM's singular vector
 takes LAPACK's arbitrary sign in pytorch-grad-cam (convjax signs it to correlate with the
 summed activation), so convjax's map equals pytorch-grad-cam's or its negation's; Ablation-CAM
 is not compared (pytorch-grad-cam sets a channel to min - 1e7, the paper and convjax to 0).
@@ -78,7 +78,7 @@ def test_the_torch_copy_is_the_same_network(case):
 def test_cams_equal_pytorch_grad_cams(case, method):
   name, model, variables, x, classes, ref = case
   layer = layers.last_conv(model, x.shape[1:])
-  if method == "scorecam":  # forward passes only: float32 is within 4e-7 of float64, and 7x faster
+  if method == "scorecam":  # forward passes only: float32 (see the docstring), 6x faster
     with jax.enable_x64(False):
       narrow = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), (variables, x))
       ours = cam.cam(model, *narrow, layer, method, classes)[0]
