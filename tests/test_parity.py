@@ -35,7 +35,12 @@ SHAPES = {"mnist_convnet": (28, 28, 1), "cats_dogs_convnet": (150, 150, 3)}
 # The cats-vs-dogs convnet's 150x150 maps are the costlier half: the full suite's.
 @pytest.fixture(scope="module", params=["mnist_convnet", pytest.param("cats_dogs_convnet", marks=pytest.mark.slow)])
 def case(request):
-  name, shape = request.param, SHAPES[request.param]
+  return load_case(request.param)
+
+
+def load_case(name):
+  """(name, model, float64 variables, float64 images, classes, the references) of a network."""
+  shape = SHAPES[name]
   ref = dict(np.load(FIXTURES / f"{name}.npz"))
   model = get_model(name)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
@@ -115,6 +120,12 @@ ATTRIBUTIONS = ["gradient", "input_x_gradient", "integrated_gradients", "deeplif
 
 @pytest.mark.parametrize("method", [*ATTRIBUTIONS, "feature_ablation", "guided_gradcam"])
 def test_attributions_equal_captums_and_guided_grad_cam_pytorch_grad_cams(case, method):
+  _assert_same(*attribution_pair(case, method), f"{case[0]} {method}")
+
+
+def attribution_pair(case, method):
+  """(convjax's map, the reference), summed over channels, each divided by the reference's
+  largest magnitude per image."""
   name, model, variables, x, classes, ref = case
   options = explain.Options(
     layer=layers.last_conv(model, x.shape[1:]), ig_steps=int(ref["ig_steps"]), patch=int(ref["patch"])
@@ -129,4 +140,4 @@ def test_attributions_equal_captums_and_guided_grad_cam_pytorch_grad_cams(case, 
   if method == "integrated_gradients":  # captum's riemann_trapezoid weights sum to n / (n + 1), ours to 1
     theirs *= (ref["ig_steps"] + 1) / ref["ig_steps"]
   scale = np.abs(theirs).max(axis=(1, 2), keepdims=True)
-  _assert_same(np.asarray(explain.as_map(ours)) / scale, theirs / scale, f"{name} {method}")
+  return np.asarray(explain.as_map(ours), np.float64) / scale, theirs / scale

@@ -152,6 +152,16 @@ def sharded_mnist_test(root, shard_lengths, truncated_images=(), file_format="ar
   return root
 
 
+def with_first_crc_renewed(blob: bytearray) -> bytearray:
+  """A TFRecord file's bytes with its first record's data CRC computed again (tensorboardX's
+  CRC, not convjax's), as if the record had been written with what it now holds."""
+  from tensorboardX.record_writer import masked_crc32c
+
+  end = 12 + struct.unpack("<Q", blob[:8])[0]
+  blob[end : end + 4] = struct.pack("<I", masked_crc32c(bytes(blob[12:end])))
+  return blob
+
+
 def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monkeypatch):
   """TFRecord shards read row by row (offsets from the record headers, kept as an index in the
   cache directory) give what TFDS' as_dataset decodes; TensorFlow is not imported; a damaged
@@ -218,11 +228,7 @@ def test_tfrecord_rows_equal_tfds_own_decoding_without_tensorflow(tmp_path, monk
   shard.write_bytes(data)
   with pytest.raises(UserError, match=rf"{shard}: record 0 \(byte 0\) has damaged data \(its CRC-32C does not match\)"):
     tfds_data.read_rows(builder, tfds_data.RowRange("test", 300, 310))
-  from tensorboardX.record_writer import masked_crc32c
-
-  end = 12 + struct.unpack("<Q", data[:8])[0]  # the same bytes with their CRC: intact, not a tf.Example
-  data[end : end + 4] = struct.pack("<I", masked_crc32c(bytes(data[12:end])))
-  shard.write_bytes(data)
+  shard.write_bytes(with_first_crc_renewed(data))  # the same bytes, intact: not a tf.Example
   with pytest.raises(UserError, match=r"row 300 of mnist's 'test' split in .*: its record does not parse"):
     tfds_data.read_rows(builder, tfds_data.RowRange("test", 300, 310))
 
@@ -314,11 +320,7 @@ def test_user_tf_example_files_equal_the_same_arrays_and_train_streamed_without_
   (damaged / "train").write_bytes(blob)
   with pytest.raises(UserError, match=r"damaged/train: record 0 \(byte 0\) has damaged data"):
     source(tfrecord=str(damaged), train_split="train", test_split="", validation_size=1)
-  from tensorboardX.record_writer import masked_crc32c
-
-  end = 12 + struct.unpack("<Q", blob[:8])[0]  # the record written so: intact, its PNG not
-  blob[end : end + 4] = struct.pack("<I", masked_crc32c(bytes(blob[12:end])))
-  (damaged / "train").write_bytes(blob)
+  (damaged / "train").write_bytes(with_first_crc_renewed(blob))  # the record intact, its PNG not
   with pytest.raises(UserError, match=r"damaged/train: record 0: its image 'image' does not decode"):
     source(tfrecord=str(damaged), train_split="train", test_split="", validation_size=1)
 
