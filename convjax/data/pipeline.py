@@ -191,7 +191,7 @@ class _Batches:
     return 2**40  # endless: the pipeline takes as many batches as it needs
 
   def __getitem__(self, k: int) -> dict:
-    _read_at_low_priority()
+    _prepare_reading_thread()
     row_indices, rng_key = self.table(self.first + int(k))
     lo, hi = self.columns
     indices = row_indices[lo:hi]
@@ -273,7 +273,7 @@ def keep_freed_memory() -> None:
   faults and 10 of 34 ms of host time per batch of 64 cats-vs-dogs photos on this project's VM
   (BENCHMARKS.md); with these two settings ~1. mallopt, not an environment variable, so a user
   need not know; tcmalloc or jemalloc preloaded would do the same."""
-  if _malloc_tuned or not sys.platform.startswith("linux"):
+  if _malloc_tuned or sys.platform != "linux":
     return
   _malloc_tuned.append(True)
   import ctypes
@@ -286,7 +286,7 @@ def keep_freed_memory() -> None:
   mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
 
 
-def _read_at_low_priority() -> None:
+def _prepare_reading_thread() -> None:
   """Lowers this reading thread to READ_NICE, once; never the main thread of the training
   process, which dispatches the steps. Also keep_freed_memory, in each reading process."""
   keep_freed_memory()
