@@ -26,7 +26,7 @@ import optax
 
 from convjax import parallel
 from convjax.errors import UserError
-from convjax.models import get_model
+from convjax.models import RUN_ONCE, get_model
 from convjax.train.optim import make_optimizer
 from convjax.train.state import create_train_state, eval_params
 from convjax.train.steps import cast_floats, jit_steps, zero_metrics
@@ -187,7 +187,9 @@ def benchmark_row(
   tx, _ = make_optimizer(
     config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))["params"]
   )
-  state = jax.jit(lambda: create_train_state(model, tx, input_shape, jax.random.key(0)), out_shardings=repl)()
+  state = jax.jit(
+    lambda: create_train_state(model, tx, input_shape, jax.random.key(0)), out_shardings=repl, compiler_options=RUN_ONCE
+  )()
   images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
   outputs = jax.eval_shape(
     lambda v: model.apply(v, images / 255.0), {"params": state.params, **state.model_state}
@@ -308,6 +310,7 @@ def pipeline_overhead(
   state = jax.jit(
     lambda: create_train_state(model, tx, source.image_shape, jax.random.key(0)),
     out_shardings=parallel.replicated(mesh),
+    compiler_options=RUN_ONCE,
   )()
   gathering, _ = jit_steps(model, tx, lambda x: x / 255, mesh, take=data.take)
   given, _ = jit_steps(model, tx, lambda x: x / 255, mesh)

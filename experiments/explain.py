@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from convjax import cli, files, inference, parallel, run
 from convjax.data.splits import open_source
 from convjax.errors import UserError
+from convjax.models import init_variables
 from convjax.viz import cam, explain, plots
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir.")
@@ -136,7 +137,7 @@ def main(argv):
     patch=f.patch,
     sensitivity_samples=f.sensitivity_samples,
   )
-  random_variables = jax.jit(model.init)(jax.random.key(f.seed + 1), jnp.zeros((1, *shape)))
+  random_variables = init_variables(model, jax.random.key(f.seed + 1), shape)
   out = files.make_dir(f.output or os.path.join(f.workdir, "explain"))
   replicated, sharded = parallel.replicated(mesh), parallel.sharded(mesh)
   weights = parallel.put_replicated_tree(mesh, (variables, jax.device_get(random_variables)))

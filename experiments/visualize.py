@@ -82,8 +82,8 @@ def pretrained(viz):
   side = viz.image_size
   if getattr(model, "include_top", False) and side != 224:
     raise UserError(f"config.viz.image_size={side}: {viz.model} with its top takes 224x224 images")
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
-  variables = {"params": keras_h5.load_into(params, transfer.weights_file(viz.weights, viz.model, model))}
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
+  variables = {"params": keras_h5.load_into(shapes, transfer.weights_file(viz.weights, viz.model, model))}
   return model, variables, input_transform(1.0, "caffe"), Fit((side, side)), ((side, side), 3)
 
 

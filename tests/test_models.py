@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from convjax.errors import UserError
-from convjax.models import apply_features, apply_head, get_model
+from convjax.models import apply_features, apply_head, get_model, init_variables
 from convjax.models.summary import layer_table, summary
 
 # Keras' model.summary() for Chollet's MNIST convnet, from the reference notes.
@@ -98,6 +98,16 @@ def test_conv_layer_is_keras_valid_convolution():
   patch = np.asarray(x[0, :3, :3, 0])
   assert out.shape == (1, 26, 26, 32)
   np.testing.assert_allclose(float(out[0, 0, 0, 0]), float((patch * np.arange(9).reshape(3, 3)).sum()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, shape", [("mnist_convnet", (28, 28, 1)), ("cats_dogs_convnet", (64, 64, 3))])
+def test_init_compiled_as_run_once_equals_the_default_compilation_bit_for_bit(name, shape):
+  """init_variables compiles at a lighter backend optimisation level: the same bits (the
+  truncated-normal and uniform initialisers' float code included) as the default level's."""
+  model = get_model(name, num_classes=10)
+  fast = init_variables(model, jax.random.key(3), shape)
+  default = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, *shape)))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fast, default)
 
 
 def test_unknown_model_lists_valid_names():

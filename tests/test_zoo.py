@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convjax.models import get_model
+from convjax.models import get_model, init_variables
 from convjax.models.lenet import C3_TABLE, PartialConv
 from convjax.models.summary import summary
 from convjax.run import read_run
@@ -151,10 +151,10 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
   config, model, variables = read_run(str(workdir), "latest")[:3]
   assert model.num_classes == 10 and config.model == "resnet18"
   assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
-    np.shape, dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
+    np.shape, dict(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
   )
   config.init_from = str(workdir)
-  fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
+  fresh = init_variables(model, jax.random.key(1), (32, 32, 1))
   params, model_state = starting_params(config, fresh["params"], {"batch_stats": fresh["batch_stats"]})
   np.testing.assert_array_equal(params["head"]["fc"]["kernel"], variables["params"]["head"]["fc"]["kernel"])
   assert model_state.keys() == {"batch_stats"}
@@ -170,7 +170,7 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
   )
   assert viz.returncode == 0, viz.stderr[-3000:]
   # Both read the run's latest checkpoint: the binary explains the class the model predicts for the (zero) digit.
-  predicted = int(np.argmax(model.apply(variables, jnp.zeros((1, 32, 32, 1)), train=False)))
+  predicted = int(np.argmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.zeros((1, 32, 32, 1)))))
   assert json.loads((workdir / "viz" / "timings.json").read_text())["class"] == predicted
   assert {"gradcam.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
 

@@ -18,7 +18,7 @@ from convjax import files
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import Source, Split
 from convjax.errors import UserError
-from convjax.models import apply_features, get_model
+from convjax.models import apply_features, get_model, init_variables
 from convjax.models.vgg import VGG, VGGClassifier
 from convjax.pretrained import fetch, keras_h5
 
@@ -54,7 +54,7 @@ def frozen_base(extractor, image_shape: tuple):
   """(apply(params, x) -> features, params) of config.feature_extractor's frozen conv base,
   its weights loaded; x is the model input (preprocessed pixels)."""
   base = base_model(extractor)
-  params = base.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+  params = init_variables(base, jax.random.key(0), image_shape)["params"]
   if extractor.weights:
     params = keras_h5.load_into(
       params, weights_file(extractor.weights, extractor.model, base), under="features", strict=False

@@ -36,7 +36,7 @@ from convjax.data import pipeline
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
-from convjax.models import get_model, has_features, own, with_num_classes
+from convjax.models import RUN_ONCE, get_model, has_features, own, with_num_classes
 from convjax.models.diagram import plot_model
 from convjax.models.summary import summary, trainable_mask
 from convjax.pretrained import transfer
@@ -224,7 +224,7 @@ def start_state(
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
     return create_train_state(model, tx, input_shape, init_rng, ema), dropout_rng
 
-  state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl)(config.seed)
+  state, dropout_rng = jax.jit(init, static_argnums=0, out_shardings=repl, compiler_options=RUN_ONCE)(config.seed)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.txt")
     files.write_text(path, summary(model, input_shape, name=config.model, trainable=config.trainable or None))
@@ -249,7 +249,8 @@ def start_state(
     return Start(restored.state, dropout_rng, restored.history, restored.sums if position else None, position)
   if config.pretrained.weights or config.init_from:
     params, model_state = starting_params(config, state.params, state.model_state)
-    state = jax.jit(lambda p, s: create_from(state.step, p, s, tx, ema), out_shardings=repl)(params, model_state)
+    fresh = jax.jit(lambda p, s: create_from(state.step, p, s, tx, ema), out_shardings=repl, compiler_options=RUN_ONCE)
+    state = fresh(params, model_state)
   return Start(state, dropout_rng, [], None, 0)
 
 
