@@ -11,7 +11,7 @@ import pytest
 from convjax import inference
 from convjax.data.folders import list_split
 from convjax.errors import UserError
-from convjax.models import get_model
+from convjax.models import get_model, init_variables
 from tests.conftest import SHARED, link_cats_dogs_subset, mnist_arrays_args, run_binary, served_probabilities
 
 WEIGHTS = SHARED / "weights"  # VGG16's ImageNet notop file
@@ -77,7 +77,7 @@ def test_models_with_every_kind_of_pooling_export_and_one_that_cannot_is_one_err
   rng = np.random.default_rng(0)
   for name, shape in (("lenet5", (32, 32, 1)), ("mobilenet", (32, 32, 3))):
     model = get_model(name, num_classes=3)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
+    variables = init_variables(model, jax.random.key(0), shape)
     classifier = _classifier(name, model, variables, shape)
     images = rng.integers(0, 256, (4, *shape), np.uint8)
     ours = np.asarray(jax.jit(classifier.forward)(classifier.variables, images))

@@ -13,7 +13,7 @@ import pytest
 from convjax.data.folders import decode_image
 from convjax.data.preprocess import preprocess_input
 from convjax.errors import UserError
-from convjax.models import apply_features, get_model
+from convjax.models import apply_features, get_model, init_variables
 from convjax.models.summary import layer_table
 from convjax.pretrained import fetch, imagenet, keras_h5
 from tests.conftest import SHARED, link_cats_dogs_subset, run_binary
@@ -47,7 +47,7 @@ REFERENCE_150 = [
 
 
 def _params(model, size):
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+  return init_variables(model, jax.random.key(0), (size, size, 3))["params"]
 
 
 def test_vgg16_base_summary_equals_the_reference_table():
@@ -307,7 +307,7 @@ def test_frozen_recipe_starts_from_the_imagenet_notop_weights():
 
   config = cats_dogs_vgg16_frozen.get_config()
   model = get_model(config.model, **config.model_kwargs)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 150, 150, 3)))["params"]
+  params = init_variables(model, jax.random.key(0), (150, 150, 3))["params"]
   loaded, _ = starting_params(config, params, {})
   stored = keras_h5.read(transfer.imagenet_weights("vgg16", include_top=False))
   for layer in ("block1_conv1", "block5_conv3"):

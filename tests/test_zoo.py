@@ -108,7 +108,7 @@ def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
 
   model = get_model(name, num_classes=7, **kwargs)
   x = jax.random.uniform(jax.random.key(0), (2, *input_shape))
-  variables = jax.jit(model.init)(jax.random.key(1), x)
+  variables = init_variables(model, jax.random.key(1), input_shape)
 
   @jax.jit
   def both(variables, x):
