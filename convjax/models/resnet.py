@@ -15,7 +15,7 @@ from convjax.models import layers
 
 # torchvision's BatchNorm2d: eps 1e-5, running averages updated with momentum 0.1.
 BatchNorm = functools.partial(layers.BatchNorm, momentum=0.9, epsilon=1e-5)
-conv = functools.partial(nn.Conv, use_bias=False)
+conv = functools.partial(nn.Conv, use_bias=False, conv_general_dilated=layers.conv_general_dilated)
 
 
 class BasicBlock(nn.Module):
