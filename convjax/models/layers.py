@@ -44,13 +44,13 @@ def conv_general_dilated(
   same sums, as one matrix product. XLA:CPU convolves such maps at 1.5-12 GFLOP/s against
   ~170 at 7x7 (a 3x3 conv of ResNet's last stages on 32x32 images; BENCHMARKS.md, "Convolutions
   of tiny maps")."""
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   tiny = (
     lhs.ndim == 4
     and max(lhs.shape[1:3]) <= 2
     and feature_group_count == 1
     and all(d == 1 for d in (*(lhs_dilation or (1,)), *(rhs_dilation or (1,))))
-    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   )
   if not tiny:
     return lax.conv_general_dilated(
