@@ -31,7 +31,7 @@ from convjax.data.preprocess import Fit, input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
 from convjax.models import get_model
-from convjax.pretrained import imagenet, keras_h5, transfer
+from convjax.pretrained import imagenet, transfer
 from convjax.train.steps import cast_floats
 
 EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".webp")
@@ -109,9 +109,7 @@ def pretrained(name: str) -> Classifier:
   model = get_model(name)
   if not getattr(model, "include_top", False):
     raise UserError(f"--model={name} has no ImageNet classifier top: use vgg16 or vgg19")
-  # Every leaf comes from the file: the params' shapes suffice (a random VGG16 is 138M draws).
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-  params = keras_h5.load_into(shapes, transfer.weights_file("imagenet", name, model))
+  params = transfer.params_from_file("imagenet", name, model, (224, 224, 3))
   index = imagenet.class_index()
   classes = tuple(index[i][1] for i in range(len(index)))
   prepare = input_transform(1.0, "caffe")

@@ -35,7 +35,7 @@ from convjax.data.splits import open_source
 from convjax.errors import UserError
 from convjax.models import get_model, has_features
 from convjax.models.diagram import plot_model
-from convjax.pretrained import imagenet, keras_h5, transfer
+from convjax.pretrained import imagenet, transfer
 from convjax.viz import figures, layers
 
 config_flags.DEFINE_config_file("config", "configs/visualize.py", "Visualisation config.", lock_config=True)
@@ -82,8 +82,7 @@ def pretrained(viz):
   side = viz.image_size
   if getattr(model, "include_top", False) and side != 224:
     raise UserError(f"config.viz.image_size={side}: {viz.model} with its top takes 224x224 images")
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
-  variables = {"params": keras_h5.load_into(shapes, transfer.weights_file(viz.weights, viz.model, model))}
+  variables = {"params": transfer.params_from_file(viz.weights, viz.model, model, (side, side, 3))}
   return model, variables, input_transform(1.0, "caffe"), Fit((side, side)), ((side, side), 3)
 
 

@@ -42,6 +42,13 @@ def weights_file(weights: str, model_name: str, model) -> str:
   return imagenet_weights(name, include_top=getattr(model, "include_top", False))
 
 
+def params_from_file(weights: str, model_name: str, model, image_shape: tuple):
+  """The model's params, every one read from the Keras .h5 `weights` names (weights_file): no
+  random init runs, the params' shapes suffice (VGG16 with its top is 138M parameters)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+  return keras_h5.load_into(shapes, weights_file(weights, model_name, model))
+
+
 def base_model(extractor):
   """config.feature_extractor's model; a VGG with Keras' top gives its conv base."""
   base = get_model(extractor.model)
