@@ -320,6 +320,30 @@ def loop_probabilities(workdir, epoch: int, images):
   return np.asarray(jax.nn.softmax(logits) if logits.shape[-1] > 1 else jax.nn.sigmoid(logits))
 
 
+def assert_onnx_export_gives_the_runs_probabilities(workdir, folder, digits=None, photos=None):
+  """The ONNX export of the run in `workdir` (convjax.inference.export, as `experiments.predict
+  --export_format=onnx` makes it), run by onnxruntime in a process without jax, gives the
+  run's own probabilities within 1e-5 on 100 real images: `digits` (uint8, fitted to the run's
+  image size as its data were) or the image files `photos` (read as predict reads them)."""
+  import numpy as np
+
+  from convjax import inference
+
+  classifier = inference.from_run(str(workdir), "last")
+  if digits is not None:
+    images = np.stack([classifier.fit(digit) for digit in digits])
+  else:
+    images, read, _ = inference.read_images(photos, classifier)
+    assert len(read) == len(photos)
+  assert len(images) == 100
+  ours = np.asarray(jax.jit(classifier.forward)(classifier.variables, images))
+  os.makedirs(folder)
+  inference.export(classifier, os.path.join(folder, "export"), "last", "onnx")
+  served = served_probabilities(os.path.join(folder, "export"), images, str(folder))
+  assert served.shape == ours.shape == (100, 1 if classifier.binary else len(classifier.classes))
+  np.testing.assert_allclose(served, ours, atol=1e-5)
+
+
 def served_probabilities(export, images, folder):
   """What the export in `export` outputs for `images`, run in a new process that imports only
   jax and numpy (a model.jax) or onnxruntime and numpy (a model.onnx); it fails if convjax or

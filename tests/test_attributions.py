@@ -145,16 +145,16 @@ def test_deeplift_sums_to_delta_through_relus_and_max_pools_of_the_mnist_convnet
   """captum's rules for ReLU and max pool keep summation to delta in a real convnet; the rule
   runs under jit. (From a zero baseline a network with zero biases, as initialised, has
   all-zero reference units, and DeepLIFT is Input x Gradient: the baseline here is grey.)"""
-  from convjax.models import get_model
+  from convjax.models import get_model, init_variables
 
   model = get_model("mnist_convnet")
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  variables = init_variables(model, jax.random.key(0), (28, 28, 1))
   x = jax.random.uniform(jax.random.key(9), (4, 28, 28, 1))
   grey = jnp.full_like(x, 0.5)
   got = jax.jit(lambda v: saliency.deeplift(model, variables, v, class_index=3, baseline=grey))(x)
-  delta = model.apply(variables, x)[:, 3] - model.apply(variables, grey)[:, 3]
+  delta = jax.jit(lambda v: model.apply(variables, v)[:, 3] - model.apply(variables, grey)[:, 3])(x)
   np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), delta, rtol=1e-4)
-  gradient_times_delta = (x - grey) * saliency.vanilla_gradient(model, variables, x, 3)
+  gradient_times_delta = (x - grey) * jax.jit(lambda v: saliency.vanilla_gradient(model, variables, v, 3))(x)
   assert not np.allclose(gradient_times_delta.sum(axis=(1, 2, 3)), delta, rtol=1e-2)  # the rules matter
 
 
@@ -210,13 +210,12 @@ def test_noisy_linear_imputation_keeps_a_plane_and_solves_the_neighbour_mean_sys
   rows, cols = np.mgrid[0:12, 0:12].astype(np.float32)
   plane = jnp.asarray((0.3 * rows - 0.2 * cols + 1.0)[None, ..., None])
   block = jnp.zeros((1, 12, 12), bool).at[0, 3:9, 4:10].set(True)
-  np.testing.assert_allclose(faithfulness.impute(plane, block, jax.random.key(0), noise=0.0), plane, atol=1e-4)
+  impute = jax.jit(lambda x, removed, rng: faithfulness.impute(x, removed, rng, noise=0.0))  # as road runs it
+  np.testing.assert_allclose(impute(plane, block, jax.random.key(0)), plane, atol=1e-4)
 
   x = jax.random.uniform(jax.random.key(1), (2, 9, 9, 3))
   removed = jax.random.uniform(jax.random.key(2), (2, 9, 9)) < 0.5
-  got = np.pad(
-    np.asarray(faithfulness.impute(x, removed, jax.random.key(3), noise=0.0)), ((0, 0), (1, 1), (1, 1), (0, 0))
-  )
+  got = np.pad(np.asarray(impute(x, removed, jax.random.key(3))), ((0, 0), (1, 1), (1, 1), (0, 0)))
   weights = {
     (dy, dx): 1 / 6 if 0 in (dy, dx) else 1 / 12 for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
   }

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convjax.models import get_model
+from convjax.models import get_model, init_variables
 from convjax.models.layers import Conv2D
 from convjax.viz import cam, layers, saliency
 
@@ -79,16 +79,12 @@ def test_layercam_fused_over_layers_is_the_mean_of_the_scaled_maps(linear_head):
   np.testing.assert_allclose(got, _min_max(_normalised(np.einsum("nhwk,k->nhw", a, np.maximum(w, 0)))), atol=1e-5)
   mnist = get_model("mnist_convnet")
   digits = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
-  weights = mnist.init(jax.random.key(4), digits)
+  weights = init_variables(mnist, jax.random.key(4), (28, 28, 1))
   convs = layers.layer_paths(mnist, (28, 28, 1), types=("Conv2D",))[:2]
   fused, classes = jax.jit(lambda v, d: cam.fused(mnist, v, d, convs))(weights, digits)
-  each = [
-    jax.image.resize(
-      _min_max(np.asarray(cam.cam(mnist, weights, digits, c, "layercam", classes)[0])), (2, 28, 28), "bilinear"
-    )
-    for c in convs
-  ]
-  assert [cam.cam(mnist, weights, digits, c)[0].shape[1] for c in convs] == [26, 11]
+  maps = [jax.jit(lambda v, d, c=c: cam.cam(mnist, v, d, c, "layercam", classes)[0])(weights, digits) for c in convs]
+  assert [m.shape[1] for m in maps] == [26, 11]
+  each = [jax.image.resize(_min_max(np.asarray(m)), (2, 28, 28), "bilinear") for m in maps]
   np.testing.assert_allclose(fused, _min_max(np.mean(np.stack(each), 0)), atol=1e-6)
 
 
@@ -137,7 +133,7 @@ def test_aligned_upsampling_keeps_corners_and_interpolates_linearly():
 def test_every_cam_runs_batched_and_jitted_on_the_mnist_convnet():
   model = get_model("mnist_convnet")
   x = jax.random.uniform(jax.random.key(6), (4, 28, 28, 1))
-  variables = model.init(jax.random.key(7), x)
+  variables = init_variables(model, jax.random.key(7), (28, 28, 1))
   layer = layers.last_conv(model, (28, 28, 1))
   for method in cam.CAMS:
     run = jax.jit(lambda v, x, method=method: cam.cam(model, v, x, layer, method)[0])
@@ -148,8 +144,9 @@ def test_every_cam_runs_batched_and_jitted_on_the_mnist_convnet():
     cam.cam(model, variables, x, layer, "gradcam-pp")
   # Guided Grad-CAM: guided backprop times the map, min-max scaled, resized to the input.
   guided, classes = jax.jit(lambda v, x: cam.guided_grad_cam(model, v, x, layer))(variables, x)
-  maps = cam.cam(model, variables, x, layer, "gradcam", classes)[0]
-
+  maps, backprop = jax.jit(
+    lambda v, x: (cam.cam(model, v, x, layer, "gradcam", classes)[0], saliency.guided_backprop(model, v, x, classes))
+  )(variables, x)
   resized = _min_max(jax.image.resize(_min_max(maps), (4, 28, 28), "bilinear"))[..., None]
-  np.testing.assert_allclose(guided, saliency.guided_backprop(model, variables, x, classes) * resized, atol=1e-6)
+  np.testing.assert_allclose(guided, backprop * resized, atol=1e-6)
   assert guided.shape == x.shape and np.abs(guided).max() > 0

@@ -12,14 +12,22 @@ import tensorflow_datasets as tfds
 from convjax.data import splits
 from convjax.data.folders import decode_image
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import SHARED, link_cats_dogs_subset, loop_probabilities, run_binary
+from tests.conftest import (
+  SHARED,
+  assert_onnx_export_gives_the_runs_probabilities,
+  link_cats_dogs_subset,
+  loop_probabilities,
+  run_binary,
+)
 
 CATS_DOGS = SHARED / "datasets" / "cats_and_dogs_small"
 
 
 @pytest.mark.slow
 def test_short_real_run_learns(tmp_path):
-  """600 real training photos at 64x64, 240 steps: the loss falls and validation beats chance."""
+  """600 real training photos at 64x64, 240 steps: the loss falls and validation beats chance;
+  predict labels test photos as the loop's evaluation does, and the ONNX export gives the
+  run's probabilities."""
   data = link_cats_dogs_subset(tmp_path / "data", {"train": 300, "validation": 500})
   workdir = tmp_path / "run"
   result = run_binary(
@@ -58,6 +66,9 @@ def test_short_real_run_learns(tmp_path):
   p_dog = loop_probabilities(workdir, 8, images)[:, 0]
   by_file = {os.path.basename(r["file"]): r["class_1"] for r in rows}
   assert [by_file[os.path.basename(p)] for p in photos] == ["dogs" if p > 0.5 else "cats" for p in p_dog]
+  # Its ONNX export: the run's probabilities on 100 real test photos.
+  photos = [str(test_root / c / f) for c in ("cats", "dogs") for f in sorted(os.listdir(test_root / c))[:50]]
+  assert_onnx_export_gives_the_runs_probabilities(workdir, tmp_path / "served", photos=photos)
 
 
 def _mock_cats_vs_dogs_metadata(data_dir, num_examples):

@@ -1,5 +1,6 @@
 """What convnets learn: correctness of Grad-CAM, saliency, occlusion and filter maximisation."""
 
+import functools
 import json
 import re
 
@@ -131,13 +132,18 @@ def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_m
   layer = layers.last_conv(model, (28, 28, 1))
   drops_cam, drops_random = [], []
   rng = np.random.default_rng(0)
+  heats, bases = jax.jit(
+    lambda x, c: (
+      cam.grad_cam(model, variables, x, layer, c)[0],
+      layers.class_probability(model.apply(variables, x), c),
+    )
+  )(x[:16], labels[:16])
   for i in range(16):
-    xi = x[i : i + 1]
     cls = int(labels[i])
-    heat = np.asarray(cam.grad_cam(model, variables, xi, layer, cls)[0][0])
+    heat = np.asarray(heats[i])
     occ = occlusion.occlusion_map(model, variables, x[i], cls, patch=10, stride=2, fill=0.0)
     probs = occ.probability
-    base = float(layers.class_probability(model.apply(variables, xi), cls)[0])
+    base = float(bases[i])
     # The occluder position over the Grad-CAM peak (map cells scaled to pixels), vs random ones.
     r, c = np.unravel_index(np.argmax(heat), heat.shape)
     scale = 28 / heat.shape[0]
@@ -157,11 +163,14 @@ def test_occluding_the_grad_cam_region_hurts_more_than_a_random_region(trained_m
 
 def test_smoothgrad_is_a_seeded_average_of_noisy_gradients(trained_mnist):
   model, variables, _, x, _ = trained_mnist
-  smooth = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=8)
-  again = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=8)
+  smoothgrad = jax.jit(functools.partial(saliency.smoothgrad, model, variables), static_argnames=("samples", "noise"))
+  smooth = smoothgrad(x[:2], jax.random.key(0), samples=8)
+  again = smoothgrad(x[:2], jax.random.key(0), samples=8)
   assert smooth.shape == x[:2].shape and np.array_equal(smooth, again)
-  no_noise = saliency.smoothgrad(model, variables, x[:2], jax.random.key(0), samples=2, noise=0.0)
-  np.testing.assert_allclose(no_noise, saliency.vanilla_gradient(model, variables, x[:2]), atol=1e-6)
+  no_noise = smoothgrad(x[:2], jax.random.key(0), samples=2, noise=0.0)
+  np.testing.assert_allclose(
+    no_noise, jax.jit(lambda x: saliency.vanilla_gradient(model, variables, x))(x[:2]), atol=1e-6
+  )
   assert not np.allclose(smooth, no_noise)
 
 

@@ -13,7 +13,7 @@ from convjax.models.lenet import C3_TABLE, PartialConv
 from convjax.models.summary import summary
 from convjax.run import read_run
 from convjax.train.state import starting_params
-from tests.conftest import mnist_arrays_args, run_binary
+from tests.conftest import assert_onnx_export_gives_the_runs_probabilities, mnist_arrays_args, run_binary
 
 # name, native input, params (trainable) at 1000 classes, other variables (BatchNorm
 # statistics), and where the figure comes from.
@@ -123,7 +123,8 @@ def test_any_class_count_and_features_head_split(name, input_shape, kwargs):
 @pytest.mark.slow
 def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_arrays):
   """--config.model=<name> on the MNIST config: 10 classes from the dataset, BatchNorm updated;
-  the run is read back (read_run, init_from, the visualisation binary) with those 10 classes."""
+  the run is read back (read_run, init_from, the visualisation binary, its ONNX export on 100
+  test digits) with those 10 classes."""
   workdir = tmp_path / "run"
   result = run_binary(
     "experiments.train",
@@ -173,6 +174,8 @@ def test_zoo_model_trains_on_mnist_with_the_dataset_class_count(tmp_path, mnist_
   predicted = int(np.argmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.zeros((1, 32, 32, 1)))))
   assert json.loads((workdir / "viz" / "timings.json").read_text())["class"] == predicted
   assert {"gradcam.png", "occlusion.png"} <= {p.name for p in (workdir / "viz").iterdir()}
+  digits = np.load(mnist_arrays / "test500.npz")["image"][:100]
+  assert_onnx_export_gives_the_runs_probabilities(workdir, tmp_path / "served", digits=digits)
 
 
 def test_notes_networks_have_the_notes_parameter_counts():
