@@ -14,11 +14,10 @@ passes only, runs in float32 (PyTorch's float32 Score-CAM was within 4e-7 of its
 one), and so does feature ablation (within 2.6e-6 of the reference's largest value on the
 cats-vs-dogs convnet; 2.7 s against 21 s in float64, compilation included). Each map is
 computed by one jitted program, as the binaries compute it. Where the definitions differ,
-the test says how:
-Eigen-CAM's and EigenGrad-CAM's singular vector takes LAPACK's arbitrary sign in
-pytorch-grad-cam (convjax signs it to correlate with the summed activation), so convjax's map
-equals pytorch-grad-cam's or its negation's; Ablation-CAM is not compared (pytorch-grad-cam
-sets a channel to min - 1e7, the paper and convjax to 0).
+the test says how: Eigen-CAM's and EigenGrad-CAM's singular vector takes LAPACK's arbitrary
+sign in pytorch-grad-cam (convjax signs it to correlate with the summed activation), so
+convjax's map equals pytorch-grad-cam's or its negation's; Ablation-CAM is not compared
+(pytorch-grad-cam sets a channel to min - 1e7, the paper and convjax to 0).
 """
 
 import pathlib
