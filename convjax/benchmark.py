@@ -163,6 +163,17 @@ def op_profile(run, state, steps: int, hlo_text: str, directory: str, top: int =
   return {"step_ms": 1e3 * wall, "traced_ms": traced, "untraced_ms": max(0.0, 1e3 * wall - traced), "ops": ops}
 
 
+def fresh_state(model, tx, input_shape: tuple, mesh):
+  """A new train state (params drawn from key 0) replicated over `mesh`, its init compiled as
+  RUN_ONCE, as the training loop's."""
+  init = jax.jit(
+    lambda: create_train_state(model, tx, input_shape, jax.random.key(0)),
+    out_shardings=parallel.replicated(mesh),
+    compiler_options=RUN_ONCE,
+  )
+  return init()
+
+
 def benchmark_row(
   model_name: str,
   model_kwargs: dict,
@@ -183,13 +194,10 @@ def benchmark_row(
   config.learning_rate = 1e-4  # RMSprop, as the peers train
   model = get_model(model_name, **model_kwargs)
   mesh = parallel.make_mesh(1)
-  repl = parallel.replicated(mesh)
   tx, _ = make_optimizer(
     config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))["params"]
   )
-  state = jax.jit(
-    lambda: create_train_state(model, tx, input_shape, jax.random.key(0)), out_shardings=repl, compiler_options=RUN_ONCE
-  )()
+  state = fresh_state(model, tx, input_shape, mesh)
   images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
   outputs = jax.eval_shape(
     lambda v: model.apply(v, images / 255.0), {"params": state.params, **state.model_state}
@@ -307,11 +315,7 @@ def pipeline_overhead(
   )
   model = get_model(model_name)
   tx = optax.rmsprop(1e-3)
-  state = jax.jit(
-    lambda: create_train_state(model, tx, source.image_shape, jax.random.key(0)),
-    out_shardings=parallel.replicated(mesh),
-    compiler_options=RUN_ONCE,
-  )()
+  state = fresh_state(model, tx, source.image_shape, mesh)
   gathering, _ = jit_steps(model, tx, lambda x: x / 255, mesh, take=data.take)
   given, _ = jit_steps(model, tx, lambda x: x / 255, mesh)
   rng = jax.random.key(1)
