@@ -322,12 +322,8 @@ class _Reader:
   def _pull(self) -> None:
     local = self.iterator.__next__()
     self.skipped += int(local.pop("wanted") - np.sum(local["mask"]))  # unreadable rows, masked out
-    self.ahead.append(
-      {
-        k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
-        for k, v in local.items()
-      }
-    )
+    shapes = {k: (self.global_batch, *v.shape[1:]) for k, v in local.items()}
+    self.ahead.append(jax.make_array_from_process_local_data(self.sharding, local, shapes))
 
   def take(self, count: int) -> Iterator[dict]:
     """The next `count` batches."""
