@@ -27,6 +27,7 @@ import optax
 from convjax import parallel
 from convjax.errors import UserError
 from convjax.models import RUN_ONCE, get_model
+from convjax.train.loop import abstract_params
 from convjax.train.optim import make_optimizer
 from convjax.train.state import create_train_state, eval_params
 from convjax.train.steps import cast_floats, jit_steps, zero_metrics
@@ -194,9 +195,7 @@ def benchmark_row(
   config.learning_rate = 1e-4  # RMSprop, as the peers train
   model = get_model(model_name, **model_kwargs)
   mesh = parallel.make_mesh(1)
-  tx, _ = make_optimizer(
-    config, 1, jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))["params"]
-  )
+  tx, _ = make_optimizer(config, 1, abstract_params(model, input_shape, model_name))
   state = fresh_state(model, tx, input_shape, mesh)
   images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
   outputs = jax.eval_shape(
