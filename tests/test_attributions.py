@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convjax.viz import faithfulness, saliency
+from convjax.viz import affine, faithfulness, saliency
 
 
 class PixelLinear(nn.Module):
@@ -44,6 +44,75 @@ def test_noise_tunnels_are_the_mean_the_mean_square_and_the_variance_over_noisy_
   np.testing.assert_allclose(got["vargrad"], copies.var(0), rtol=1e-3, atol=1e-6)
   with pytest.raises(ValueError, match="unknown noise tunnel 'smoothgrad2'"):
     saliency.noise_tunnel(lambda v: v, x, rng, kind="smoothgrad2")
+
+
+class SkipFromPixels(nn.Module):
+  """Normalised pixels, a convolution, and the normalised pixels again after its ReLU (a
+  skip): the affine start ends at two values the rest reads."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    z = (x - 0.5) / 0.25
+    h = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME")(z)) + z
+    return nn.Dense(3)(jnp.tanh(h).reshape(x.shape[0], -1))
+
+
+class SquareFirst(nn.Module):
+  """Not affine from its first operation: no affine start."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(3)((x * x).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize(
+  "model, klass, cut_shapes",
+  [
+    (SkipFromPixels(), 1, [(3, 8, 8, 2), (3, 8, 8, 2)]),
+    (SquareFirst(), 1, None),
+    (PixelLinear(), 0, [(3,)]),  # affine up to jnp.stack, a call into a jitted sub-program
+  ],
+  ids=["conv and skip", "square first", "linear"],
+)
+def test_integrated_gradients_and_smoothgrad_through_the_affine_start_equal_their_point_by_point_sums(
+  model, klass, cut_shapes
+):
+  """The two methods run the model's affine start (affine.py) once, not once a point:
+  exactly the sums of gradients at every point of the path, or of the noisy copies."""
+  x = jax.random.uniform(jax.random.key(10), (3, 8, 8, 2))
+  variables = model.init(jax.random.key(11), x)
+  start = affine.split(lambda v: model.apply(variables, v), x)
+  np.testing.assert_allclose(start.rest(start.head(x)), model.apply(variables, x), rtol=1e-6)
+  assert start.empty == (cut_shapes is None)
+  assert [h.shape for h in start.head(x)] == (cut_shapes or [x.shape])
+
+  grad = jax.grad(lambda v: jnp.sum(model.apply(variables, v)[:, klass]))
+  reference, steps = jax.random.uniform(jax.random.key(12), x.shape), 8
+  weights = np.full(steps + 1, 1 / steps)
+  weights[[0, steps]] /= 2
+  path = sum(
+    w * grad(reference + a * (x - reference)) for a, w in zip(np.linspace(0, 1, steps + 1), weights, strict=True)
+  )
+  got = saliency.integrated_gradients(model, variables, x, klass, reference, steps)
+  np.testing.assert_allclose(got, (x - reference) * path, rtol=1e-4, atol=1e-6)
+
+  rng = jax.random.key(13)
+  got = jax.jit(lambda v: saliency.smoothgrad(model, variables, v, rng, klass, samples=4))(x)
+  np.testing.assert_allclose(got, saliency.noise_tunnel(grad, x, rng, samples=4), rtol=1e-4, atol=1e-6)
+
+
+def test_the_mnist_convnets_affine_start_is_its_first_convolution_and_its_bias():
+  from convjax.models import get_model, init_variables
+
+  model = get_model("mnist_convnet")
+  variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.key(14), (2, 28, 28, 1))
+  (head,) = affine.split(lambda v: model.apply(variables, v), x).head(x)
+  conv = variables["params"]["features"]["conv2d"]
+  expected = jax.lax.conv_general_dilated(
+    x, conv["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  np.testing.assert_allclose(head, expected + conv["bias"], rtol=1e-5, atol=1e-6)
 
 
 def test_baselines_zeros_blurred_and_uniform():

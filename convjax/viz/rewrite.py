@@ -110,12 +110,12 @@ def _evaluate(jaxpr, consts, args, rule: Rule, refs=None):
       ref_outs = [jax.nn.relu(ref_ins[index])] if paired else None
     elif rule.max_pool is not None and eqn.primitive.name == "reduce_window_max":
       outs = [rule.max_pool(eqn, ins[0], ref_ins[0] if paired else None)]
-      ref_outs = _bind(eqn, ref_ins) if paired else None
+      ref_outs = bind(eqn, ref_ins) if paired else None
     elif inner is not None and _count(inner.jaxpr, rule.max_pool is not None)[0]:
       outs, ref_outs = _evaluate(inner.jaxpr, inner.consts, ins, rule, ref_ins)
     else:
-      outs = _bind(eqn, ins)
-      ref_outs = _bind(eqn, ref_ins) if paired else None
+      outs = bind(eqn, ins)
+      ref_outs = bind(eqn, ref_ins) if paired else None
     for v, o in zip(eqn.outvars, outs, strict=True):
       env[v] = o
     for v, o in zip(eqn.outvars, ref_outs or (), strict=paired):
@@ -124,7 +124,7 @@ def _evaluate(jaxpr, consts, args, rule: Rule, refs=None):
   return outs, ([read(ref_env, v) for v in jaxpr.outvars] if paired else None)
 
 
-def _bind(eqn, ins):
+def bind(eqn, ins):
   """eqn's primitive applied to ins, as jax.core.eval_jaxpr does."""
   params = eqn.primitive.get_bind_params(eqn.params)
   with eqn.ctx.manager:
@@ -201,7 +201,7 @@ _rescale.defvjp(_rescale_fwd, _rescale_bwd)
 
 
 def _pool_of(eqn):
-  return lambda v: _bind(eqn, [v])[0]
+  return lambda v: bind(eqn, [v])[0]
 
 
 def _rescale_pool(eqn, x, r):

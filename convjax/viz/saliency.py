@@ -9,7 +9,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from convjax.viz import layers, rewrite
+from convjax.viz import affine, layers, rewrite
 
 
 def unrolled_sum(f, xs, init):
@@ -52,6 +52,12 @@ def input_x_gradient(model, variables, x, class_index: Optional[int] = None):
 NOISE_TUNNELS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
+def _noise(x, rng, samples: int, noise: float):
+  """`samples` Gaussian noises for x (samples, *x.shape), std noise * (max - min) per image."""
+  sigma = noise * (jnp.max(x, axis=(1, 2, 3), keepdims=True) - jnp.min(x, axis=(1, 2, 3), keepdims=True))
+  return sigma * jax.random.normal(rng, (samples, *x.shape), x.dtype)
+
+
 def noise_tunnel(attribute, x, rng, samples: int = 25, noise: float = 0.15, kind: str = "smoothgrad"):
   """captum's NoiseTunnel over any attribution `attribute(x) -> (N, H, W, C)` (its classes
   fixed, not predicted from the noisy copies): over `samples`
@@ -60,12 +66,26 @@ def noise_tunnel(attribute, x, rng, samples: int = 25, noise: float = 0.15, kind
   variance (VarGrad, Adebayo et al. 2018)."""
   if kind not in NOISE_TUNNELS:
     raise ValueError(f"unknown noise tunnel {kind!r}; valid: {', '.join(NOISE_TUNNELS)}")
-  sigma = noise * (jnp.max(x, axis=(1, 2, 3), keepdims=True) - jnp.min(x, axis=(1, 2, 3), keepdims=True))
-  eps = jax.random.normal(rng, (samples, *x.shape), x.dtype)
-  moments = lambda e: (lambda a: (a, a * a))(attribute(x + sigma * e))  # noqa: E731
-  first, second = unrolled_sum(moments, eps, (jnp.zeros_like(x), jnp.zeros_like(x)))
+  moments = lambda e: (lambda a: (a, a * a))(attribute(x + e))  # noqa: E731
+  first, second = unrolled_sum(moments, _noise(x, rng, samples, noise), (jnp.zeros_like(x), jnp.zeros_like(x)))
   mean, mean_sq = first / samples, second / samples
   return {"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[kind]
+
+
+def gradient_sum(model, variables, classes, x, path, steps, weights):
+  """The sum over k of weights[k] times the gradient of the class scores at the k-th point
+  (shaped like x) of a path: path(head), called once with the model's affine start
+  (affine.py), returns point(step), the head's outputs at the point of a step of `steps`
+  (a pytree over the points). The head's backward pass runs once, on the summed gradients
+  of its outputs, not once a point."""
+  start = affine.split(lambda v: model.apply(variables, v), x)
+  grad = jax.grad(lambda h: jnp.sum(layers.class_score(start.rest(h), classes)))
+  point = path(start.head)
+  heads = jax.eval_shape(start.head, x)
+  wide = [jnp.promote_types(h.dtype, jnp.float32) for h in heads]  # sums of bfloat16 gradients in float32
+  scaled = lambda sw: tuple((sw[1] * g).astype(d) for g, d in zip(grad(point(sw[0])), wide, strict=True))  # noqa: E731
+  total = unrolled_sum(scaled, (steps, weights), tuple(jnp.zeros(h.shape, d) for h, d in zip(heads, wide, strict=True)))
+  return start.pull(x, [t.astype(h.dtype) for t, h in zip(total, heads, strict=True)])
 
 
 BASELINES = ("zeros", "blurred", "uniform")
@@ -122,22 +142,31 @@ def smoothgrad(
   """Mean gradient over `samples` copies with Gaussian noise of std noise * (max - min), or
   the noise tunnel `kind` of it (NOISE_TUNNELS)."""
   classes = layers.resolve_class(model, variables, x, class_index)
-  return noise_tunnel(jax.grad(_score_fn(model, variables, classes)), x, rng, samples, noise, kind)
+  if kind != "smoothgrad":
+    return noise_tunnel(jax.grad(_score_fn(model, variables, classes)), x, rng, samples, noise, kind)
+  path = lambda head: lambda e: head(x + e)  # noqa: E731
+  weights = jnp.full(samples, 1.0 / samples)
+  return gradient_sum(model, variables, classes, x, path, _noise(x, rng, samples, noise), weights)
 
 
 def integrated_gradients(model, variables, x, class_index: Optional[int] = None, baseline=None, steps: int = 64):
   """(x - baseline) times the path-average gradient (trapezoid rule, `steps` intervals).
+  The model's affine start runs at x and at the baseline only: on the straight path it
+  takes the point b + a (x - b) to head(b) + a (head(x) - head(b)) (affine.py).
 
   Completeness: the attributions sum to score(x) - score(baseline), up to the
   quadrature error.
   """
   classes = layers.resolve_class(model, variables, x, class_index)
   baseline = jnp.zeros_like(x) if baseline is None else jnp.broadcast_to(baseline, x.shape)
-  grad = jax.grad(_score_fn(model, variables, classes))
   alphas = jnp.linspace(0.0, 1.0, steps + 1)
   weights = jnp.full(steps + 1, 1.0 / steps).at[jnp.array([0, steps])].set(0.5 / steps)
-  path = unrolled_sum(lambda aw: aw[1] * grad(baseline + aw[0] * (x - baseline)), (alphas, weights), jnp.zeros_like(x))
-  return (x - baseline) * path
+
+  def path(head):  # both ends in one call: a baseline of zeros is then no constant for XLA to fold
+    ends = jax.vmap(head)(jnp.stack([x, baseline]))
+    return lambda a: tuple((e[1] + a * (e[0] - e[1])).astype(e.dtype) for e in ends)
+
+  return (x - baseline) * gradient_sum(model, variables, classes, x, path, alphas, weights)
 
 
 def rewritten_apply(model, variables, rule, reference=None):
