@@ -47,13 +47,14 @@ def test_noise_tunnels_are_the_mean_the_mean_square_and_the_variance_over_noisy_
 
 
 class SkipFromPixels(nn.Module):
-  """Normalised pixels, a convolution, and the normalised pixels again after its ReLU (a
-  skip): the affine start ends at two values the rest reads."""
+  """Normalised pixels, padded (jnp.pad, a jitted function) and convolved, and the
+  normalised pixels again after the ReLU (a skip): the affine start ends at two values the
+  rest reads."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     z = (x - 0.5) / 0.25
-    h = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME")(z)) + z
+    h = jax.nn.relu(nn.Conv(2, (3, 3), padding="VALID")(jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0))))) + z
     return nn.Dense(3)(jnp.tanh(h).reshape(x.shape[0], -1))
 
 
@@ -70,7 +71,7 @@ class SquareFirst(nn.Module):
   [
     (SkipFromPixels(), 1, [(3, 8, 8, 2), (3, 8, 8, 2)]),
     (SquareFirst(), 1, None),
-    (PixelLinear(), 0, [(3,)]),  # affine up to jnp.stack, a call into a jitted sub-program
+    (PixelLinear(), 0, [(3, 2)]),  # affine all through: the rest is the identity
   ],
   ids=["conv and skip", "square first", "linear"],
 )

@@ -16,7 +16,8 @@ a small fraction of its speed on the later layers (BENCHMARKS.md).
 An equation is in the head when every input that depends on x comes from the head and it
 is linear in those inputs (a sum, a product or quotient by something not depending on x, a
 convolution or dot with fixed weights, a reshape, slice, pad, transpose or widening cast);
-anything else, a call into a sub-program included, starts the rest. A program whose first
+anything else starts the rest, a call into a sub-program (a custom derivative, a loop)
+included; calls of jitted functions are inlined first. A program whose first
 operation on x is not affine has an empty head (the identity), and the methods compute
 what they did without it.
 """
@@ -44,6 +45,9 @@ _LINEAR = frozenset(
     "reduce_sum",
     "slice",
     "concatenate",
+    "stack",
+    "split",
+    "cumsum",
     "rev",
     "copy",
     "copy_p",
@@ -87,7 +91,8 @@ def _is_var(v) -> bool:
 def split(fn: Callable, x) -> Split:
   """fn (one array in, one out) cut after its affine start (see the module doc), traced
   at x's shape and dtype."""
-  closed = jax.make_jaxpr(fn)(x)
+  with jax.disable_jit():  # jitted helpers (jnp.pad, jnp.stack) inlined: their operations seen
+    closed = jax.make_jaxpr(fn)(x)
   jaxpr = closed.jaxpr
   head_vars, rest_vars, parts = {jaxpr.invars[0]}, set(), []
   for eqn in jaxpr.eqns:
