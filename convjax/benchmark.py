@@ -80,15 +80,16 @@ def make_step(model, tx, mode: str, precision: str, mesh, method: str = "", inpu
   uint8 images rescaled inside it, the compute dtype, optax.apply_if_finite, the metric sums),
   `(state, batch, rng, sums) -> (state, sums)`; inference: the model's forward pass in the
   compute dtype, `(state, batch) -> logits`; explain: `method`'s maps of the predicted
-  classes (convjax.viz.explain, its default options: the last conv layer, 32 IG intervals,
-  16 noise samples), `(state, batch) -> maps`."""
+  classes (convjax.viz.explain, its default options: the last conv layer (layercam_fused:
+  every conv layer), 32 IG intervals, 16 noise samples), `(state, batch) -> maps`."""
   dtype = jnp.dtype(precision)
   if mode == "train":
     return jit_steps(model, tx, lambda x: x / 255, mesh, compute_dtype=dtype)[0]
   if mode == "explain":
     from convjax.viz import explain
 
-    options = explain.Options(layer=(explain.conv_layers(model, input_shape) or [()])[-1])
+    convs = explain.conv_layers(model, input_shape)
+    options = explain.Options(layer=(convs or [()])[-1], fused_layers=tuple(convs))
 
     def explain_step(state, batch):
       variables = cast_floats({"params": eval_params(state), **state.model_state}, dtype)

@@ -173,8 +173,9 @@ def torch_main(f, shape: tuple) -> dict:
 
 
 # The explain rows' peers, with convjax.viz.explain's defaults: 32 IG intervals (captum's
-# riemann_trapezoid on 33 points), 16 noise samples, feature ablation on 4x4 segments 16 at
-# a time; every method on the whole batch per call (captum's internal batch: the batch).
+# riemann_trapezoid on 33 points), 16 noise samples (noise tunnels, GradientSHAP), feature
+# ablation on 4x4 segments 16 at a time, Score-CAM and Ablation-CAM 16 channels a forward
+# pass; every method on the whole batch per call (captum's internal batch: the batch).
 GRAD_CAMS = {
   "gradcam": "GradCAM",
   "gradcam++": "GradCAMPlusPlus",
@@ -188,16 +189,28 @@ GRAD_CAMS = {
 }
 
 
+def uniform_baselines(torch, x):
+  """Uniform noise over each image's range (convjax.viz.saliency.baseline's "uniform")."""
+  low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+  return low + (high - low) * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+
+
 def torch_explain_step(torch, model, x, method: str):
   """A step that explains x's predicted classes with pytorch-grad-cam's (CAMs) or captum's
   (attributions) `method`, returning a tensor."""
   model.eval()
   flatten = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Flatten)][0]
-  layer = [m for m in list(model)[:flatten] if isinstance(m, torch.nn.ReLU)][-1]
-  if method in GRAD_CAMS:  # targets=None: pytorch-grad-cam explains the class its own forward pass predicts
+  conv_relus = [m for m in list(model)[:flatten] if isinstance(m, torch.nn.ReLU)]  # each conv's output
+  layer = conv_relus[-1]
+  if method in GRAD_CAMS or method == "layercam_fused":  # targets=None: its own forward pass predicts
     import pytorch_grad_cam
 
-    cam = getattr(pytorch_grad_cam, GRAD_CAMS[method])(model=model, target_layers=[layer])
+    if method == "layercam_fused":  # LayerCAM over every conv layer, as convjax's
+      cam = pytorch_grad_cam.LayerCAM(model=model, target_layers=conv_relus)
+    elif method == "ablationcam":  # 16 channels a forward pass, as convjax's channel_batch
+      cam = pytorch_grad_cam.AblationCAM(model=model, target_layers=[layer], batch_size=16)
+    else:
+      cam = getattr(pytorch_grad_cam, GRAD_CAMS[method])(model=model, target_layers=[layer])
     return lambda: torch.from_numpy(cam(input_tensor=x, targets=None))
   import captum.attr as ca
 
@@ -214,8 +227,15 @@ def torch_explain_step(torch, model, x, method: str):
     "integrated_gradients": lambda: ca.IntegratedGradients(model).attribute(
       x, target=predicted(), n_steps=33, method="riemann_trapezoid", internal_batch_size=len(x)
     ),
-    "smoothgrad": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
-      x, target=predicted(), nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=1, stdevs=0.15, abs=False
+    **{
+      tunnel: lambda tunnel=tunnel: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+        x, target=predicted(), nt_type=tunnel, nt_samples=16, nt_samples_batch_size=1, stdevs=0.15, abs=False
+      )
+      for tunnel in ("smoothgrad", "smoothgrad_sq", "vargrad")
+    },
+    # convjax's baselines: zeros and uniform noise over each image's range; 16 samples, no noise
+    "gradient_shap": lambda: ca.GradientShap(model).attribute(
+      x, baselines=torch.cat([torch.zeros_like(x), uniform_baselines(torch, x)]), target=predicted(), n_samples=16
     ),
     "deeplift": lambda: ca.DeepLift(model).attribute(x, target=predicted(), baselines=0.0),
     "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=predicted()),
