@@ -86,6 +86,12 @@ def test_layercam_fused_over_layers_is_the_mean_of_the_scaled_maps(linear_head):
   assert [m.shape[1] for m in maps] == [26, 11]
   each = [jax.image.resize(_min_max(np.asarray(m)), (2, 28, 28), "bilinear") for m in maps]
   np.testing.assert_allclose(fused, _min_max(np.mean(np.stack(each), 0)), atol=1e-6)
+  # Grad-CAM++'s alphas are not scale-free in the gradient: one pass gives each layer's own
+  # (convjax's Conv2D calls nn.Conv's __call__ inside its own; the layer's output is the outer)
+  fused = cam.fused(mnist, weights, digits, convs, "gradcam++", classes)[0]
+  maps = [cam.cam(mnist, weights, digits, c, "gradcam++", classes)[0] for c in convs]
+  each = [jax.image.resize(_min_max(np.asarray(m)), (2, 28, 28), "bilinear") for m in maps]
+  np.testing.assert_allclose(fused, _min_max(np.mean(np.stack(each), 0)), atol=1e-5)
 
 
 def test_ablation_cam_weighs_each_channel_by_the_score_it_carries(linear_head):

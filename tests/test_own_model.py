@@ -293,3 +293,26 @@ def test_a_model_that_cannot_be_found_is_one_error_line(tmp_path, models):
     "features(x) (see the model contract in convjax/models/__init__.py)"
   )
   assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", ["mynet:TinyNet", "nnxnet:NnxNet"])
+def test_fused_cams_of_an_own_model_take_every_layer_from_one_pass(models, name, monkeypatch):
+  """cam.fused reads every layer's output and gradient off one forward and one backward
+  pass (layers.shifted_logits: Linen's interceptor, NNX's hook): the same maps as each
+  layer's own CAM."""
+  import jax
+
+  from convjax.models import get_model, init_variables
+  from convjax.viz import cam, explain
+
+  monkeypatch.syspath_prepend(str(models))
+  model = get_model(name)
+  variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  convs = explain.conv_layers(model, (28, 28, 1))
+  assert len(convs) == 2, convs
+  for method in ("layercam", "gradcam++"):
+    fused, classes = cam.fused(model, variables, x, convs, method)
+    each = [cam.cam(model, variables, x, c, method, classes)[0] for c in convs]
+    resized = [jax.image.resize(cam._min_max(m), (2, 28, 28), "bilinear") for m in each]
+    np.testing.assert_allclose(fused, cam._min_max(np.mean(np.stack(resized), 0)), atol=1e-5, err_msg=method)

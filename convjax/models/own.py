@@ -184,10 +184,11 @@ _HOOK = contextvars.ContextVar("convjax_nnx_hook", default=None)
 class LayerHook:
   """While active (`with hook:`), an NNX model's call records the output of each submodule
   (path: tuple of str) in `outputs`, in call order, and returns `replace[path]` instead of
-  the output where given."""
+  the output where given, or the output plus `shift[path]`."""
 
-  def __init__(self, replace: dict = None):
-    self.replace, self.outputs, self.types = dict(replace or {}), {}, {}
+  def __init__(self, replace: dict = None, shift: dict = None):
+    self.replace, self.shift, self.outputs, self.types = dict(replace or {}), dict(shift or {}), {}, {}
+    self.depth = {}
 
   def __enter__(self):
     self._token = _HOOK.set(self)
@@ -209,13 +210,19 @@ def _with_hook(module, call, hook: LayerHook):
     inner = cls.__call__
 
     def __call__(self, *args, **kwargs):
-      out = inner(self, *args, **kwargs)
       path = paths.get(id(self))
       if path is None:
+        return inner(self, *args, **kwargs)
+      hook.depth[path] = hook.depth.get(path, 0) + 1
+      try:
+        out = inner(self, *args, **kwargs)
+      finally:
+        hook.depth[path] -= 1
+      if hook.depth[path]:  # a subclass calling its parent's __call__: the outer call is the layer's
         return out
       hook.outputs[path] = out
       hook.types[path] = type(self).__name__
-      return hook.replace.get(path, out)
+      return hook.replace.get(path, out + hook.shift[path] if path in hook.shift else out)
 
     return __call__
 

@@ -80,6 +80,37 @@ def logits_given(model, variables, x, path: tuple, value):
     return model.apply(variables, x)
 
 
+def shifted_logits(model, variables, x, shifts: dict):
+  """(the logits with each layer at a path of `shifts` outputting its output plus
+  shifts[path], {path: that layer's own output}). A score's gradient with respect to a zero
+  shift is its gradient with respect to the layer's output: every layer's, from one forward
+  and one backward pass."""
+  shifts = {tuple(p): s for p, s in shifts.items()}
+  if own.is_nnx_model(model):
+    with own.LayerHook(shift=shifts) as hook:
+      logits = model.apply(variables, x)
+    return logits, {path: hook.outputs[path] for path in shifts}
+  outputs, depth = {}, {}
+
+  def shift(next_fun, args, kwargs, context):
+    path = context.module.path if context.method_name == "__call__" else None
+    if path not in shifts:
+      return next_fun(*args, **kwargs)
+    depth[path] = depth.get(path, 0) + 1
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      depth[path] -= 1
+    if depth[path]:  # a layer wrapping nn.Conv calls it first: the outer call is the layer's
+      return out
+    outputs[path] = out
+    return out + shifts[path]
+
+  with nn.intercept_methods(shift):
+    logits = model.apply(variables, x)
+  return logits, outputs
+
+
 def class_score(logits, class_index):
   """Per-example score of `class_index` (N,): the logit; for one-logit (sigmoid) models,
   the logit for class 1 and its negative for class 0."""
