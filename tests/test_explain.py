@@ -142,7 +142,8 @@ def test_predicted_classes_come_from_the_methods_own_forward_pass_and_explain_th
   model = get_model("mnist_convnet")
   x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
   variables = jax.jit(model.init)(jax.random.key(1), x[:1])
-  options = explain.Options(layer=explain.conv_layers(model, (28, 28, 1))[-1])
+  convs = explain.conv_layers(model, (28, 28, 1))
+  options = explain.Options(layer=convs[-1], fused_layers=tuple(convs))
   key = jax.random.key(2)
 
   def predict_first(method):
@@ -155,7 +156,7 @@ def test_predicted_classes_come_from_the_methods_own_forward_pass_and_explain_th
 
   predicted = layers.predicted_class(jax.jit(model.apply)(variables, x))
   assert len(set(np.asarray(predicted).tolist())) > 1
-  for method in ("gradient", "guided_backprop", "gradcam"):
+  for method in ("gradient", "guided_backprop", "gradcam", "layercam_fused"):
     result, classes = jax.jit(shared(method))(x)
     np.testing.assert_array_equal(classes, predicted)
     np.testing.assert_allclose(result, jax.jit(predict_first(method))(x), rtol=1e-5, atol=1e-6, err_msg=method)

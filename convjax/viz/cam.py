@@ -106,19 +106,18 @@ def fused(model, variables, x, layer_list, method: str = "layercam", class_index
   cv2.resize), then their mean min-max scaled (pytorch-grad-cam's multi-layer CAM); and the
   classes they explain. A gradient CAM's layers come from one forward and one backward pass,
   as pytorch-grad-cam's hooks give them."""
-  classes = layers.resolve_class(model, variables, x, class_index)
-  if method in GRADIENT_CAMS:  # every layer's output and gradient from one forward and one backward pass
+  if method in GRADIENT_CAMS:  # every layer's output and gradient, and the predicted classes, from one pass
     paths = [tuple(p) for p in layer_list]
     shapes = jax.eval_shape(lambda: layers.layer_outputs(model, variables, x, paths))
     zeros = {p: jnp.zeros(shapes[p].shape, shapes[p].dtype) for p in paths}
-
-    def score(shifts):
-      logits, outputs = layers.shifted_logits(model, variables, x, shifts)
-      return jnp.sum(layers.class_score(logits, classes)), outputs
-
-    grads, outputs = jax.grad(score, has_aux=True)(zeros)
+    logits, backward, outputs = jax.vjp(lambda s: layers.shifted_logits(model, variables, x, s), zeros, has_aux=True)
+    classes = (
+      layers.predicted_class(logits) if class_index is None else layers.resolve_class(model, variables, x, class_index)
+    )
+    (grads,) = backward(jax.grad(lambda z: jnp.sum(layers.class_score(z, classes)))(logits))
     maps = [_from_gradients(method, grads[p], outputs[p]) for p in paths]
   else:
+    classes = layers.resolve_class(model, variables, x, class_index)
     maps = [cam(model, variables, x, layer, method, classes)[0] for layer in layer_list]
   resized = [jax.image.resize(_min_max(m), (x.shape[0], *x.shape[1:3]), "bilinear") for m in maps]
   return _min_max(jnp.mean(jnp.stack(resized), 0)), classes

@@ -65,7 +65,7 @@ def conv_layers(model, input_shape) -> list:
 
 
 # The methods one vjp computes: they read the predicted classes off their own forward pass.
-ONE_PASS = ("gradient", "input_x_gradient", "guided_backprop", "deeplift")
+ONE_PASS = ("gradient", "input_x_gradient", "guided_backprop", "deeplift", "layercam_fused")
 
 
 def explain(model, variables, x, classes, method: str, options: Options, rng):
@@ -89,6 +89,8 @@ def explain_classes(model, variables, x, classes, method: str, options: Options,
     apply = saliency.rewritten_apply(model, variables, rewrite.DEEPLIFT, base)
     grad, classes = saliency.class_gradient(apply, x, classes)
     return (x - base) * grad, classes
+  if method == "layercam_fused":
+    return cam.fused(model, variables, x, options.fused_layers, "layercam", classes)
   return _explain(model, variables, x, classes, method, options, rng, base), classes
 
 
@@ -97,8 +99,6 @@ def _explain(model, variables, x, classes, method, options, rng, base):
     return cam.cam(model, variables, x, options.layer, method, classes, options.channel_batch)[0]
   if method == "guided_gradcam":
     return cam.guided_grad_cam(model, variables, x, options.layer, classes)[0]
-  if method == "layercam_fused":
-    return cam.fused(model, variables, x, options.fused_layers, "layercam", classes)[0]
   if method == "feature_ablation":
     return occlusion.feature_ablation(model, variables, x, classes, options.patch)
   if method == "integrated_gradients":
