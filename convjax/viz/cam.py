@@ -147,8 +147,8 @@ def _eigen(values, activations):
   # The first singular pair from the eigenvectors of the smaller Gram matrix: XLA:CPU's
   # batched SVD of 16 (225, 128) maps takes ~4x as long as eigh of their (128, 128) Grams.
   if h * w < k:  # centred = U S V^T: its projection on v1 is s1 u1, u1 the Gram C C^T's first
-    values, vectors = jnp.linalg.eigh(jnp.einsum("npk,nqk->npq", centred, centred))
-    projection = vectors[..., -1] * jnp.sqrt(jnp.maximum(values[:, -1:], 0.0))
+    eigenvalues, vectors = jnp.linalg.eigh(jnp.einsum("npk,nqk->npq", centred, centred))
+    projection = vectors[..., -1] * jnp.sqrt(jnp.maximum(eigenvalues[:, -1:], 0.0))
   else:
     first = jnp.linalg.eigh(jnp.einsum("npk,npl->nkl", centred, centred))[1][..., -1]  # (N, K)
     projection = jnp.einsum("npk,nk->np", centred, first)
