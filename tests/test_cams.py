@@ -48,6 +48,41 @@ def linear_head():
   return model, variables, x, np.asarray(a), np.asarray(variables["params"]["linear"]["kernel"][:, 2])
 
 
+def _nnx_conv_gap_linear():
+  """ConvGapLinear as an NNX model after a 1x1 nnx.Conv stem, its conv a subclass of
+  nnx.Conv calling the parent's __call__ (one layer: its output is shifted once, not at
+  both calls)."""
+  from flax import nnx
+
+  from convjax.models import own
+
+  class ReluConv(nnx.Conv):
+    def __call__(self, x):
+      return jax.nn.relu(super().__call__(x))
+
+  class NnxConvGapLinear(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.stem = nnx.Conv(1, 1, (1, 1), use_bias=False, rngs=rngs)
+      self.conv = ReluConv(1, 4, (3, 3), padding="SAME", rngs=rngs)
+      self.linear = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.linear(jnp.mean(self.conv(self.stem(x)), axis=(1, 2)))
+
+  return own.build(NnxConvGapLinear, "NnxConvGapLinear", {})
+
+
+def test_an_nnx_layer_calling_its_parents_call_gives_the_closed_form_grad_cam():
+  model = _nnx_conv_gap_linear()
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  variables = model.init(jax.random.key(1), x)
+  stem = x * variables["params"]["stem"]["kernel"][0, 0, 0, 0]
+  a, w = _conv_output(variables, stem), variables["params"]["linear"]["kernel"][:, 2]
+  for method in ("gradcam", "hirescam"):
+    got, _ = cam.cam(model, variables, x, ("conv",), method, class_index=2)
+    np.testing.assert_allclose(got, _normalised(np.einsum("nhwk,k->nhw", a, w)), atol=1e-5, err_msg=method)
+
+
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "xgradcam"])
 def test_with_constant_gradients_these_cams_are_the_class_weighted_feature_map(linear_head, method):
   """dy/dA constant over positions: the mean gradient (Grad-CAM), the element-wise product

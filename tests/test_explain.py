@@ -156,10 +156,10 @@ def test_predicted_classes_come_from_the_methods_own_forward_pass_and_explain_th
 
   predicted = layers.predicted_class(jax.jit(model.apply)(variables, x))
   assert len(set(np.asarray(predicted).tolist())) > 1
-  for method in ("gradient", "guided_backprop", "gradcam", "layercam_fused"):
+  for method in ("gradient", "guided_backprop", "gradcam", "guided_gradcam", "layercam_fused"):
     result, classes = jax.jit(shared(method))(x)
     np.testing.assert_array_equal(classes, predicted)
     np.testing.assert_allclose(result, jax.jit(predict_first(method))(x), rtol=1e-5, atol=1e-6, err_msg=method)
-  for method in (*explain.ONE_PASS, "gradcam"):
+  for method in (*explain.ONE_PASS, "eigencam"):
     convolutions = [str(jax.make_jaxpr(f(method))(x)).count("conv_general_dilated") for f in (shared, predict_first)]
     assert convolutions[0] == convolutions[1] - 3 * (method in explain.ONE_PASS), (method, convolutions)

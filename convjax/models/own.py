@@ -175,19 +175,19 @@ def fields(factory) -> dict:
 
 
 # NNX layer outputs for convjax.viz: Linen's capture_intermediates and intercept_methods see
-# only the bridge, so the outputs of an NNX model's submodules are read (and replaced) by
+# only the bridge, so the outputs of an NNX model's submodules are read (and shifted) by
 # wrapping their classes' __call__ for the length of one call, as nnx.capture wraps methods
-# to sow them; nnx.capture itself only records outputs, and Grad-CAM also replaces one.
+# to sow them; nnx.capture itself only records outputs, and the gradient CAMs also shift them.
 _HOOK = contextvars.ContextVar("convjax_nnx_hook", default=None)
 
 
 class LayerHook:
   """While active (`with hook:`), an NNX model's call records the output of each submodule
-  (path: tuple of str) in `outputs`, in call order, and returns `replace[path]` instead of
-  the output where given, or the output plus `shift[path]`."""
+  (path: tuple of str) in `outputs`, in call order, and returns the output plus `shift[path]`
+  where given."""
 
-  def __init__(self, replace: dict = None, shift: dict = None):
-    self.replace, self.shift, self.outputs, self.types = dict(replace or {}), dict(shift or {}), {}, {}
+  def __init__(self, shift: dict = None):
+    self.shift, self.outputs, self.types = dict(shift or {}), {}, {}
     self.depth = {}
 
   def __enter__(self):
@@ -222,7 +222,7 @@ def _with_hook(module, call, hook: LayerHook):
         return out
       hook.outputs[path] = out
       hook.types[path] = type(self).__name__
-      return hook.replace.get(path, out + hook.shift[path] if path in hook.shift else out)
+      return out + hook.shift[path] if path in hook.shift else out
 
     return __call__
 

@@ -49,20 +49,35 @@ def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=
   Ablation-CAM run the model once per channel of the layer, `channel_batch` channels at a time."""
   if method not in CAMS:
     raise ValueError(f"unknown CAM method {method!r}; valid: {', '.join(CAMS)}")
+  if method in GRADIENT_CAMS:
+    outputs, grads, classes = _gradients(model, variables, x, [layer], class_index)
+    return _from_gradients(method, grads[tuple(layer)], outputs[tuple(layer)]), classes
   classes = layers.resolve_class(model, variables, x, class_index)
   activations = layers.layer_output(model, variables, x, layer)
-
-  def score_with(a):
-    return layers.class_score(layers.logits_given(model, variables, x, layer, a), classes)
-
   if method == "eigencam":
     return _eigen(activations, activations), classes
   if method == "scorecam":
     return _score_cam(model, variables, x, classes, activations, channel_batch), classes
-  if method == "ablationcam":
-    return _ablation_cam(score_with, activations, channel_batch), classes
-  grads = jax.grad(lambda a: jnp.sum(score_with(a)))(activations)
-  return _from_gradients(method, grads, activations), classes
+
+  def score_with(a):  # the class score with the layer's output a instead
+    return layers.class_score(layers.shifted_logits(model, variables, x, {layer: a - activations})[0], classes)
+
+  return _ablation_cam(score_with, activations, channel_batch), classes
+
+
+def _gradients(model, variables, x, paths, class_index):
+  """({path: the layer's output}, {path: the class score's gradient there}, the classes)
+  from one forward and one backward pass (layers.shifted_logits), the predicted classes
+  read off the same forward pass, as pytorch-grad-cam's hooks give them."""
+  paths = [tuple(p) for p in paths]
+  shapes = jax.eval_shape(lambda: layers.layer_outputs(model, variables, x, paths))
+  zeros = {p: jnp.zeros(shapes[p].shape, shapes[p].dtype) for p in paths}
+  logits, backward, outputs = jax.vjp(lambda s: layers.shifted_logits(model, variables, x, s), zeros, has_aux=True)
+  classes = (
+    layers.predicted_class(logits) if class_index is None else layers.resolve_class(model, variables, x, class_index)
+  )
+  (grads,) = backward(jax.grad(lambda z: jnp.sum(layers.class_score(z, classes)))(logits))
+  return outputs, grads, classes
 
 
 def _from_gradients(method: str, grads, activations):
@@ -107,15 +122,8 @@ def fused(model, variables, x, layer_list, method: str = "layercam", class_index
   classes they explain. A gradient CAM's layers come from one forward and one backward pass,
   as pytorch-grad-cam's hooks give them."""
   if method in GRADIENT_CAMS:  # every layer's output and gradient, and the predicted classes, from one pass
-    paths = [tuple(p) for p in layer_list]
-    shapes = jax.eval_shape(lambda: layers.layer_outputs(model, variables, x, paths))
-    zeros = {p: jnp.zeros(shapes[p].shape, shapes[p].dtype) for p in paths}
-    logits, backward, outputs = jax.vjp(lambda s: layers.shifted_logits(model, variables, x, s), zeros, has_aux=True)
-    classes = (
-      layers.predicted_class(logits) if class_index is None else layers.resolve_class(model, variables, x, class_index)
-    )
-    (grads,) = backward(jax.grad(lambda z: jnp.sum(layers.class_score(z, classes)))(logits))
-    maps = [_from_gradients(method, grads[p], outputs[p]) for p in paths]
+    outputs, grads, classes = _gradients(model, variables, x, layer_list, class_index)
+    maps = [_from_gradients(method, grads[tuple(p)], outputs[tuple(p)]) for p in layer_list]
   else:
     classes = layers.resolve_class(model, variables, x, class_index)
     maps = [cam(model, variables, x, layer, method, classes)[0] for layer in layer_list]

@@ -64,8 +64,16 @@ def conv_layers(model, input_shape) -> list:
   return layers.layer_paths(model, input_shape, types=("Conv2D",))
 
 
-# The methods one vjp computes: they read the predicted classes off their own forward pass.
-ONE_PASS = ("gradient", "input_x_gradient", "guided_backprop", "deeplift", "layercam_fused")
+# The methods that read the predicted classes off their own forward pass (each a vjp).
+ONE_PASS = (
+  "gradient",
+  "input_x_gradient",
+  "guided_backprop",
+  "deeplift",
+  *cam.GRADIENT_CAMS,
+  "layercam_fused",
+  "guided_gradcam",
+)
 
 
 def explain(model, variables, x, classes, method: str, options: Options, rng):
@@ -89,6 +97,10 @@ def explain_classes(model, variables, x, classes, method: str, options: Options,
     apply = saliency.rewritten_apply(model, variables, rewrite.DEEPLIFT, base)
     grad, classes = saliency.class_gradient(apply, x, classes)
     return (x - base) * grad, classes
+  if method in cam.GRADIENT_CAMS:
+    return cam.cam(model, variables, x, options.layer, method, classes)
+  if method == "guided_gradcam":
+    return cam.guided_grad_cam(model, variables, x, options.layer, classes)
   if method == "layercam_fused":
     return cam.fused(model, variables, x, options.fused_layers, "layercam", classes)
   return _explain(model, variables, x, classes, method, options, rng, base), classes
@@ -97,8 +109,6 @@ def explain_classes(model, variables, x, classes, method: str, options: Options,
 def _explain(model, variables, x, classes, method, options, rng, base):
   if method in cam.CAMS:
     return cam.cam(model, variables, x, options.layer, method, classes, options.channel_batch)[0]
-  if method == "guided_gradcam":
-    return cam.guided_grad_cam(model, variables, x, options.layer, classes)[0]
   if method == "feature_ablation":
     return occlusion.feature_ablation(model, variables, x, classes, options.patch)
   if method == "integrated_gradients":

@@ -1,9 +1,9 @@
-"""Reading and replacing one layer's output of a Linen model, and class scores.
+"""Reading and shifting layers' outputs of a model, and class scores.
 
 Everything in convjax.viz is a JAX transform of `model.apply`: a layer's output
 comes from `capture_intermediates`, and the gradient of a class score with
-respect to that output comes from running the model with the output replaced
-(`nn.intercept_methods`) and differentiating with respect to the replacement.
+respect to that output comes from running the model with a shift added to the output
+(`nn.intercept_methods`) and differentiating with respect to the shift at zero.
 Layers are named by module path, e.g. ('features', 'block5_conv3'). An NNX model (through
 convjax.models.own.nnx_model_class()) is read the same way with own.LayerHook: Linen's hooks see only
 the bridge.
@@ -62,22 +62,6 @@ def layer_outputs(model, variables, x, paths) -> dict:
 def layer_output(model, variables, x, path: tuple):
   """The output of the layer at `path` for inputs x (N, H, W, C)."""
   return layer_outputs(model, variables, x, [path])[tuple(path)]
-
-
-def logits_given(model, variables, x, path: tuple, value):
-  """The model's logits with the layer at `path` outputting `value` instead."""
-  path = tuple(path)
-  if own.is_nnx_model(model):
-    with own.LayerHook({path: value}):
-      return model.apply(variables, x)
-
-  def replace(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and context.module.path == path:
-      return value
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(replace):
-    return model.apply(variables, x)
 
 
 def shifted_logits(model, variables, x, shifts: dict):
