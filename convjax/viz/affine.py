@@ -81,7 +81,6 @@ class Split(NamedTuple):
   head: Callable
   rest: Callable
   pull: Callable  # pull(x, cotangents of head's outputs) -> the cotangent of x (head's transpose)
-  empty: bool  # True when the head is the identity
 
 
 def _is_var(v) -> bool:
@@ -124,4 +123,4 @@ def split(fn: Callable, x) -> Split:
   def pull(v, cotangents):
     return jax.vjp(head, v)[1](tuple(cotangents))[0]
 
-  return Split(head, rest, pull, cut == [jaxpr.invars[0]])
+  return Split(head, rest, pull)
