@@ -136,7 +136,7 @@ def test_ablation_cam_weighs_each_channel_by_the_score_it_carries(linear_head):
   contributions = w * a.mean(axis=(1, 2))  # (N, K)
   y = contributions.sum(-1) + bias
   expected = np.einsum("nhwk,nk->nhw", a, contributions / y[:, None])
-  got, _ = cam.cam(model, variables, x, ("conv",), "ablationcam", class_index=2, channel_batch=3)
+  got, _ = cam.cam(model, variables, x, ["conv"], "ablationcam", class_index=2, channel_batch=3)  # a path as a list
   np.testing.assert_allclose(got, _normalised(expected), atol=1e-5)
 
 

@@ -60,7 +60,7 @@ def cam(model, variables, x, layer: tuple, method: str = "gradcam", class_index=
     return _score_cam(model, variables, x, classes, activations, channel_batch), classes
 
   def score_with(a):  # the class score with the layer's output a instead
-    return layers.class_score(layers.shifted_logits(model, variables, x, {layer: a - activations})[0], classes)
+    return layers.class_score(layers.shifted_logits(model, variables, x, {tuple(layer): a - activations})[0], classes)
 
   return _ablation_cam(score_with, activations, channel_batch), classes
 
