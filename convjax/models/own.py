@@ -190,6 +190,20 @@ class LayerHook:
     self.shift, self.outputs, self.types = dict(shift or {}), {}, {}
     self.depth = {}
 
+  def around(self, path: tuple, call, type_name: str):
+    """call() as the layer at `path`, recorded and shifted at its outermost call only: a
+    subclass calling its parent's __call__ (both hooked) is one layer."""
+    self.depth[path] = self.depth.get(path, 0) + 1
+    try:
+      out = call()
+    finally:
+      self.depth[path] -= 1
+    if self.depth[path]:
+      return out
+    self.outputs[path] = out
+    self.types[path] = type_name
+    return out + self.shift[path] if path in self.shift else out
+
   def __enter__(self):
     self._token = _HOOK.set(self)
     return self
@@ -213,16 +227,7 @@ def _with_hook(module, call, hook: LayerHook):
       path = paths.get(id(self))
       if path is None:
         return inner(self, *args, **kwargs)
-      hook.depth[path] = hook.depth.get(path, 0) + 1
-      try:
-        out = inner(self, *args, **kwargs)
-      finally:
-        hook.depth[path] -= 1
-      if hook.depth[path]:  # a subclass calling its parent's __call__: the outer call is the layer's
-        return out
-      hook.outputs[path] = out
-      hook.types[path] = type(self).__name__
-      return out + hook.shift[path] if path in hook.shift else out
+      return hook.around(path, lambda: inner(self, *args, **kwargs), type(self).__name__)
 
     return __call__
 

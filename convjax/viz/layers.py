@@ -70,29 +70,21 @@ def shifted_logits(model, variables, x, shifts: dict):
   shift is its gradient with respect to the layer's output: every layer's, from one forward
   and one backward pass."""
   shifts = {tuple(p): s for p, s in shifts.items()}
+  hook = own.LayerHook(shift=shifts)
   if own.is_nnx_model(model):
-    with own.LayerHook(shift=shifts) as hook:
+    with hook:
       logits = model.apply(variables, x)
-    return logits, {path: hook.outputs[path] for path in shifts}
-  outputs, depth = {}, {}
+  else:  # Linen: the same hook around the layers' calls (convjax's Conv2D calls nn.Conv's inside its own)
 
-  def shift(next_fun, args, kwargs, context):
-    path = context.module.path if context.method_name == "__call__" else None
-    if path not in shifts:
-      return next_fun(*args, **kwargs)
-    depth[path] = depth.get(path, 0) + 1
-    try:
-      out = next_fun(*args, **kwargs)
-    finally:
-      depth[path] -= 1
-    if depth[path]:  # a layer wrapping nn.Conv calls it first: the outer call is the layer's
-      return out
-    outputs[path] = out
-    return out + shifts[path]
+    def shift(next_fun, args, kwargs, context):
+      path = context.module.path if context.method_name == "__call__" else None
+      if path not in shifts:
+        return next_fun(*args, **kwargs)
+      return hook.around(path, lambda: next_fun(*args, **kwargs), type(context.module).__name__)
 
-  with nn.intercept_methods(shift):
-    logits = model.apply(variables, x)
-  return logits, outputs
+    with nn.intercept_methods(shift):
+      logits = model.apply(variables, x)
+  return logits, {path: hook.outputs[path] for path in shifts}
 
 
 def class_score(logits, class_index):
