@@ -1,3 +1,5 @@
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -168,16 +170,20 @@ def test_max_pooling_equals_flax_max_pool_and_routes_gradients_to_the_maxima():
 def test_max_pooling_gradient_on_ties_is_tensorflows(shape, k, form, monkeypatch):
   """Keras' semantics on tied inputs (half of MNIST's first-pool windows hold exact ties):
   the gradient equals TensorFlow's MaxPoolGrad, bit for bit, whichever form the forward
-  max takes (by input size: an elementwise max of strided views, or a reduce)."""
+  max takes (by input size: an elementwise max of strided views, or a reduce; always the
+  former inside elementwise_max_pools)."""
   tf = pytest.importorskip("tensorflow")
   from convjax.models import layers
   from convjax.models.layers import MaxPooling2D
 
-  monkeypatch.setattr(layers, "_ELEMENTWISE_MAX_BYTES", 2**62 if form == "elementwise" else 0)
+  monkeypatch.setattr(layers, "_ELEMENTWISE_MAX_BYTES", 0)  # a reduce at every size, unless told otherwise
   rng = np.random.default_rng(0)
   x = rng.integers(0, 3, shape).astype(np.float32)  # three values: ties in most windows
   g = rng.normal(size=(shape[0], shape[1] // k, shape[2] // k, shape[3])).astype(np.float32)
-  y, vjp = jax.vjp(lambda x: MaxPooling2D(pool_size=k).apply({}, x), x)
+  with layers.elementwise_max_pools() if form == "elementwise" else contextlib.nullcontext():
+    y, vjp = jax.vjp(lambda x: MaxPooling2D(pool_size=k).apply({}, x), x)
+    program = str(jax.make_jaxpr(lambda x: jax.vjp(lambda x: MaxPooling2D(pool_size=k).apply({}, x), x)[1](g))(x))
+  assert ("reduce_max" in program) == (form == "reduce")
   xt = tf.constant(x)
   with tf.GradientTape() as tape:
     tape.watch(xt)

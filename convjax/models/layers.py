@@ -91,7 +91,24 @@ class Layer(nn.Module):
 # recomputes it within the gradient's loops, which costs more than it saves on large
 # feature maps. Measured (BENCHMARKS.md): the MNIST convnet's train step at batch 128
 # 45.5 -> 31.5 ms; the cats-vs-dogs convnet's, whose first three pools are larger, unchanged.
+# Programs that differentiate with respect to the input only (explanations) run the
+# elementwise form faster at every size: inside `elementwise_max_pools()`.
 _ELEMENTWISE_MAX_BYTES = 16 * 2**20
+_ELEMENTWISE = contextvars.ContextVar("elementwise_max_pools", default=False)
+
+
+@contextlib.contextmanager
+def elementwise_max_pools():
+  """Within it, MaxPooling2D's forward pass is the elementwise max at every size, also under
+  differentiation (the same numbers and gradient). convjax.viz.explain traces its methods
+  in it: on the cats-vs-dogs convnet at batch 16 Integrated Gradients and SmoothGrad ran
+  5-12% faster so, while its train step ran 8% slower (BENCHMARKS.md, "The max pool of
+  explanations")."""
+  token = _ELEMENTWISE.set(True)
+  try:
+    yield
+  finally:
+    _ELEMENTWISE.reset(token)
 
 
 def _windows(x, k: int) -> list:
@@ -101,9 +118,11 @@ def _windows(x, k: int) -> list:
   return [x[:, :, i, :, j, :] for i in range(k) for j in range(k)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _window_max(x, k: int):
-  """Max over non-overlapping k x k windows of x (N, H, W, C); H and W multiples of k."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _window_max(x, k: int, elementwise: bool):
+  """Max over non-overlapping k x k windows of x (N, H, W, C); H and W multiples of k. Under
+  differentiation its forward pass is a reduce over the window axes above
+  _ELEMENTWISE_MAX_BYTES, unless `elementwise`."""
   views = _windows(x, k)
   y = views[0]
   for view in views[1:]:
@@ -111,16 +130,16 @@ def _window_max(x, k: int):
   return y
 
 
-def _window_max_fwd(x, k):
-  if x.size * x.dtype.itemsize > _ELEMENTWISE_MAX_BYTES:
+def _window_max_fwd(x, k, elementwise):
+  if not elementwise and x.size * x.dtype.itemsize > _ELEMENTWISE_MAX_BYTES:
     n, h, w, c = x.shape
     y = jnp.max(x.reshape(n, h // k, k, w // k, k, c), axis=(2, 4))
   else:
-    y = _window_max(x, k)
+    y = _window_max(x, k, True)
   return y, (x, y)
 
 
-def _window_max_bwd(k, residuals, g):
+def _window_max_bwd(k, elementwise, residuals, g):
   """The gradient goes to the first maximum of each window in row-major order, as
   TensorFlow's MaxPoolGrad and XLA's select-and-scatter give it (not shared among ties):
   the first maximum's position per window, then one select over x's shape."""
@@ -154,7 +173,7 @@ class MaxPooling2D(Layer):
     k = self.pool_size
     n, h, w, c = x.shape
     h, w = h // k, w // k
-    return _window_max(x[:, : h * k, : w * k], k)
+    return _window_max(x[:, : h * k, : w * k], k, _ELEMENTWISE.get())
 
 
 def max_pool(x, window_shape: tuple, strides: tuple, padding="VALID"):
