@@ -133,6 +133,34 @@ def _instructions(hlo_text: str) -> dict:
   return result
 
 
+def _loop_multiplies(hlo_text: str) -> bool:
+  """Whether a while loop of an HLO module's text runs a convolution or a dot, in its body or
+  in a computation the body calls (a fusion, a nested loop)."""
+  calls, multiplies, bodies, computation = {}, set(), [], None
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%([\w.-]+) ", line)
+    if header and line.rstrip().endswith("{"):
+      computation = calls.setdefault(header.group(1), set())
+      name = header.group(1)
+      continue
+    if computation is None:
+      continue
+    computation.update(re.findall(r"(?:calls|body|condition|to_apply)=%([\w.-]+)", line))
+    if re.search(r" (?:convolution|dot)\(", line):
+      multiplies.add(name)
+    if " while(" in line:
+      bodies += re.findall(r"body=%([\w.-]+)", line)
+  seen = set()
+  while bodies:
+    name = bodies.pop()
+    if name not in seen:
+      seen.add(name)
+      if name in multiplies:
+        return True
+      bodies += calls.get(name, ())
+  return False
+
+
 def op_profile(run, state, steps: int, hlo_text: str, directory: str, top: int = 30) -> dict:
   """Where a step's time goes: `steps` calls of run(state) under jax.profiler (the trace is
   left in `directory` for TensorBoard or Perfetto), its events matched to the compiled
@@ -211,9 +239,10 @@ def benchmark_row(
   compile_seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # XLA's cost analysis counts a loop's body once: a program with a loop (feature ablation's
-  # lax.map over segments) gets no FLOP count rather than a wrong one.
-  flops = float(cost.get("flops", 0.0)) if cost and " while(" not in compiled.as_text() else 0.0
+  # XLA's cost analysis counts a loop's body once: a program whose loop runs convolutions or
+  # matrix products (feature ablation's lax.map over segments) gets no FLOP count rather than a
+  # wrong one; a loop of elementwise work (the random bits of SmoothGrad's noise) costs ~none.
+  flops = float(cost.get("flops", 0.0)) if cost and not _loop_multiplies(compiled.as_text()) else 0.0
 
   def run(state):
     out = compiled(state, *args)

@@ -88,7 +88,7 @@ def test_the_benchmark_times_explanations_per_method(tmp_path):
     "--config.batch_sizes=(16,)",
     "--config.precisions=('float32',)",
     "--config.modes=('explain',)",
-    "--config.explain_methods=gradcam,deeplift,feature_ablation",
+    "--config.explain_methods=gradcam,deeplift,feature_ablation,smoothgrad",
     "--config.warmup=1",
     "--config.peers=",
     "--config.pipeline=",
@@ -99,11 +99,14 @@ def test_the_benchmark_times_explanations_per_method(tmp_path):
     ("explain", "gradcam", 20),
     ("explain", "deeplift", 20),
     ("explain", "feature_ablation", 20),
+    ("explain", "smoothgrad", 20),
   ]
   assert all(r["images_per_second"] > 0 and r["compile_seconds"] > 0 for r in rows)
   # Feature ablation loops over its segments (lax.map), whose body XLA's cost analysis counts
-  # once: no FLOP count, rather than the count of one pass of the loop.
+  # once: no FLOP count, rather than the count of one pass of the loop. SmoothGrad's only loop
+  # draws its noise's random bits: its count stands (16 samples' passes, more than Grad-CAM's).
   assert rows[0]["flops_per_image"] > 0 and rows[2]["flops_per_image"] is None
+  assert rows[3]["flops_per_image"] > 10 * rows[0]["flops_per_image"]
   assert "| mnist_convnet | 28x28x1 | 16 | float32 | explain deeplift |" in (tmp_path / "benchmark.md").read_text()
   bad = run_binary(
     "experiments.benchmark", f"--workdir={tmp_path}", "--config.modes=('explain',)", "--config.explain_methods=lime"
