@@ -131,7 +131,12 @@ def read_config(workdir: str) -> ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} has no config.json: not a training run")
-  return config_lib.from_stored(config_lib.read_stored(path))
+  config = config_lib.from_stored(config_lib.read_stored(path))
+  where = config.data.data_dir
+  if where and "://" not in where and not os.path.isdir(where):  # a run moved to another machine
+    logging.warning("the run's data directory %s is not here: reading TFDS_DATA_DIR or TFDS' default", where)
+    config.data.data_dir = ""
+  return config
 
 
 # What `weights` name (predict, evaluate, export, visualize): the weights history.json's test

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import pathlib
+import subprocess
 
 import jax
 import numpy as np
@@ -10,7 +12,15 @@ import pytest
 
 from convjax.errors import UserError
 from convjax.train.loop import train_and_evaluate
-from tests.conftest import history, kill_after_first_checkpoint, mnist_arrays_args, restore_state, run_binary
+from tests.conftest import (
+  REPO,
+  binary_argv,
+  history,
+  kill_after_first_checkpoint,
+  mnist_arrays_args,
+  restore_state,
+  run_binary,
+)
 
 SMALL = [
   *mnist_arrays_args("train6144", "test1000"),
@@ -39,6 +49,35 @@ def test_binary_trains_real_mnist_with_overrides(mnist_epoch_run):
   assert (workdir / "plots" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["390"]  # named by train steps
+
+
+def test_a_runs_readers_find_its_tfds_data_without_tfds_data_dir(mnist_epoch_run, tmp_path):
+  """The run records the TFDS data directory it read (TFDS_DATA_DIR here), absolute; its
+  readers then find the data in a shell without TFDS_DATA_DIR and another home (TFDS' default
+  directory empty), where TFDS would retry a download for minutes before one error."""
+  workdir, _ = mnist_epoch_run
+  stored = json.loads((workdir / "config.json").read_text())
+  assert stored["data"]["data_dir"] == os.path.abspath(os.environ["TFDS_DATA_DIR"])
+  env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
+  env["HOME"] = str(tmp_path)
+  argv = binary_argv("experiments.evaluate", f"--workdir={workdir}", "--num_wrong=0")
+  result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "accuracy" in result.stdout + result.stderr and "download" not in result.stderr.lower()
+
+
+def test_a_moved_runs_missing_data_directory_gives_way_to_tfds_data_dir(tmp_path):
+  """A run read on another machine, where the data directory it recorded is not: its readers
+  take TFDS_DATA_DIR (or TFDS' default) as a run that recorded none."""
+  from convjax import run
+  from convjax.config import default_config, to_dict
+
+  stored = to_dict(default_config())
+  stored["data"]["data_dir"] = str(tmp_path / "elsewhere" / "tfds")
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  assert run.read_config(str(tmp_path)).data.data_dir == ""
+  (tmp_path / "elsewhere" / "tfds").mkdir(parents=True)
+  assert run.read_config(str(tmp_path)).data.data_dir == str(tmp_path / "elsewhere" / "tfds")
 
 
 @pytest.mark.slow

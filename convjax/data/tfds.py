@@ -64,6 +64,15 @@ def data_dir_in_use(data_dir: Optional[str]) -> Optional[str]:
   return data_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
+def run_data_dir(data_dir: str) -> str:
+  """The TFDS data directory a run records in its config.json: `data_dir`, else TFDS_DATA_DIR
+  as it is now, a local path made absolute ('' for TFDS' default). The run's readers
+  (evaluate, explain, predict) then find its data from another shell or working directory,
+  where TFDS would otherwise try to download it."""
+  where = data_dir_in_use(data_dir) or ""
+  return os.path.abspath(where) if where and "://" not in where else where
+
+
 def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True):
   """The prepared TFDS builder for `name`, or one clear UserError."""
   tfds = tfds_module()

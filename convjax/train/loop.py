@@ -33,6 +33,7 @@ from convjax import checkpoints, files, parallel, run
 from convjax import config as config_lib
 from convjax.data import augment as augment_lib
 from convjax.data import pipeline
+from convjax.data import tfds as tfds_data
 from convjax.data.preprocess import input_transform
 from convjax.data.splits import fit_for, open_source
 from convjax.errors import UserError
@@ -146,6 +147,8 @@ def check(config: ConfigDict, workdir: str):
       )
   config = config.copy_and_resolve_references()
   config.model = own.absolute(config.model)
+  if not (config.data.folder or config.data.arrays or config.data.tfrecord):  # TFDS
+    config.data.data_dir = tfds_data.run_data_dir(config.data.data_dir)
   source = open_source(config.data)
   if config.feature_extractor.model:  # the model trains on the frozen base's outputs
     base = transfer.base_model(config.feature_extractor)
