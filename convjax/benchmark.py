@@ -136,16 +136,15 @@ def _instructions(hlo_text: str) -> dict:
 def _loop_multiplies(hlo_text: str) -> bool:
   """Whether a while loop of an HLO module's text runs a convolution or a dot, in its body or
   in a computation the body calls (a fusion, a nested loop)."""
-  calls, multiplies, bodies, computation = {}, set(), [], None
+  calls, multiplies, bodies, name = {}, set(), [], None
   for line in hlo_text.splitlines():
     header = re.match(r"(?:ENTRY )?%([\w.-]+) ", line)
     if header and line.rstrip().endswith("{"):
-      computation = calls.setdefault(header.group(1), set())
       name = header.group(1)
       continue
-    if computation is None:
+    if name is None:
       continue
-    computation.update(re.findall(r"(?:calls|body|condition|to_apply)=%([\w.-]+)", line))
+    calls.setdefault(name, set()).update(re.findall(r"(?:calls|body|condition|to_apply)=%([\w.-]+)", line))
     if re.search(r" (?:convolution|dot)\(", line):
       multiplies.add(name)
     if " while(" in line:

@@ -24,6 +24,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from convjax import config as config_lib
+from convjax.data import tfds as tfds_data
 from convjax.checkpoints import best_kept, first_line, kept, read_verified
 from convjax.errors import UserError
 from convjax import files
@@ -132,10 +133,7 @@ def read_config(workdir: str) -> ConfigDict:
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} has no config.json: not a training run")
   config = config_lib.from_stored(config_lib.read_stored(path))
-  where = config.data.data_dir
-  if where and "://" not in where and not os.path.isdir(where):  # a run moved to another machine
-    logging.warning("the run's data directory %s is not here: reading TFDS_DATA_DIR or TFDS' default", where)
-    config.data.data_dir = ""
+  config.data.data_dir = tfds_data.recorded_data_dir(config.data.data_dir)
   return config
 
 

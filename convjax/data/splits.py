@@ -307,10 +307,18 @@ def tfrecord_source(data) -> Source:
   return _listed_source(data, data.tfrecord, {key: s.size for key, s in opened.items()}, rows_of, classes, first.shape)
 
 
+# The config.data fields that name a source other than TFDS (the default).
+OTHER_SOURCES = ("folder", "arrays", "tfrecord")
+
+
+def uses_tfds(data) -> bool:
+  return not any(data[key] for key in OTHER_SOURCES)
+
+
 def open_source(data) -> Source:
   """The source config.data names: an image folder (`folder`), arrays (`arrays`), TFRecord
   files (`tfrecord`), else TFDS."""
-  chosen = [key for key in ("folder", "arrays", "tfrecord") if data[key]]
+  chosen = [key for key in OTHER_SOURCES if data[key]]
   if len(chosen) > 1:
     both = "both" if len(chosen) == 2 else "all"
     raise UserError(f"config.data.{' and config.data.'.join(chosen)} are {both} set: choose one source")

@@ -21,6 +21,7 @@ import threading
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
 from convjax.data import tfrecord
 from convjax.data.preprocess import resize_bilinear, to_uint8
@@ -71,6 +72,15 @@ def run_data_dir(data_dir: str) -> str:
   where TFDS would otherwise try to download it."""
   where = data_dir_in_use(data_dir) or ""
   return os.path.abspath(where) if where and "://" not in where else where
+
+
+def recorded_data_dir(where: str) -> str:
+  """A run's recorded data directory (run_data_dir) where it is on this machine, else '' (then
+  TFDS_DATA_DIR or TFDS' default, as a run that recorded none): a run copied elsewhere."""
+  if where and "://" not in where and not os.path.isdir(where):
+    logging.warning("the run's data directory %s is not here: reading TFDS_DATA_DIR or TFDS' default", where)
+    return ""
+  return where
 
 
 def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True):

@@ -35,7 +35,7 @@ from convjax.data import augment as augment_lib
 from convjax.data import pipeline
 from convjax.data import tfds as tfds_data
 from convjax.data.preprocess import input_transform
-from convjax.data.splits import fit_for, open_source
+from convjax.data.splits import fit_for, open_source, uses_tfds
 from convjax.errors import UserError
 from convjax.models import RUN_ONCE, get_model, has_features, own, with_num_classes
 from convjax.models.diagram import plot_model
@@ -147,7 +147,7 @@ def check(config: ConfigDict, workdir: str):
       )
   config = config.copy_and_resolve_references()
   config.model = own.absolute(config.model)
-  if not (config.data.folder or config.data.arrays or config.data.tfrecord):  # TFDS
+  if uses_tfds(config.data):
     config.data.data_dir = tfds_data.run_data_dir(config.data.data_dir)
   source = open_source(config.data)
   if config.feature_extractor.model:  # the model trains on the frozen base's outputs
