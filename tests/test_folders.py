@@ -137,6 +137,29 @@ def test_mixed_modes_are_converted_and_bad_files_named_or_skipped(tmp_path, capl
   assert "skipped 1 unreadable file(s)" in caplog.text and "broken.jpg" in caplog.text
 
 
+def test_streamed_rows_read_together_are_each_files_image_and_a_bad_one_is_named_or_none(tmp_path):
+  """FolderRows.read (the streamed batches' reader: every file read, then every image decoded)
+  gives what decode_image gives file by file; a damaged file and a file gone since the listing
+  are one error naming the file, or None rows with skip_bad_files."""
+  photos = sorted(CATS_DOGS.glob("train/*/*.jpg"))[:6]
+  root = tmp_path / "photos"
+  root.mkdir()
+  files = [str(shutil.copy(p, root / p.name)) for p in photos]
+  rows = folders.FolderRows(files, np.arange(6), 3)
+  got = rows.read([4, 0, 2])
+  assert [r["label"] for r in got] == [4, 0, 2]
+  for r, i in zip(got, (4, 0, 2), strict=True):
+    np.testing.assert_array_equal(r["image"], folders.decode_image(files[i], 3, None))
+  np.testing.assert_array_equal(rows[1]["image"], _pillow_decode(photos[1], "RGB"))
+  (root / photos[1].name).write_bytes(b"\xff\xd8 damaged")
+  os.remove(files[3])
+  for i, name in ((1, photos[1].name), (3, photos[3].name)):
+    with pytest.raises(UserError, match=rf"cannot read image .*{name}"):
+      rows.read([0, i, 2])
+  skipping = folders.FolderRows(files, np.arange(6), 3, skip_bad_files=True)
+  assert [r is None for r in skipping.read([0, 1, 2, 3])] == [False, True, False, True]
+
+
 def test_structural_errors_name_the_folder(tmp_path):
   root = _tiny_folder(tmp_path / "data")
   with pytest.raises(UserError, match="image folder root .*nowhere.* does not exist"):
