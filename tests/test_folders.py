@@ -107,6 +107,39 @@ def test_jpeg_decoded_by_simplejpeg_equals_pillow_on_every_real_photo(tmp_path):
     folders.decode_image(str(truncated), 3, None)
 
 
+def test_png_decoded_by_libspng_equals_pillow_and_16_bit_png_is_scaled_not_truncated(tmp_path, monkeypatch):
+  """One decoder for folders and TFRecord rows: 8-bit (and 1-bit) PNGs of every colour type
+  through libspng give Pillow's pixels at 1 and 3 channels; 16-bit PNGs go to Pillow and are
+  rounded x / 257, where libspng would drop the low byte (1 level apart)."""
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (20, 30, 3), np.uint8)
+  ramp = (np.arange(600) * 109).reshape(20, 30).astype(np.uint16)
+  images = {
+    "grey": Image.fromarray(rgb[..., 0], "L"),
+    "rgb": Image.fromarray(rgb, "RGB"),
+    "rgba": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+    "grey_alpha": Image.fromarray(rgb[..., 0], "L").convert("LA"),
+    "palette": Image.fromarray(rgb, "RGB").convert("P"),
+    "one_bit": Image.fromarray(rgb[..., 0] > 127),
+    "grey16": Image.fromarray(ramp),
+  }
+  load, by_libspng = folders.pyspng.load, []
+  monkeypatch.setattr(folders.pyspng, "load", lambda *a: by_libspng.append(a) or load(*a))
+  for name, image in images.items():
+    path = tmp_path / f"{name}.png"
+    image.save(path)
+    for channels, mode in ((1, "L"), (3, "RGB")):
+      with Image.open(path) as img:
+        pillow = np.asarray(folders.to_8_bits(img, name).convert(mode)).reshape(20, 30, channels)
+      np.testing.assert_array_equal(folders.decode_image(str(path), channels, None), pillow, f"{name} {mode}")
+  assert len(by_libspng) == 12  # 8-bit and 1-bit: 6 at 3 channels, 6 tried at 1 (colour ones fall back)
+  for channels in (1, 3):
+    np.testing.assert_array_equal(
+      folders.decode_image(str(tmp_path / "grey16.png"), channels, None),
+      np.repeat(np.rint(ramp / 257.0).astype(np.uint8)[..., None], channels, -1),
+    )
+
+
 def _tiny_folder(root, per_class=4, size=(20, 30)):
   rng = np.random.default_rng(0)
   for split in ("train", "validation"):

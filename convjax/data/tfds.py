@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from convjax.data import tfrecord
+from convjax.data import folders, tfrecord
 from convjax.data.preprocess import resize_bilinear, to_uint8
 from convjax.errors import UserError
 
@@ -251,8 +251,8 @@ class Rows:
 
   def _row(self, example, position: int) -> dict:
     try:
-      pixels = tfrecord.decode_image(example[self.keys[0]], self.channels, f"row {position}")
-    except (RuntimeError, OSError) as e:  # pyspng, Pillow
+      pixels = folders.decode_pixels(example[self.keys[0]], self.channels, f"row {position}")
+    except folders.DECODE_ERRORS as e:
       raise UserError(
         f"row {position} of {self.name}'s {self.split!r} split in {self.data_dir}: its image does not decode ({e})"
       ) from None

@@ -16,7 +16,6 @@ and an int64 label (`data.label_feature`); the *_split fields are globs of the f
 import functools
 import glob
 import hashlib
-import io
 import os
 import struct
 import threading
@@ -24,10 +23,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from convjax import files
-from convjax.data.folders import PIL_MODES, decode_jpeg, to_8_bits
+from convjax.data.folders import DECODE_ERRORS, decode_pixels
 from convjax.errors import UserError
 
 
@@ -140,35 +138,6 @@ def example_proto():
   return tf_example_pb2.Example
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# pyspng's output format for a channel count (as tf.io.decode_png(channels=c) decodes).
-PNG_FORMATS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-
-
-def decode_image(encoded: bytes, channels: int, name: str = "the image") -> np.ndarray:
-  """uint8 (H, W, channels) of an encoded image: PNG by libspng (pyspng, ~7 against Pillow's
-  ~30 us an MNIST image), JPEG by simplejpeg (folders.decode_jpeg), other formats, and images
-  those do not convert to `channels` (colour PNG to grey, CMYK), by Pillow, converted as
-  image folders are. Raises RuntimeError or OSError for bytes that do not decode, a UserError
-  naming `name` for pixels that 8 bits cannot hold."""
-  pixels = None
-  if encoded[:8] == PNG_SIGNATURE:
-    import pyspng
-
-    try:
-      pixels = pyspng.load(encoded, PNG_FORMATS.get(channels))
-    except RuntimeError:
-      pass  # a colour type libspng does not convert, or damaged bytes: Pillow says which
-  else:
-    pixels = decode_jpeg(encoded, channels)
-  if pixels is None:
-    with Image.open(io.BytesIO(encoded)) as image:
-      mode = PIL_MODES.get(channels)
-      image = to_8_bits(image, name)
-      pixels = np.asarray(image if image.mode == mode or mode is None else image.convert(mode))
-  return pixels.reshape(*pixels.shape[:2], channels)
-
-
 class TFRecordSplit(NamedTuple):
   """The TFRecord files one split's glob (`pattern`: the folder joined with it) matched, in name
   order, and how many records each has."""
@@ -251,8 +220,8 @@ class ExampleRows:
     if not with_image:
       return {"label": label}
     try:
-      image = decode_image(feature[image_key].bytes_list.value[0], self.channels, f"{where} ({image_key})")
-    except (RuntimeError, OSError) as e:  # pyspng, Pillow
+      image = decode_pixels(feature[image_key].bytes_list.value[0], self.channels, f"{where} ({image_key})")
+    except DECODE_ERRORS as e:
       raise UserError(f"{where}: its image {image_key!r} does not decode ({e})") from None
     return {"image": image, "label": label}
 
