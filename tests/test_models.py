@@ -192,6 +192,35 @@ def test_max_pooling_gradient_on_ties_is_tensorflows(shape, k, form, monkeypatch
   np.testing.assert_array_equal(np.asarray(vjp(g)[0]), tape.gradient(yt, xt, output_gradients=tf.constant(g)).numpy())
 
 
+@pytest.mark.parametrize("channels, padding", [(1, "VALID"), (3, "VALID"), (3, "SAME"), (2, ((2, 0), (1, 3)))])
+def test_narrow_convs_equal_xla_convolution_and_its_gradients(channels, padding):
+  """Inside narrow_convs(), a Conv2D of at most 4 input channels (the one-channel forward
+  pass as broadcast products, every input gradient as a transposed im2col) gives XLA's
+  outputs and gradients for the input and the kernel, with any padding; outside it, and for
+  wider inputs or strides, the program is XLA's convolution as before."""
+  from convjax.models import layers
+
+  conv = layers.Conv2D(8, (3, 3), padding=padding)
+  x = jax.random.normal(jax.random.key(0), (2, 11, 9, channels))
+  variables = conv.init(jax.random.key(1), x)
+  g = jax.random.normal(jax.random.key(2), conv.apply(variables, x).shape)
+
+  def outputs_and_gradients(x, variables):
+    y, pull = jax.vjp(conv.apply, variables, x)
+    return y, *pull(g)
+
+  want = outputs_and_gradients(x, variables)
+  program = lambda conv, x=x: str(jax.make_jaxpr(conv.init)(jax.random.key(1), x))  # noqa: E731
+  with layers.narrow_convs():
+    got = (conv.apply(variables, x), *outputs_and_gradients(x, variables))  # not differentiated, and differentiated
+    assert "custom_vjp_call" in program(conv)
+    assert "custom_vjp_call" not in program(layers.Conv2D(8, (3, 3), strides=2))
+    assert "custom_vjp_call" not in program(conv, jnp.ones((2, 11, 9, 5)))
+  assert "custom_vjp_call" not in program(conv)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves((want[0], *want)), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_xla_cpu_default_is_added_only_where_it_applies(monkeypatch):
   import importlib.metadata
   from convjax import xla_defaults

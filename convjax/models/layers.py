@@ -17,17 +17,6 @@ import jax.numpy as jnp
 from jax import lax
 
 
-class Conv2D(nn.Conv):
-  """`nn.Conv` with Keras defaults: 'VALID' padding and a fused activation."""
-
-  padding: str = "VALID"
-  activation: Optional[Callable] = None
-
-  def __call__(self, x):
-    y = super().__call__(x)
-    return y if self.activation is None else self.activation(y)
-
-
 def conv_general_dilated(
   lhs,
   rhs,
@@ -38,21 +27,31 @@ def conv_general_dilated(
   dimension_numbers=None,
   feature_group_count=1,
   precision=None,
+  tiny_maps=True,
 ):
-  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except that a 2-D
-  NHWC convolution of a map at most 2x2 in space runs as its patches times the kernel: the
-  same sums, as one matrix product. XLA:CPU convolves such maps at 1.5-12 GFLOP/s against
-  ~170 at 7x7 (a 3x3 conv of ResNet's last stages on 32x32 images; BENCHMARKS.md, "Convolutions
-  of tiny maps")."""
-  tiny = (
-    lhs.ndim == 4
-    and max(lhs.shape[1:3]) <= 2
-    and feature_group_count == 1
+  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except for two 2-D
+  NHWC convolutions that XLA:CPU runs at a small fraction of its speed elsewhere:
+  - a map at most 2x2 in space (unless not `tiny_maps`) runs as its patches times the kernel:
+    the same sums, as one matrix product. XLA:CPU convolves such maps at 1.5-12 GFLOP/s against ~170 at 7x7 (a 3x3
+    conv of ResNet's last stages on 32x32 images; BENCHMARKS.md, "Convolutions of tiny maps");
+  - inside `narrow_convs()`, a stride-1 convolution of at most 4 input channels (a first
+    layer on RGB or grey images) has its input gradient as one matrix product and a sum of
+    shifted slices, and with one channel its forward pass as 9 broadcast products
+    (`_narrow_conv`)."""
+  plain = (
+    feature_group_count == 1
     and all(d == 1 for d in (*(lhs_dilation or (1,)), *(rhs_dilation or (1,))))
+    and lhs.ndim == 4
     and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   )
-  if not tiny:
+  if plain and _NARROW.get() and lhs.shape[-1] <= _NARROW_CHANNELS and all(s == 1 for s in window_strides):
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    if any(p != 0 for pair in padding for p in pair):
+      lhs = jnp.pad(lhs, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
+    return _narrow_conv(lhs, rhs, precision)
+  if not (plain and tiny_maps and max(lhs.shape[1:3]) <= 2):
     return lax.conv_general_dilated(
       lhs,
       rhs,
@@ -69,6 +68,91 @@ def conv_general_dilated(
     lhs, (kh, kw), window_strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
   )  # (N, H', W', C * kh * kw), channel-major
   return jnp.dot(patches, jnp.transpose(rhs, (2, 0, 1, 3)).reshape(c * kh * kw, out), precision=precision)
+
+
+class Conv2D(nn.Conv):
+  """`nn.Conv` with Keras defaults: 'VALID' padding and a fused activation; convolved by
+  `conv_general_dilated` above (its narrow convolutions, not its tiny maps)."""
+
+  padding: str = "VALID"
+  activation: Optional[Callable] = None
+  conv_general_dilated: Callable = functools.partial(conv_general_dilated, tiny_maps=False)
+
+  def __call__(self, x):
+    y = super().__call__(x)
+    return y if self.activation is None else self.activation(y)
+
+
+# Explanations differentiate with respect to the input, through the first convolution too,
+# whose few input channels XLA:CPU convolves slowly: on this project's AVX2 VM (a timing
+# script, BENCHMARKS.md "First convolutions"), the input gradient of the cats-vs-dogs
+# convnet's first layer at batch 16 in 77 ms by XLA against 33 as below, the MNIST
+# convnet's at batch 64 in 7.2 against 2.2 ms, and the MNIST layer's forward pass in 3.1
+# against 1.2 ms. Training, which never needs that gradient, keeps XLA's convolution.
+_NARROW_CHANNELS = 4
+_NARROW = contextvars.ContextVar("narrow_convs", default=False)
+
+
+@contextlib.contextmanager
+def narrow_convs(on: bool = True):
+  """Within it (or outside it, with on=False), Conv2D and the other convolutions through
+  `conv_general_dilated` convolve few input channels as `_narrow_conv`: the same sums in
+  another order (float32 rounding apart)."""
+  token = _NARROW.set(on)
+  try:
+    yield
+  finally:
+    _NARROW.reset(token)
+
+
+def _valid_conv(x, w, precision):
+  return lax.conv_general_dilated(
+    x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _narrow_conv(x, w, precision):
+  """A 'VALID' stride-1 NHWC x HWIO convolution of few input channels."""
+  return _narrow_forward(x, w, precision)
+
+
+def _narrow_forward(x, w, precision):
+  """With one input channel the sum of the kernel's taps times the shifted input (broadcast
+  products, accumulated in float32), otherwise XLA's convolution."""
+  kh, kw, c, _ = w.shape
+  if c != 1:
+    return _valid_conv(x, w, precision)
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  taps = [x[:, i : i + oh, j : j + ow, :].astype(wide) * w[i, j, 0].astype(wide) for i in range(kh) for j in range(kw)]
+  return functools.reduce(jnp.add, taps).astype(jnp.result_type(x, w))
+
+
+def _narrow_conv_fwd(x, w, precision):
+  # Under differentiation XLA's convolution: XLA fuses broadcast products into the backward
+  # pass of the ReLU and pool after them, recomputing them for each position of each pool
+  # window (the MNIST convnet's input gradient: 2.7 -> 6.7 ms in that fusion).
+  return _valid_conv(x, w, precision), (x, w)
+
+
+def _narrow_conv_bwd(precision, saved, g):
+  """The input's gradient as the output's gradient times the kernel's transpose, (N, H', W',
+  kh * kw * C), each tap's C columns then added into place (a transposed im2col); the
+  kernel's gradient XLA's."""
+  x, w = saved
+  kh, kw, c, out = w.shape
+  columns = jnp.dot(g, w.reshape(kh * kw * c, out).T, precision=precision)
+  taps = [
+    jnp.pad(columns[..., (i * kw + j) * c : (i * kw + j + 1) * c], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  _, pull_kernel = jax.vjp(lambda k: _valid_conv(x, k, precision), w)
+  return functools.reduce(jnp.add, taps).astype(x.dtype), pull_kernel(g)[0]
+
+
+_narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd)
 
 
 class Dense(nn.Dense):

@@ -28,6 +28,7 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 
+from convjax.models import layers as model_layers
 from convjax.viz.rewrite import bind
 
 # Linear in each input that depends on x, whichever they are.
@@ -90,7 +91,10 @@ def _is_var(v) -> bool:
 def split(fn: Callable, x) -> Split:
   """fn (one array in, one out) cut after its affine start (see the module doc), traced
   at x's shape and dtype."""
-  with jax.disable_jit():  # jitted helpers (jnp.pad, jnp.stack) inlined: their operations seen
+  # Jitted helpers (jnp.pad, jnp.stack) inlined, so that their operations are seen; convjax's
+  # first convolutions as XLA's, not as the custom derivative they are inside
+  # models.layers.narrow_convs(), which would end the head (the head runs once a batch).
+  with jax.disable_jit(), model_layers.narrow_convs(False):
     closed = jax.make_jaxpr(fn)(x)
   jaxpr = closed.jaxpr
   head_vars, rest_vars, parts = {jaxpr.invars[0]}, set(), []

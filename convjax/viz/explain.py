@@ -85,9 +85,10 @@ def explain(model, variables, x, classes, method: str, options: Options, rng):
 def explain_classes(model, variables, x, classes, method: str, options: Options, rng):
   """(explain's result, the classes explained (N,)): `classes`, or with None each image's
   predicted class, which the ONE_PASS methods read off their own forward pass and the
-  others predict first (one forward pass more). Traced with the max pools that are faster
-  for gradients with respect to the input (models.layers.elementwise_max_pools)."""
-  with model_layers.elementwise_max_pools():
+  others predict first (one forward pass more). Traced with the max pools and first
+  convolutions that are faster for gradients with respect to the input
+  (models.layers.elementwise_max_pools and narrow_convs)."""
+  with model_layers.elementwise_max_pools(), model_layers.narrow_convs():
     return _explain_classes(model, variables, x, classes, method, options, rng)
 
 
