@@ -32,8 +32,9 @@ def conv_general_dilated(
   """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except for two 2-D
   NHWC convolutions that XLA:CPU runs at a small fraction of its speed elsewhere:
   - a map at most 2x2 in space (unless not `tiny_maps`) runs as its patches times the kernel:
-    the same sums, as one matrix product. XLA:CPU convolves such maps at 1.5-12 GFLOP/s against ~170 at 7x7 (a 3x3
-    conv of ResNet's last stages on 32x32 images; BENCHMARKS.md, "Convolutions of tiny maps");
+    the same sums, as one matrix product. XLA:CPU convolves such maps at 1.5-12 GFLOP/s
+    against ~170 at 7x7 (a 3x3 conv of ResNet's last stages on 32x32 images; BENCHMARKS.md,
+    "Convolutions of tiny maps");
   - inside `narrow_convs()`, a stride-1 convolution of at most 4 input channels (a first
     layer on RGB or grey images) has its input gradient as one matrix product and a sum of
     shifted slices, and with one channel its forward pass as 9 broadcast products
@@ -72,7 +73,8 @@ def conv_general_dilated(
 
 class Conv2D(nn.Conv):
   """`nn.Conv` with Keras defaults: 'VALID' padding and a fused activation; convolved by
-  `conv_general_dilated` above (its narrow convolutions, not its tiny maps)."""
+  `conv_general_dilated` above: its narrow convolutions inside explanations, not its tiny
+  maps (measured on ResNet only; the VGG and course convnets' programs stay XLA's)."""
 
   padding: str = "VALID"
   activation: Optional[Callable] = None
