@@ -5,7 +5,7 @@ r"""The throughput grid of experiments/benchmark.py.
   python -m experiments.benchmark --config=configs/benchmark.py:full --workdir=/tmp/bench_full
 
 Models x batch sizes x precisions x modes; each row times `steps` (>= 20) steps
-after `warmup` untimed ones. A model is NAME@HxWxC (a convjax.models name).
+after `warmup` untimed ones, in `rounds` that alternate with its peers'. A model is NAME@HxWxC (a convjax.models name).
 
 The grid is a preset: `configs/benchmark.py` picks by the platform it runs on ('cpu':
 the course's small nets against the CPU peers, minutes on 2 cores; 'gpu' on GPU/TPU:
@@ -76,6 +76,10 @@ def get_config(preset: str = ""):
   config.workers = (0,)
   config.steps = 20
   config.warmup = 3
+  # A row's steps are timed in this many rounds, each of convjax's steps/rounds followed by each
+  # peer's (one untimed step each first): a convjax/peer ratio is the median of the rounds'
+  # ratios, both sides timed seconds apart, so a machine whose speed drifts moves both.
+  config.rounds = 4
   # > 0: then trace this many steps of each row with jax.profiler and write where the
   # step's time goes, per HLO instruction and the JAX op it came from, to
   # <workdir>/profile/<row>.md (the trace beside it, for TensorBoard or Perfetto).

@@ -203,82 +203,100 @@ def fresh_state(model, tx, input_shape: tuple, mesh):
   return init()
 
 
-def benchmark_row(
-  model_name: str,
-  model_kwargs: dict,
-  input_shape: tuple,
-  batch: int,
-  precision: str,
-  mode: str,
-  steps: int = 20,
-  warmup: int = 3,
-  cpu_peak: Optional[float] = None,
-  profile_steps: int = 0,
-  profile_dir: str = "",
-  method: str = "",
-) -> dict:
-  from convjax.config import default_config
+class Row:
+  """One (model, input, batch, precision, mode[, method]) compiled once (timed): its steps are
+  timed in as many calls of `time` as the caller makes (the benchmark binary alternates them
+  with a peer's), and `result` reports them."""
 
-  config = default_config()
-  config.learning_rate = 1e-4  # RMSprop, as the peers train
-  model = get_model(model_name, **model_kwargs)
-  mesh = parallel.make_mesh(1)
-  tx, _ = make_optimizer(config, 1, abstract_params(model, input_shape, model_name))
-  state = fresh_state(model, tx, input_shape, mesh)
-  images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
-  outputs = jax.eval_shape(
-    lambda v: model.apply(v, images / 255.0), {"params": state.params, **state.model_state}
-  ).shape[-1]
-  labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
-  data = {"image": images, "label": labels, "mask": jnp.ones((batch,), jnp.float32)}
-  args = (data, jax.random.key(3), parallel.put_replicated_tree(mesh, zero_metrics())) if mode == "train" else (data,)
-  step = make_step(model, tx, mode, precision, mesh, method, input_shape)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, *args).compile()
-  compile_seconds = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # XLA's cost analysis counts a loop's body once: a program whose loop runs convolutions or
-  # matrix products (feature ablation's lax.map over segments) gets no FLOP count rather than a
-  # wrong one; a loop of elementwise work (the random bits of SmoothGrad's noise) costs ~none.
-  flops = float(cost.get("flops", 0.0)) if cost and not _loop_multiplies(compiled.as_text()) else 0.0
+  def __init__(
+    self,
+    model_name: str,
+    model_kwargs: dict,
+    input_shape: tuple,
+    batch: int,
+    precision: str,
+    mode: str,
+    method: str = "",
+  ):
+    from convjax.config import default_config
 
-  def run(state):
-    out = compiled(state, *args)
+    config = default_config()
+    config.learning_rate = 1e-4  # RMSprop, as the peers train
+    model = get_model(model_name, **model_kwargs)
+    mesh = parallel.make_mesh(1)
+    tx, _ = make_optimizer(config, 1, abstract_params(model, input_shape, model_name))
+    self.state = fresh_state(model, tx, input_shape, mesh)
+    images = jax.random.randint(jax.random.key(1), (batch, *input_shape), 0, 256).astype(jnp.uint8)
+    outputs = jax.eval_shape(
+      lambda v: model.apply(v, images / 255.0), {"params": self.state.params, **self.state.model_state}
+    ).shape[-1]
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(outputs, 2))
+    data = {"image": images, "label": labels, "mask": jnp.ones((batch,), jnp.float32)}
+    self.args = (
+      (data, jax.random.key(3), parallel.put_replicated_tree(mesh, zero_metrics())) if mode == "train" else (data,)
+    )
+    step = make_step(model, tx, mode, precision, mesh, method, input_shape)
+    t0 = time.perf_counter()
+    self.compiled = step.lower(self.state, *self.args).compile()
+    self.compile_seconds = time.perf_counter() - t0
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA's cost analysis counts a loop's body once: a program whose loop runs convolutions or
+    # matrix products (feature ablation's lax.map over segments) gets no FLOP count rather than a
+    # wrong one; a loop of elementwise work (the random bits of SmoothGrad's noise) costs ~none.
+    self.flops = float(cost.get("flops", 0.0)) if cost and not _loop_multiplies(self.compiled.as_text()) else 0.0
+    self.key = {
+      "model": model_name,
+      "input": list(input_shape),
+      "batch": batch,
+      "precision": precision,
+      "mode": mode,
+      **({"method": method} if mode == "explain" else {}),
+    }
+
+  def _run(self, state):
+    out = self.compiled(state, *self.args)
     jax.block_until_ready(out)
-    return out[0] if mode == "train" else state
+    return out[0] if self.key["mode"] == "train" else state
 
-  for _ in range(warmup):
-    state = run(state)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state = run(state)
-    times.append(time.perf_counter() - t)
-  median = statistics.median(times)
-  device = jax.devices()[0]
-  peak = cpu_peak if device.platform == "cpu" else peak_flops(device, precision)
-  achieved = flops / median if flops else None
-  q1, q3 = np.percentile(times, [25, 75])
-  profile = op_profile(run, state, profile_steps, compiled.as_text(), profile_dir) if profile_steps else None
-  return {
-    "model": model_name,
-    "input": list(input_shape),
-    "batch": batch,
-    "precision": precision,
-    "mode": mode,
-    **({"method": method} if mode == "explain" else {}),
-    "compile_seconds": compile_seconds,
-    "step_seconds_median": median,
-    "step_seconds_iqr": [float(q1), float(q3)],
-    "step_seconds_min": min(times),
-    "steps_timed": steps,
-    "images_per_second": batch / median,
-    "flops_per_image": flops / batch if flops else None,
-    "tflops_per_second": achieved / 1e12 if achieved else None,
-    "percent_of_peak": 100 * achieved / peak if achieved and peak else None,
-    **({"profile": profile} if profile else {}),
-  }
+  def time(self, steps: int, warmup: int) -> list:
+    """Seconds of each of `steps` steps, one at a time, after `warmup` untimed ones."""
+    for _ in range(warmup):
+      self.state = self._run(self.state)
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      self.state = self._run(self.state)
+      times.append(time.perf_counter() - t)
+    return times
+
+  def result(
+    self, times: list, cpu_peak: Optional[float] = None, profile_steps: int = 0, profile_dir: str = ""
+  ) -> dict:
+    """The row's numbers from its step `times`; with `profile_steps`, where a step's time goes
+    (op_profile, traced into `profile_dir`)."""
+    median = statistics.median(times)
+    device = jax.devices()[0]
+    peak = cpu_peak if device.platform == "cpu" else peak_flops(device, self.key["precision"])
+    achieved = self.flops / median if self.flops else None
+    q1, q3 = np.percentile(times, [25, 75])
+    profile = (
+      op_profile(self._run, self.state, profile_steps, self.compiled.as_text(), profile_dir) if profile_steps else None
+    )
+    batch = self.key["batch"]
+    return {
+      **self.key,
+      "compile_seconds": self.compile_seconds,
+      "step_seconds_median": median,
+      "step_seconds_iqr": [float(q1), float(q3)],
+      "step_seconds_min": min(times),
+      "steps_timed": len(times),
+      "images_per_second": batch / median,
+      "flops_per_image": self.flops / batch if self.flops else None,
+      "tflops_per_second": achieved / 1e12 if achieved else None,
+      "percent_of_peak": 100 * achieved / peak if achieved and peak else None,
+      **({"profile": profile} if profile else {}),
+    }
 
 
 def environment() -> dict:

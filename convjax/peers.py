@@ -9,7 +9,8 @@ Run as a subprocess (the Keras backend is fixed at import):
 
 prints one JSON line: {"images_per_second", "step_seconds_median", "params"}; with
 --rows='[{"model": ..., "input": ..., "batch": ..., ...}, ...]' one line per row, measured in
-turn in one process (the benchmark's grid: one framework import per peer, not per row).
+turn in one process. The benchmark binary runs one `--serve` process per peer (one framework
+import per peer, not per row) and asks it for a row's steps in rounds between its own.
 Keras: train steps are `train_on_batch` (forward, backward, RMSprop update) on
 arrays already converted for the backend, inference `predict_on_batch`;
 'bfloat16' is the mixed_bfloat16 policy (float32 variables). PyTorch (eager, or
@@ -20,6 +21,7 @@ under `torch.no_grad`; 'bfloat16' is CPU/GPU autocast. Both as convjax's rows.
 import json
 import os
 import statistics
+import sys
 import time
 import types
 
@@ -46,6 +48,9 @@ flags.DEFINE_string(
   None,
   "Instead of --model/--input/--batch/--precision/--mode/--method: a JSON list of rows with those "
   "keys, measured one after the other in this process (one import of the framework), a JSON line each.",
+)
+flags.DEFINE_bool(
+  "serve", False, "Measure the rows the benchmark binary asks for on stdin, a JSON line each (its rounds)."
 )
 ROW_KEYS = ("model", "input", "batch", "precision", "mode", "method")
 
@@ -116,19 +121,22 @@ def build_torch(torch, name: str, shape: tuple):
   return model
 
 
-def median_step(step, f) -> float:
-  """Median seconds of `step()` over f.steps calls after f.warmup; `step` waits for its result."""
-  for _ in range(f.warmup):
+def step_times(step, steps: int, warmup: int) -> list:
+  """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones; `step` waits for
+  its result."""
+  for _ in range(warmup):
     step()
   times = []
-  for _ in range(f.steps):
+  for _ in range(steps):
     t = time.perf_counter()
     step()
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return times
 
 
-def torch_main(f, shape: tuple) -> dict:
+def torch_row(f, shape: tuple):
+  """(step, facts): the row's PyTorch step, which waits for its result, and its parameters
+  and backend."""
   import torch
 
   batch = f.batch
@@ -161,10 +169,7 @@ def torch_main(f, shape: tuple) -> dict:
     step = torch_explain_step(torch, model, x, f.method)
   if f.compile:
     step = torch.compile(step)
-  median = median_step(lambda: step().float().sum().item(), f)  # CPU tensors: the result is complete
-  return {
-    "images_per_second": batch / median,
-    "step_seconds_median": median,
+  return lambda: step().float().sum().item(), {  # CPU tensors: the result is complete
     "params": sum(p.numel() for p in model.parameters()),
     "backend": "torch.compile" if f.compile else "torch eager",
     "torch": torch.__version__,
@@ -249,7 +254,8 @@ def torch_explain_step(torch, model, x, method: str):
   return calls[method]
 
 
-def keras_main(f, shape: tuple) -> dict:
+def keras_row(f, shape: tuple):
+  """(step, facts) as torch_row's, in Keras 3."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import keras
 
@@ -270,46 +276,74 @@ def keras_main(f, shape: tuple) -> dict:
     rng.integers(0, max(outputs, 2), batch).astype(np.float32 if outputs == 1 else np.int32)
   )
   step = (lambda: model.train_on_batch(x, y)) if f.mode == "train" else (lambda: model.predict_on_batch(x))
-  median = median_step(lambda: np.asarray(step()), f)  # np.asarray waits for the result
-  return {
-    "images_per_second": batch / median,
-    "step_seconds_median": median,
+  return lambda: np.asarray(step()), {  # np.asarray waits for the result
     "params": int(model.count_params()),
     "backend": keras.backend.backend(),
   }
+
+
+def checked(f, row: dict):
+  """(spec, shape) of one row (the flags' defaults where the row is silent); a malformed row is
+  a UserError."""
+  unknown = sorted(set(row) - set(ROW_KEYS))
+  if unknown or not all(row.get(k) for k in ("model", "input", "batch")):
+    raise UserError(f"--rows entry {row}: needs model, input and batch, and no other keys than {', '.join(ROW_KEYS)}")
+  spec = types.SimpleNamespace(
+    **{k: getattr(f, k) for k in ("framework", "compile")},
+    **{"precision": "float32", "mode": "train", "method": "", **row},
+  )
+  try:
+    shape = tuple(int(d) for d in str(spec.input).split("x"))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3:
+    raise UserError(f"--input={spec.input!r}: expected HxWxC, e.g. 28x28x1")
+  if spec.mode == "explain" and (f.framework != "torch" or f.compile):
+    raise UserError("explain rows have eager PyTorch peers only (pytorch-grad-cam, captum)")
+  return spec, shape
+
+
+def serve(f) -> None:
+  """Once its framework is imported, says {"ready": pid}, then answers the benchmark binary's
+  requests, one JSON line each on stdin, {"row": {...},
+  "steps": n, "warmup": n}, with one JSON line each, the step times and the row's facts or
+  {"error": ...}: the binary alternates rounds of its own steps with the peer's, so that a
+  ratio compares steps timed seconds apart. The row last built is kept for the next request
+  of the same row."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  __import__("torch" if f.framework == "torch" else "keras")  # the import, before the binary times a step
+  print(json.dumps({"ready": os.getpid()}), flush=True)
+  built = (None, None, None)
+  for line in iter(sys.stdin.readline, ""):
+    request = json.loads(line)
+    try:
+      if built[0] != request["row"]:
+        built = (None, None, None)  # the previous row's network goes before the next is built
+        spec, shape = checked(f, request["row"])
+        built = (request["row"], *(torch_row if f.framework == "torch" else keras_row)(spec, shape))
+      answer = {"times": step_times(built[1], request["steps"], request["warmup"]), **built[2], "pid": os.getpid()}
+    except Exception as e:  # noqa: BLE001 - one row's failure is that row's answer, not the process's end
+      answer = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    print(json.dumps(answer), flush=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.serve:
+    serve(f)
+    return
   try:
     rows = json.loads(f.rows) if f.rows else [{k: getattr(f, k) for k in ROW_KEYS}]
   except json.JSONDecodeError as e:
     raise UserError(f"--rows is not a JSON list of rows: {e}") from None
   if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
     raise UserError(f"--rows={f.rows!r}: expected a JSON list of objects, one per row")
-  for row in rows:
-    unknown = sorted(set(row) - set(ROW_KEYS))
-    if unknown or not all(row.get(k) for k in ("model", "input", "batch")):
-      raise UserError(f"--rows entry {row}: needs model, input and batch, and no other keys than {', '.join(ROW_KEYS)}")
-  checked = []
-  for row in rows:  # every row is checked before the first is measured
-    spec = types.SimpleNamespace(
-      **{k: getattr(f, k) for k in ("framework", "compile", "steps", "warmup")},
-      **{"precision": "float32", "mode": "train", "method": "", **row},
-    )
-    try:
-      shape = tuple(int(d) for d in str(spec.input).split("x"))
-    except ValueError:
-      shape = ()
-    if len(shape) != 3:
-      raise UserError(f"--input={spec.input!r}: expected HxWxC, e.g. 28x28x1")
-    if spec.mode == "explain" and (f.framework != "torch" or f.compile):
-      raise UserError("explain rows have eager PyTorch peers only (pytorch-grad-cam, captum)")
-    checked.append((spec, shape))
-  for spec, shape in checked:
-    print(json.dumps((torch_main if f.framework == "torch" else keras_main)(spec, shape)), flush=True)
+  for spec, shape in [checked(f, row) for row in rows]:  # every row is checked before the first is measured
+    step, facts = (torch_row if f.framework == "torch" else keras_row)(spec, shape)
+    median = statistics.median(step_times(step, f.steps, f.warmup))
+    print(json.dumps({"images_per_second": spec.batch / median, "step_seconds_median": median, **facts}), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ present in both files, the ratio of images/s (b / a): two devices, two versions.
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,42 +42,73 @@ PEERS = {
 KERAS_BACKENDS = {"keras_jax": "jax", "keras_tensorflow": "tensorflow"}
 
 
-def run_peers(peer: str, rows: list, config) -> list:
-  """Each row's measurement by `peer`, all in one Keras 3 or PyTorch process (one import of
-  the framework), with convjax's images/s over the peer's; a row the process did not
-  measure gets its error."""
-  env = {**os.environ, "KERAS_BACKEND": KERAS_BACKENDS.get(peer, "jax")}
-  spec = [
-    {
-      "model": r["model"],
-      "input": "x".join(map(str, r["input"])),
-      "batch": r["batch"],
-      "precision": r["precision"],
-      "mode": r["mode"],
-      "method": r.get("method", ""),
-    }
-    for r in rows
+class Peer:
+  """A peer's process (`convjax.peers --serve`, one framework import for the whole grid) that
+  measures a row's steps when asked; `args` replaces the command (tests). It starts here and
+  imports its framework before the binary times a step of its own."""
+
+  def __init__(self, peer: str, args: Optional[list] = None):
+    self.stderr = tempfile.TemporaryFile("w+")
+    self.process = subprocess.Popen(
+      args or [sys.executable, "-m", "convjax.peers", *PEERS[peer], "--serve"],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=self.stderr,
+      text=True,
+      env={**os.environ, "KERAS_BACKEND": KERAS_BACKENDS.get(peer, "jax")},
+    )
+    self.error = None if self.process.stdout.readline().startswith('{"ready"') else self._died()
+
+  def _died(self) -> str:
+    """The process's last line on stderr, once it has ended."""
+    self.process.kill()
+    self.process.wait()
+    self.stderr.seek(0)
+    return (self.stderr.read().strip().splitlines() or ["no output"])[-1][:200]
+
+  def measure(self, row: dict, steps: int, warmup: int) -> dict:
+    """{"times": [...], params, backend...} of `steps` steps of `row`, or {"error": ...}: the
+    row's own, or the process's last line where it died."""
+    if self.error:
+      return {"error": self.error}
+    spec = {k: "x".join(map(str, row[k])) if k == "input" else row.get(k, "") for k in KEY}
+    try:
+      self.process.stdin.write(json.dumps({"row": spec, "steps": steps, "warmup": warmup}) + "\n")
+      self.process.stdin.flush()
+      line = self.process.stdout.readline()
+    except BrokenPipeError:
+      line = ""
+    if line.startswith("{"):
+      return json.loads(line)
+    self.error = self._died()
+    return {"error": self.error}
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      self.process.stdin.close()
+      self.process.wait()
+    self.stderr.close()
+
+
+def peer_result(row: dict, convjax_rounds: list, peer_rounds: list) -> dict:
+  """A peer's measurement of `row` from the step times of both sides, round by round: its
+  images/s (median of all its steps) and convjax's images/s over its as the median of the
+  rounds' ratios, so that a machine whose speed drifts moves both sides of each ratio."""
+  failed = next((r for r in peer_rounds if "error" in r), None)
+  if failed:
+    return {"error": failed["error"]}
+  times = [t for r in peer_rounds for t in r["times"]]
+  ratios = [
+    statistics.median(p["times"]) / statistics.median(c) for c, p in zip(convjax_rounds, peer_rounds, strict=True)
   ]
-  args = [
-    sys.executable,
-    "-m",
-    "convjax.peers",
-    *PEERS[peer],
-    f"--rows={json.dumps(spec)}",
-    f"--steps={config.steps}",
-    f"--warmup={config.warmup}",
-  ]
-  result = subprocess.run(args, env=env, capture_output=True, text=True)
-  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-  error = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
-  out = []
-  for i, row in enumerate(rows):
-    if i >= len(lines):
-      logging.warning("%s peer failed for %s: %s", peer, _label(row), error)
-      out.append({"error": error})
-    else:
-      out.append({**lines[i], "ratio": row["images_per_second"] / lines[i]["images_per_second"]})
-  return out
+  facts = {k: v for k, v in peer_rounds[-1].items() if k != "times"}
+  return {
+    **facts,
+    "images_per_second": row["batch"] / statistics.median(times),
+    "step_seconds_median": statistics.median(times),
+    "ratio": statistics.median(ratios),
+    "round_ratios": ratios,
+  }
 
 
 def run_input_readers(config) -> list:
@@ -284,6 +318,8 @@ def main(argv):
       raise UserError(f"unknown config.pipeline_modes entry {kind!r}; valid: device, stream")
   if config.steps < 20:
     raise UserError(f"config.steps={config.steps}: time at least 20 steps")
+  if not 1 <= config.rounds <= config.steps:
+    raise UserError(f"config.rounds={config.rounds}: between 1 and config.steps ({config.steps})")
   if config.profile_steps < 0:
     raise UserError(f"config.profile_steps={config.profile_steps}: 0 (no profile) or a number of steps to trace")
   peers = [p.strip() for p in config.peers.split(",") if p.strip()]
@@ -293,42 +329,45 @@ def main(argv):
   rows, pipeline = [], []
   result = {"environment": env, "rows": rows, "pipeline": pipeline}
   files.make_dir(f.workdir)
-  for name, input_shape in models:
-    for batch in config.batch_sizes:
-      for precision in config.precisions:
-        for mode, method in [(m, x) for m in config.modes for x in (methods if m == "explain" else [""])]:
-          label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}{method and '_' + method}"
-          row = benchmark.benchmark_row(
-            name,
-            {},
-            input_shape,
-            batch,
-            precision,
-            mode,
-            config.steps,
-            config.warmup,
-            cpu_peak,
-            config.profile_steps,
-            os.path.join(f.workdir, "profile", label),
-            method,
-          )
-          if "profile" in row:
-            write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
-          row["peers"] = {}
-          rows.append(row)
-          files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
-          logging.info(
-            "%s: %.1f images/s (compile %.1fs)", _label(row), row["images_per_second"], row["compile_seconds"]
-          )
-  for peer in peers:  # after the grid: one process per peer measures every row it can
-    eligible = [r for r in rows if r["mode"] != "explain" or peer == "torch_eager"]
-    for row, measured in zip(eligible, run_peers(peer, eligible, config) if eligible else [], strict=True):
-      row["peers"][peer] = measured
-    files.write_json(os.path.join(f.workdir, "benchmark.json"), result)
-  for row in rows if peers else []:
-    logging.info(
-      "%s: %s", _label(row), " ".join(f"{p} x{v['ratio']:.2f}" for p, v in row["peers"].items() if "ratio" in v)
-    )
+  eligible = lambda mode: [p for p in peers if mode != "explain" or p == "torch_eager"]  # noqa: E731
+  # One process per peer measures every row it can (one import of its framework).
+  processes = {p: Peer(p) for p in peers if any(p in eligible(mode) for mode in config.modes)}
+  per_round = -(-config.steps // config.rounds)
+  try:
+    for name, input_shape in models:
+      for batch in config.batch_sizes:
+        for precision in config.precisions:
+          for mode, method in [(m, x) for m in config.modes for x in (methods if m == "explain" else [""])]:
+            label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}{method and '_' + method}"
+            timer = benchmark.Row(name, {}, input_shape, batch, precision, mode, method)
+            times, peer_rounds = [], {p: [] for p in eligible(mode)}
+            for r in range(config.rounds):  # the rounds alternate: a drifting machine moves both sides
+              warmup = config.warmup if r == 0 else 1
+              times.append(timer.time(per_round, warmup))
+              for p in peer_rounds:
+                peer_rounds[p].append(processes[p].measure(timer.key, per_round, warmup))
+            row = timer.result(
+              [t for r in times for t in r], cpu_peak, config.profile_steps, os.path.join(f.workdir, "profile", label)
+            )
+            del timer
+            if "profile" in row:
+              write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
+            row["peers"] = {p: peer_result(row, times, rounds) for p, rounds in peer_rounds.items()}
+            rows.append(row)
+            files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
+            logging.info(
+              "%s: %.1f images/s (compile %.1fs)%s",
+              _label(row),
+              row["images_per_second"],
+              row["compile_seconds"],
+              "".join(
+                f"; {p} {v['images_per_second']:.1f} (x{v['ratio']:.2f})" if "ratio" in v else f"; {p}: {v['error']}"
+                for p, v in row["peers"].items()
+              ),
+            )
+  finally:
+    for process in processes.values():
+      process.close()
   for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
     model_name, _, spec = item.partition(":")
     if not spec:

@@ -27,6 +27,7 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
     "--config.precisions=('float32', 'bfloat16')",
     "--config.warmup=1",
     "--config.peers=keras_jax",
+    "--config.rounds=2",
     "--config.profile_steps=2",
   )
   wall = time.perf_counter() - started
@@ -47,6 +48,8 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
     assert row["steps_timed"] == 20
     peer = row["peers"]["keras_jax"]  # the same network in Keras 3 on JAX, same batch and precision
     assert peer["params"] == 93_322 and peer["backend"] == "jax" and peer["images_per_second"] > 0
+    assert len(peer["round_ratios"]) == 2 and min(peer["round_ratios"]) <= peer["ratio"] <= max(peer["round_ratios"])
+  assert len({r["peers"]["keras_jax"]["pid"] for r in data["rows"]}) == 1  # one peer process for the grid
   inference = data["rows"][1]["flops_per_image"]
   # XLA's count: the convolutions and matmuls, plus a little elementwise work (bias, ReLU, pooling).
   assert MNIST_FORWARD_FLOPS <= inference <= 1.1 * MNIST_FORWARD_FLOPS, inference
@@ -77,6 +80,8 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert bad.returncode == 1 and "error: config.models entry 'mnist_convnet@28x28'" in bad.stderr
   bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.peers=caffe")
   assert bad.returncode == 1 and "error: unknown config.peers ['caffe']" in bad.stderr
+  bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.rounds=0")
+  assert bad.returncode == 1 and "error: config.rounds=0: between 1 and config.steps (20)" in bad.stderr
 
 
 class Clock:
@@ -101,7 +106,8 @@ def test_a_rows_numbers_come_from_its_step_times(monkeypatch):
   for step in steps:
     increments += [0.25, step]  # the gap between two timed steps, then the step
   monkeypatch.setattr(benchmark, "time", Clock(increments))
-  row = benchmark.benchmark_row("mnist_convnet", {}, (28, 28, 1), 8, "float32", "inference", 5, 1, cpu_peak=1e9)
+  timer = benchmark.Row("mnist_convnet", {}, (28, 28, 1), 8, "float32", "inference")
+  row = timer.result(timer.time(5, 1), cpu_peak=1e9)
   assert row["compile_seconds"] == 0.5
   assert (row["step_seconds_median"], row["step_seconds_min"], row["step_seconds_iqr"]) == (
     3 / 64,
@@ -124,7 +130,8 @@ def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
   from convjax import benchmark
   from convjax.models import get_model
 
-  row = benchmark.benchmark_row("mnist_convnet", {}, (28, 28, 1), 8, "float32", "inference", 20, 3)
+  timer = benchmark.Row("mnist_convnet", {}, (28, 28, 1), 8, "float32", "inference")
+  row = timer.result(timer.time(20, 3))
   model = get_model("mnist_convnet")
   images = np.zeros((8, 28, 28, 1), np.float32)
   variables = model.init(jax.random.key(0), images)
@@ -141,9 +148,7 @@ def test_a_rows_step_time_is_the_steps_time_measured_apart(monkeypatch):
 
 def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_path, monkeypatch, import_binary):
   """pipeline_overhead with the test's step times (real 3/64 s, synthetic 2/64 s: +50%), and
-  a peer's ratio with the test's images/s (ours 100, the peer's 40: 2.5x)."""
-  import subprocess as subprocess_module
-
+  a peer's ratio from the test's step times of both sides, round by round."""
   from PIL import Image
 
   from convjax import benchmark
@@ -159,15 +164,36 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
   assert (row["synthetic_step_seconds_median"], row["real_step_seconds_median"]) == (2 / 64, 3 / 64)
   assert row["overhead_percent"] == 50.0
 
-  # Two rows in one peer process: the first measured at 40 images/s, the second not (the
-  # process died): its error is the process's last line.
-  lines = '{"images_per_second": 40.0}\n'
-  peer_output = subprocess_module.CompletedProcess([], 1, stdout=lines, stderr="RuntimeError: out of memory\n")
-  monkeypatch.setattr(binary.subprocess, "run", lambda *a, **k: peer_output)
-  config = type("Config", (), {"steps": 2, "warmup": 1})
+  # A peer's ratio is the median of the rounds' ratios: in round 2 convjax's steps ran on a
+  # machine 4x slower (a shared VM's drift), which a ratio of the pooled medians would take
+  # for a 0.625x row.
   row = {"model": "mnist_convnet", "input": [28, 28, 1], "batch": 8, "precision": "float32", "mode": "train"}
-  first, second = binary.run_peers("keras_jax", [{**row, "images_per_second": 100.0}, {**row, "batch": 16}], config)
-  assert first["ratio"] == 2.5 and second == {"error": "RuntimeError: out of memory"}
+  convjax_rounds = [[0.01, 0.01], [0.04, 0.04], [0.04, 0.04]]
+  peer_rounds = [{"times": [0.025, 0.025], "params": 5}, {"times": [0.025]}, {"times": [0.1], "params": 5}]
+  measured = binary.peer_result(row, convjax_rounds, peer_rounds)
+  assert measured["round_ratios"] == [2.5, 0.625, 2.5] and measured["ratio"] == 2.5
+  assert measured["images_per_second"] == 8 / 0.025 and measured["params"] == 5
+
+  # A real peer process that answers one request and then dies: the second row's measurement
+  # is the process's last line, as is every later one, and a failed round fails the row.
+  script = (
+    "import json, sys\n"
+    "print(json.dumps({'ready': 1}), flush=True)\n"
+    "sys.stdin.readline(); print(json.dumps({'times': [0.1]}), flush=True)\n"
+    "sys.stdin.readline(); sys.exit('RuntimeError: out of memory')\n"
+  )
+  peer = binary.Peer("keras_jax", args=[sys.executable, "-c", script])
+  try:
+    assert peer.measure(row, 1, 0) == {"times": [0.1]}
+    assert peer.measure({**row, "batch": 16}, 1, 0) == {"error": "RuntimeError: out of memory"}
+    assert peer.measure(row, 1, 0) == {"error": "RuntimeError: out of memory"}
+  finally:
+    peer.close()
+  assert binary.peer_result(row, [[0.01]] * 2, [{"times": [0.1]}, {"error": "E"}]) == {"error": "E"}
+  # A peer that cannot start (its framework is not installed): each of its rows says so.
+  peer = binary.Peer("keras_jax", args=[sys.executable, "-c", "import keras_not_installed"])
+  assert peer.measure(row, 1, 0) == {"error": "ModuleNotFoundError: No module named 'keras_not_installed'"}
+  peer.close()
 
 
 @pytest.mark.slow
@@ -193,6 +219,24 @@ def test_peers_build_the_same_networks():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [line["params"] for line in lines] == [params for _, _, params in rows], framework
+  # The binary's --serve process: a row it has no network for is that row's error, and the
+  # process goes on to the next row.
+  requests = [
+    {"row": {"model": m, "input": "28x28x1", "batch": 2, "mode": "inference"}, "steps": 2, "warmup": 1}
+    for m in ("lenet5", "mnist_convnet")
+  ]
+  out = subprocess.run(
+    [sys.executable, "-m", "convjax.peers", "--framework=keras", "--serve"],
+    input="".join(json.dumps(r) + "\n" for r in requests),
+    capture_output=True,
+    text=True,
+    env={**os.environ, "KERAS_BACKEND": "jax"},
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  ready, first, second = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert first == {"error": "UserError: no Keras peer for model 'lenet5'"}
+  assert second["pid"] == ready["ready"]
+  assert len(second["times"]) == 2 and second["params"] == 93_322
   bad = subprocess.run(
     [sys.executable, "-m", "convjax.peers", '--rows=["mnist_convnet"]'], capture_output=True, text=True
   )
