@@ -76,9 +76,10 @@ def get_config(preset: str = ""):
   config.workers = (0,)
   config.steps = 20
   config.warmup = 3
-  # A row's steps are timed in this many rounds, each of convjax's steps/rounds followed by each
-  # peer's (one untimed step each first): a convjax/peer ratio is the median of the rounds'
-  # ratios, both sides timed seconds apart, so a machine whose speed drifts moves both.
+  # A row's steps are timed in this many rounds, each of convjax's steps/rounds followed by
+  # each peer's (`warmup` untimed steps each before the first round, one before each later
+  # round): a convjax/peer ratio is the median of the rounds' ratios, both sides timed
+  # seconds apart, so a machine whose speed drifts moves both.
   config.rounds = 4
   # > 0: then trace this many steps of each row with jax.profiler and write where the
   # step's time goes, per HLO instruction and the JAX op it came from, to
