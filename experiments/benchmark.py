@@ -10,6 +10,7 @@ processes on the same cores make every number wrong. --compare prints, per row
 present in both files, the ratio of images/s (b / a): two devices, two versions.
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -84,9 +85,11 @@ class Peer:
     return {"error": self.error}
 
   def close(self) -> None:
-    if self.process.poll() is None:
+    """Ends the process (its input closed) and closes its pipes and stderr file."""
+    with contextlib.suppress(BrokenPipeError):  # a process that died unread
       self.process.stdin.close()
-      self.process.wait()
+    self.process.wait()
+    self.process.stdout.close()
     self.stderr.close()
 
 

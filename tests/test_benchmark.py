@@ -189,6 +189,7 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
     assert peer.measure(row, 1, 0) == {"error": "RuntimeError: out of memory"}
   finally:
     peer.close()
+  assert peer.process.stdin.closed and peer.process.stdout.closed and peer.stderr.closed
   assert binary.peer_result(row, [[0.01]] * 2, [{"times": [0.1]}, {"error": "E"}]) == {"error": "E"}
   # A peer that cannot start (its framework is not installed): each of its rows says so.
   peer = binary.Peer("keras_jax", args=[sys.executable, "-c", "import keras_not_installed"])
