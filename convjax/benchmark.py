@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convjax import parallel
+from convjax import parallel, timing
 from convjax.errors import UserError
 from convjax.models import RUN_ONCE, get_model
 from convjax.train.loop import abstract_params
@@ -261,14 +261,11 @@ class Row:
 
   def time(self, steps: int, warmup: int) -> list:
     """Seconds of each of `steps` steps, one at a time, after `warmup` untimed ones."""
-    for _ in range(warmup):
+
+    def step():
       self.state = self._run(self.state)
-    times = []
-    for _ in range(steps):
-      t = time.perf_counter()
-      self.state = self._run(self.state)
-      times.append(time.perf_counter() - t)
-    return times
+
+    return timing.step_times(step, steps, warmup)
 
   def result(
     self, times: list, cpu_peak: Optional[float] = None, profile_steps: int = 0, profile_dir: str = ""
@@ -371,14 +368,12 @@ def pipeline_overhead(
   sums = parallel.put_replicated_tree(mesh, zero_metrics())
 
   def timed(train_step, feeds, state):
-    times = []
-    for i in range(warmup + steps):
-      t = time.perf_counter()
+    def step():
+      nonlocal state
       state, metrics = train_step(state, next(feeds), rng, sums)
       jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), state
+
+    return statistics.median(timing.step_times(step, steps, warmup)), state
 
   synthetic, state = timed(given, iter(lambda: fixed, None), state)
   feeds = data.train_batches(1)

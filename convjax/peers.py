@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import types
 
 import numpy as np
@@ -30,6 +29,7 @@ from absl import app, flags
 
 from convjax import cli
 from convjax.errors import UserError
+from convjax.timing import step_times
 
 flags.DEFINE_enum("framework", "keras", ["keras", "torch"], "Keras 3 (backend: KERAS_BACKEND) or PyTorch.")
 flags.DEFINE_bool("compile", False, "PyTorch: torch.compile the step.")
@@ -119,19 +119,6 @@ def build_torch(torch, name: str, shape: tuple):
   model = nn.Sequential(*body, *head)
   model(torch.zeros(1, c, h, w))  # materialise the lazy layers
   return model
-
-
-def step_times(step, steps: int, warmup: int) -> list:
-  """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones; `step` waits for
-  its result."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return times
 
 
 def torch_row(f, shape: tuple):

@@ -11,6 +11,7 @@ present in both files, the ratio of images/s (b / a): two devices, two versions.
 """
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -336,38 +337,41 @@ def main(argv):
   # One process per peer measures every row it can (one import of its framework).
   processes = {p: Peer(p) for p in peers if any(p in eligible(mode) for mode in config.modes)}
   per_round = -(-config.steps // config.rounds)
+  grid = itertools.product(
+    models,
+    config.batch_sizes,
+    config.precisions,
+    [(m, x) for m in config.modes for x in (methods if m == "explain" else [""])],
+  )
   try:
-    for name, input_shape in models:
-      for batch in config.batch_sizes:
-        for precision in config.precisions:
-          for mode, method in [(m, x) for m in config.modes for x in (methods if m == "explain" else [""])]:
-            label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}{method and '_' + method}"
-            timer = benchmark.Row(name, {}, input_shape, batch, precision, mode, method)
-            times, peer_rounds = [], {p: [] for p in eligible(mode)}
-            for r in range(config.rounds):  # the rounds alternate: a drifting machine moves both sides
-              warmup = config.warmup if r == 0 else 1
-              times.append(timer.time(per_round, warmup))
-              for p in peer_rounds:
-                peer_rounds[p].append(processes[p].measure(timer.key, per_round, warmup))
-            row = timer.result(
-              [t for r in times for t in r], cpu_peak, config.profile_steps, os.path.join(f.workdir, "profile", label)
-            )
-            del timer
-            if "profile" in row:
-              write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
-            row["peers"] = {p: peer_result(row, times, rounds) for p, rounds in peer_rounds.items()}
-            rows.append(row)
-            files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
-            logging.info(
-              "%s: %.1f images/s (compile %.1fs)%s",
-              _label(row),
-              row["images_per_second"],
-              row["compile_seconds"],
-              "".join(
-                f"; {p} {v['images_per_second']:.1f} (x{v['ratio']:.2f})" if "ratio" in v else f"; {p}: {v['error']}"
-                for p, v in row["peers"].items()
-              ),
-            )
+    for (name, input_shape), batch, precision, (mode, method) in grid:
+      label = f"{name}_{'x'.join(map(str, input_shape))}_b{batch}_{precision}_{mode}{method and '_' + method}"
+      timer = benchmark.Row(name, {}, input_shape, batch, precision, mode, method)
+      times, peer_rounds = [], {p: [] for p in eligible(mode)}
+      for r in range(config.rounds):  # the rounds alternate: a drifting machine moves both sides
+        warmup = config.warmup if r == 0 else 1
+        times.append(timer.time(per_round, warmup))
+        for p in peer_rounds:
+          peer_rounds[p].append(processes[p].measure(timer.key, per_round, warmup))
+      row = timer.result(
+        [t for r in times for t in r], cpu_peak, config.profile_steps, os.path.join(f.workdir, "profile", label)
+      )
+      del timer
+      if "profile" in row:
+        write_profile(os.path.join(f.workdir, "profile", label + ".md"), _label(row), row)
+      row["peers"] = {p: peer_result(row, times, rounds) for p, rounds in peer_rounds.items()}
+      rows.append(row)
+      files.write_json(os.path.join(f.workdir, "benchmark.json"), result)  # a long grid keeps its rows
+      logging.info(
+        "%s: %.1f images/s (compile %.1fs)%s",
+        _label(row),
+        row["images_per_second"],
+        row["compile_seconds"],
+        "".join(
+          f"; {p} {v['images_per_second']:.1f} (x{v['ratio']:.2f})" if "ratio" in v else f"; {p}: {v['error']}"
+          for p, v in row["peers"].items()
+        ),
+      )
   finally:
     for process in processes.values():
       process.close()

@@ -99,13 +99,15 @@ class Clock:
 def test_a_rows_numbers_come_from_its_step_times(monkeypatch):
   """With the step times fixed by the test (1..5 x 1/64 s: exact in binary floating point),
   every derived number is the hand-computed one."""
-  from convjax import benchmark
+  from convjax import benchmark, timing
 
   steps = [k / 64 for k in (4, 1, 5, 2, 3)]  # median 3/64, min 1/64, quartiles 2/64 and 4/64
   increments = [0.0, 0.5]  # the compilation: 0.5 s
   for step in steps:
     increments += [0.25, step]  # the gap between two timed steps, then the step
-  monkeypatch.setattr(benchmark, "time", Clock(increments))
+  clock = Clock(increments)  # the compilation's timing and the steps' (convjax.timing) read it in turn
+  monkeypatch.setattr(benchmark, "time", clock)
+  monkeypatch.setattr(timing, "time", clock)
   timer = benchmark.Row("mnist_convnet", {}, (28, 28, 1), 8, "float32", "inference")
   row = timer.result(timer.time(5, 1), cpu_peak=1e9)
   assert row["compile_seconds"] == 0.5
@@ -151,7 +153,7 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
   a peer's ratio from the test's step times of both sides, round by round."""
   from PIL import Image
 
-  from convjax import benchmark
+  from convjax import benchmark, timing
 
   binary = import_binary("benchmark")
   for c in ("a", "b"):
@@ -159,7 +161,7 @@ def test_the_input_overhead_and_a_peers_ratio_come_from_their_measurements(tmp_p
     for i in range(4):
       Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
   increments = [0.25, 2 / 64] * 3 + [0.25, 3 / 64] * 3  # 3 synthetic steps, then 3 real ones
-  monkeypatch.setattr(benchmark, "time", Clock(increments))
+  monkeypatch.setattr(timing, "time", Clock(increments))
   row = benchmark.pipeline_overhead("mnist_convnet", f"folder:{tmp_path}@28x28", "device", 0, 4, steps=3, warmup=0)
   assert (row["synthetic_step_seconds_median"], row["real_step_seconds_median"]) == (2 / 64, 3 / 64)
   assert row["overhead_percent"] == 50.0
