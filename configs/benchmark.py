@@ -1,8 +1,11 @@
 r"""The throughput grid of experiments/benchmark.py.
 
-  python -m experiments.benchmark --config=configs/benchmark.py --workdir=/tmp/bench \
-      [--config.models=mnist_convnet@28x28x1 --config.batch_sizes='(128,)']
-  python -m experiments.benchmark --config=configs/benchmark.py:full --workdir=/tmp/bench_full
+  TFDS_DATA_DIR=../shared/datasets/tfds python -m experiments.benchmark --config=configs/benchmark.py \
+      --workdir=/tmp/bench [--config.models=mnist_convnet@28x28x1 --config.batch_sizes='(128,)']
+  TFDS_DATA_DIR=../shared/datasets/tfds python -m experiments.benchmark --config=configs/benchmark.py:full \
+      --workdir=/tmp/bench_full
+
+(`TFDS_DATA_DIR`: where the pipeline rows' TFDS MNIST is prepared; offline here the shared copy.)
 
 Models x batch sizes x precisions x modes; each row times `steps` (>= 20) steps
 after `warmup` untimed ones, in `rounds` that alternate with its peers'. A model is NAME@HxWxC (a convjax.models name).

@@ -330,6 +330,14 @@ def main(argv):
   unknown = sorted(set(peers) - set(PEERS))
   if unknown:
     raise UserError(f"unknown config.peers {unknown}; valid: {', '.join(PEERS)}")
+  sources = []  # the pipeline rows' data, opened before the grid: a missing dataset is an error now, not after it
+  for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
+    model_name, _, spec = item.partition(":")
+    if not spec:
+      raise UserError(
+        f"config.pipeline entry {item!r}: expected MODEL:DATA (DATA: a TFDS name, NAME@DIR, or folder:PATH[@HxW])"
+      )
+    sources.append((item, model_name, spec, open_source(benchmark.data_config(spec)).streams))
   rows, pipeline = [], []
   result = {"environment": env, "rows": rows, "pipeline": pipeline}
   files.make_dir(f.workdir)
@@ -375,13 +383,7 @@ def main(argv):
   finally:
     for process in processes.values():
       process.close()
-  for item in (s.strip() for s in config.pipeline.split(",") if s.strip()):
-    model_name, _, spec = item.partition(":")
-    if not spec:
-      raise UserError(
-        f"config.pipeline entry {item!r}: expected MODEL:DATA (DATA: a TFDS name, NAME@DIR, or folder:PATH[@HxW])"
-      )
-    streams = open_source(benchmark.data_config(spec)).streams
+  for item, model_name, spec, streams in sources:
     for kind in config.pipeline_modes:
       if kind == "stream" and not streams:
         logging.info("pipeline %s: %s cannot stream (its file format reads only in row ranges); skipped", item, spec)

@@ -82,6 +82,19 @@ def test_benchmark_grid_writes_json_table_chart_and_compares(tmp_path):
   assert bad.returncode == 1 and "error: unknown config.peers ['caffe']" in bad.stderr
   bad = run_binary("experiments.benchmark", f"--workdir={tmp_path}", "--config.rounds=0")
   assert bad.returncode == 1 and "error: config.rounds=0: between 1 and config.steps (20)" in bad.stderr
+  # A pipeline row's dataset that is not prepared is its error before the grid times a row.
+  (tmp_path / "empty").mkdir()
+  bad = run_binary(
+    "experiments.benchmark",
+    f"--workdir={tmp_path / 'no_data'}",
+    "--config.models=mnist_convnet@28x28x1",
+    "--config.peers=",
+    f"--config.pipeline=mnist_convnet:mnist@{tmp_path / 'empty'}",
+  )
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+    "error: dataset 'mnist' is not prepared"
+  )
+  assert "Traceback" not in bad.stderr and not (tmp_path / "no_data" / "benchmark.json").exists()
 
 
 class Clock:
